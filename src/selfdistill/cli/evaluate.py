@@ -1,0 +1,105 @@
+"""``run_eval.py`` / ``selfdistill-eval``: evaluate or export trained weights.
+
+    python run_eval.py knn --weights runs/dino/export/teacher_backbone.safetensors \\
+        --data.path /data/imagenet/train --data.val_path /data/imagenet/val
+    python run_eval.py export --checkpoint runs/dino --out teacher.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from selfdistill.config import ModelConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_eval.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    knn = sub.add_parser("knn", help="weighted kNN (DINO eval_knn) of a frozen backbone on labelled folders")
+    knn.add_argument("--weights", required=True,
+                     help="exported .safetensors, a checkpoint or run directory, 'random' (random init) "
+                          "or 'pixels' (raw-pixel baseline)")
+    knn.add_argument("--data.path", dest="train_path", required=True, help="labelled folder: the feature bank")
+    knn.add_argument("--data.val_path", dest="val_path", required=True, help="labelled folder: the queries")
+    knn.add_argument("--model.name", dest="model_name", help="timm name (needed for 'random'/'pixels' or bare files)")
+    knn.add_argument("--model.img_size", dest="img_size", type=int)
+    knn.add_argument("--model.patch_size", dest="patch_size", type=int)
+    knn.add_argument("--image-size", type=int, default=224, help="center-crop size (resize to size*256/224 first)")
+    knn.add_argument("--batch-size", type=int, default=128)
+    knn.add_argument("--num-workers", type=int, default=4)
+    knn.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--max-train-samples", type=int, default=0, help="random subset of the bank (0: all)")
+    knn.add_argument("--out", help="JSON results file (default: knn_results.json beside --weights or ./)")
+    knn.add_argument("--cpu", action="store_true")
+
+    exp = sub.add_parser("export", help="write a checkpoint's evaluation backbone (DINO: teacher) as safetensors")
+    exp.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (latest)")
+    exp.add_argument("--out", required=True, help="output .safetensors path")
+    return p
+
+
+def _model_cfg(args: argparse.Namespace) -> ModelConfig | None:
+    if not args.model_name:
+        return None
+    return ModelConfig(name=args.model_name, img_size=args.img_size, patch_size=args.patch_size, drop_path_rate=0.0)
+
+
+def run_knn(args: argparse.Namespace) -> int:
+    import torch
+
+    from selfdistill.config import Config, KnnConfig
+    from selfdistill.eval.knn import format_knn_results, save_knn_results
+    from selfdistill.eval.knn_eval import KnnSetup
+    from selfdistill.export import load_backbone
+
+    config = Config(knn=KnnConfig(train_path=args.train_path, val_path=args.val_path, k=args.k,
+                                  temperature=args.temperature, image_size=args.image_size,
+                                  batch_size=args.batch_size, max_train_samples=args.max_train_samples))
+    config.data.num_workers = args.num_workers
+    setup = KnnSetup.from_config(config)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if args.weights == "pixels":
+        feature = "raw pixels"
+        results = setup.evaluate_features(lambda x: x.flatten(1), device)
+    else:
+        backbone, model_cfg = load_backbone(args.weights, _model_cfg(args))
+        backbone.to(device).eval()
+        feature = f"{model_cfg.name} pooled embedding (CLS for ViT, average pool otherwise)"
+        results = setup.evaluate_features(lambda x: backbone(x).pooled, device)
+    print(format_knn_results(results))
+    out = Path(args.out) if args.out else (Path(args.weights).parent if Path(args.weights).exists() else Path(".")) / "knn_results.json"
+    save_knn_results(results, out, temperature=args.temperature, feature=feature,
+                     n_train=len(setup.train_set), n_test=len(setup.val_set),
+                     extra={"weights": args.weights, "train_path": args.train_path, "val_path": args.val_path,
+                            "image_size": args.image_size})
+    print(f"results written to {out}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from selfdistill.export import export_backbone, load_backbone
+
+    backbone, model_cfg = load_backbone(args.checkpoint)
+    path = export_backbone(backbone, model_cfg, args.out)
+    print(f"wrote {path} (+ {path.with_suffix('.json').name})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return {"knn": run_knn, "export": run_export}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

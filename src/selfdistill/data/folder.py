@@ -1,0 +1,236 @@
+"""Image-folder datasets with per-sample seeded augmentation and tolerant decoding.
+
+Two layouts are recognised: ``root/<class>/**/<image>`` (labelled, classes sorted by name) and
+``root/<image>`` (unlabelled, label ``-1``). Items can be requested as ``dataset[index]`` or
+``dataset[(epoch, index)]``; the transform then runs under RNGs seeded from
+``(seed, epoch, index)``, so a sample's augmentation does not depend on the number of workers,
+on which worker loads it, or on whether the run was resumed.
+
+An image that cannot be decoded is logged and replaced by the next readable one, so every batch
+keeps its size; the bad path travels with the sample in ``"bad"`` and :class:`BadSampleTracker`
+turns those reports into a hard failure once too large a fraction of the data is unreadable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import operator
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "BadSampleTracker", "sample_seed", "seeded_rng"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A stable 63-bit seed for one sample in one epoch.
+
+    A cryptographic hash (rather than ``seed + epoch * n + index``) keeps neighbouring samples and
+    epochs statistically unrelated, and unlike ``hash()`` it is identical in every process.
+    """
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed Python's ``random`` and torch's CPU generator, restoring both states on exit.
+
+    Only the CPU generator is touched (not ``torch.manual_seed``, which also reseeds CUDA), so with
+    ``num_workers=0`` the training process's own random streams are left exactly as they were.
+    """
+    py_state = random.getstate()
+    torch_state = torch.get_rng_state()
+    random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.set_rng_state(torch_state)
+
+
+def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:
+    return name.lower().endswith(extensions)
+
+
+def _find_images(folder: Path, extensions: tuple[str, ...]) -> list[str]:
+    """All images below ``folder`` (following symlinks, skipping hidden entries), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in filenames
+                     if not f.startswith(".") and _has_extension(f, extensions))
+    return sorted(found)
+
+
+def _load_rgb(path: str) -> Image.Image:
+    """Fully decode an image as RGB; truncated or corrupt files raise here, not in the transform."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+class ImageFolderDataset(Dataset):
+    """Images below ``root``, labelled by class sub-folder when there are any.
+
+    ``__getitem__`` accepts an ``int`` index (epoch 0) or an ``(epoch, index)`` tuple and returns
+    ``{"image", "label", "index", "bad"}``. ``"index"`` and ``"label"`` describe the image actually
+    returned, which differs from the requested one when that was unreadable; ``"bad"`` lists every
+    unreadable path met on the way.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Image.Image], Any] | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        seed: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        self.extensions = tuple(e.lower() for e in extensions)
+        self.seed = seed
+        self._warned: set[str] = set()
+
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist or is not a directory")
+        self.classes, self.samples = self._scan()
+        self.labelled = bool(self.classes)
+        if not self.samples:
+            raise ValueError(f"no images with extensions {list(self.extensions)} found in {str(self.root)!r}")
+
+    def _scan(self) -> tuple[list[str], list[tuple[str, int]]]:
+        """Class sub-folders make the dataset labelled; otherwise the images directly in root."""
+        entries = sorted(os.scandir(self.root), key=lambda e: e.name)
+        class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+        loose = [e.path for e in entries if e.is_file() and _has_extension(e.name, self.extensions)
+                 and not e.name.startswith(".")]
+        if not class_dirs:
+            return [], [(path, -1) for path in loose]
+
+        if loose:
+            logger.warning("%s has class folders; ignoring %d images lying directly in it",
+                           self.root, len(loose))
+        classes = [d.name for d in class_dirs]
+        samples = []
+        for label, d in enumerate(class_dirs):
+            images = _find_images(Path(d.path), self.extensions)
+            if not images:
+                logger.warning("class folder %s holds no images with extensions %s", d.path,
+                               list(self.extensions))
+            samples.extend((path, label) for path in images)
+        return classes, samples
+
+    @property
+    def targets(self) -> list[int]:
+        """Label of every sample, in order (``-1`` everywhere when unlabelled)."""
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _parse_key(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        if isinstance(key, tuple):
+            epoch, index = map(operator.index, key)
+        else:
+            epoch, index = 0, operator.index(key)
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for dataset of size {n}")
+        return epoch, index % n
+
+    def _read_first_good(self, index: int) -> tuple[Image.Image, int, list[str]]:
+        """Decode sample ``index``, or the next readable one after it (wrapping round)."""
+        bad: list[str] = []
+        n = len(self.samples)
+        for offset in range(n):
+            current = (index + offset) % n
+            path = self.samples[current][0]
+            try:
+                return _load_rgb(path), current, bad
+            except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
+                self._report_bad(path, err)
+                bad.append(path)
+        raise RuntimeError(f"none of the {n} images in {str(self.root)!r} could be read")
+
+    def _report_bad(self, path: str, err: Exception) -> None:
+        """Warn once per file per process; later hits of the same file only go to debug."""
+        level = logging.DEBUG if path in self._warned else logging.WARNING
+        self._warned.add(path)
+        logger.log(level, "skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = self._parse_key(key)
+        img, used, bad = self._read_first_good(index)
+        if self.transform is not None:
+            with seeded_rng(sample_seed(self.seed, epoch, index)):
+                img = self.transform(img)
+        return {"image": img, "label": self.samples[used][1], "index": used, "bad": bad}
+
+    def __repr__(self) -> str:
+        kind = f"{len(self.classes)} classes" if self.labelled else "unlabelled"
+        return f"{type(self).__name__}(root={str(self.root)!r}, {len(self)} images, {kind})"
+
+
+class BadSampleTracker:
+    """Counts unreadable images reported in batches and fails when there are too many.
+
+    A few corrupt files in a large dataset are tolerated (they are replaced), but a mostly broken
+    dataset must stop the run instead of silently training on duplicates. Counts are per process;
+    sum them across ranks before checking if each rank sees a different shard.
+    """
+
+    max_kept_paths = 20
+
+    def __init__(self) -> None:
+        self.n_bad = 0
+        self.n_seen = 0
+        self.first_bad: list[str] = []
+
+    def update(self, bad_paths: Sequence[str], n_samples: int) -> None:
+        """Add one batch: its ``"bad"`` list and the number of samples it holds."""
+        self.n_bad += len(bad_paths)
+        self.n_seen += n_samples
+        for path in bad_paths:
+            if len(self.first_bad) >= self.max_kept_paths:
+                break
+            if path not in self.first_bad:
+                self.first_bad.append(path)
+
+    @property
+    def fraction(self) -> float:
+        return self.n_bad / self.n_seen if self.n_seen else 0.0
+
+    def check(self, max_fraction: float, min_seen: int = 1000, final: bool = False) -> None:
+        """Raise once the bad fraction exceeds ``max_fraction``.
+
+        Early in a run a couple of bad files would look like a large fraction, so nothing is raised
+        before ``min_seen`` samples unless ``final`` says no more data is coming.
+        """
+        if self.fraction <= max_fraction or (self.n_seen < min_seen and not final):
+            return
+        raise RuntimeError(
+            f"{self.n_bad} of {self.n_seen} images ({100 * self.fraction:.2f}%) could not be read, "
+            f"more than data.max_bad_fraction={max_fraction}; first bad files: {', '.join(self.first_bad)}"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_bad": self.n_bad, "n_seen": self.n_seen, "first_bad": list(self.first_bad)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n_bad = int(state["n_bad"])
+        self.n_seen = int(state["n_seen"])
+        self.first_bad = list(state["first_bad"])

@@ -1,0 +1,104 @@
+"""The one place that decides the distributed backend and builds the Accelerator.
+
+On a CPU-only machine two launch paths silently misbehave (see DEVELOPERS.md / ecosystem notes):
+``accelerate launch --num_processes 2`` starts ONE process, and a plain ``Accelerator()`` under a
+2-process launch gives two independent rank-0 copies. We fix the first by re-launching the ranks
+with ``torch.distributed.run`` and the second by asking Accelerate for gloo (``cpu=True``), then we
+check that Accelerate sees the world size the launcher asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RELAUNCH_FLAG = "SELFDISTILL_RELAUNCHED"
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def uses_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def _parent_accelerate_num_processes() -> int:
+    """``--num_processes`` of an ``accelerate launch`` that started this process, else 0."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return 0
+    argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    if "launch" not in argv or not any("accelerate" in a for a in argv[: argv.index("launch") + 1]):
+        return 0
+    rest = argv[argv.index("launch") + 1:]
+    try:
+        from accelerate.commands.launch import launch_command_parser
+
+        args, _ = launch_command_parser().parse_known_args(rest)
+    except SystemExit:
+        return 0
+    n = args.num_processes
+    if n is None and args.config_file:
+        try:
+            from accelerate.commands.config.config_args import load_config_from_file
+
+            n = load_config_from_file(args.config_file).num_processes
+        except Exception:  # noqa: BLE001 - an unreadable config simply means "unknown"
+            n = None
+    return int(n or 0)
+
+
+def relaunch_if_needed(argv: list[str] | None = None) -> None:
+    """Re-launch N CPU ranks when ``accelerate launch --num_processes N`` (N > 1) started only one.
+
+    Accelerate's launcher falls back to a single process when it finds no GPU; the user asked for
+    N ranks, so we start them with ``torch.distributed.run --standalone`` (gloo) instead of
+    silently training on one.
+    """
+    if "WORLD_SIZE" in os.environ or os.environ.get(RELAUNCH_FLAG) or torch.cuda.is_available():
+        return
+    n = _parent_accelerate_num_processes()
+    if n <= 1:
+        return
+    argv = list(sys.argv if argv is None else argv)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *argv]
+    print(f"selfdistill: accelerate started 1 process on a CPU-only machine although {n} were asked; "
+          f"re-launching {n} gloo ranks: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", **{RELAUNCH_FLAG: "1"})
+    os.execvpe(cmd[0], cmd, env)
+
+
+def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with: list[str],
+                     project_dir: str | None):
+    """Build the Accelerator with the right backend and verify the world size."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+    on_cpu = cpu or not torch.cuda.is_available()
+    if precision == "fp16" and on_cpu:
+        raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    world = world_size_from_env()
+    if on_cpu and world > 1 and uses_deepspeed():
+        PartialState(backend="gloo")  # DeepSpeed through Accelerate otherwise leaves every rank at 0
+    accelerator = Accelerator(
+        cpu=on_cpu and not uses_deepspeed(),
+        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=grad_accum_steps,
+                                                                sync_with_dataloader=False),
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=project_dir) if project_dir else None,
+    )
+    if accelerator.num_processes != world:
+        raise RuntimeError(
+            f"the launcher started WORLD_SIZE={world} ranks but Accelerate sees {accelerator.num_processes}; "
+            "on CPU launch with `accelerate launch --config_file accelerate_configs/cpu_2proc.yaml` or torchrun")
+    return accelerator

@@ -1,0 +1,65 @@
+"""Metrics: running sums between log steps (no host sync per step), a JSON-lines file in the run
+directory, and Accelerate's trackers (TensorBoard by default, wandb optional)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class RunLogger:
+    def __init__(self, accelerator: Any, run_dir: Path, log_every: int) -> None:
+        self.acc = accelerator
+        self.path = run_dir / "log.jsonl"
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+        self.images = 0
+        self.data_time = 0.0
+        self.step_time = 0.0
+        self.t_start = time.perf_counter()
+
+    def accumulate(self, out: Any, data_time: float, step_time: float) -> None:
+        values = {"loss": out.loss.detach().float(), **{k: v for k, v in out.metrics.items()}}
+        for k, v in values.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.n += 1
+        self.images += out.batch_size
+        self.data_time += data_time
+        self.step_time += step_time
+
+    def flush(self, step: int, epoch: float, values: dict[str, Any]) -> dict[str, Any] | None:
+        """Collective: average the running sums over micro-batches and ranks, then write a row."""
+        if not self.n:
+            return None
+        keys = sorted(self.sums)
+        stacked = torch.stack([self.sums[k].to(self.acc.device) for k in keys]) / self.n
+        if self.acc.num_processes > 1:
+            stacked = self.acc.reduce(stacked, reduction="mean")
+        elapsed = max(time.perf_counter() - self.t_start, 1e-9)
+        row: dict[str, Any] = {"step": step, "epoch": round(epoch, 4)}
+        row.update({k: float(v) for k, v in zip(keys, stacked.tolist())})
+        row.update({k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in values.items()})
+        row["images_per_s"] = self.images * self.acc.num_processes / elapsed
+        row["data_wait_fraction"] = self.data_time / max(self.step_time, 1e-9)
+        self._write(row, step)
+        self._reset()
+        return row
+
+    def log_eval(self, results: dict[str, Any], step: int, epoch: int) -> None:
+        row = {"step": step, "epoch": epoch, **{f"knn/{k}": v for k, v in results.items()}}
+        self._write(row, step)
+
+    def _write(self, row: dict[str, Any], step: int) -> None:
+        if self.acc.is_main_process:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if self.acc.trackers:
+            self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)

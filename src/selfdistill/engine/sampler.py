@@ -1,0 +1,50 @@
+"""Epoch-seeded, rank-sharded sampling that can start mid-epoch (exact resume)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class EpochShardSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)``: a permutation seeded by ``seed + epoch``, cut to whole global
+    batches, dealt round-robin to ranks. ``set_epoch(e, start_batch)`` skips already-trained
+    batches after a resume. The epoch travels with the index so workers need no shared state.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        self.dataset_len = dataset_len
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {dataset_len} images, fewer than one global batch "
+                f"({batch_size} per device x {world_size} devices); lower train.batch_size_per_device")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.dataset_len // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def indices(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.dataset_len, generator=g)
+        used = perm[: self.batches_per_epoch * self.batch_size * self.world_size]
+        return used[self.rank:: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        mine = self.indices(self.epoch)[self.start_batch * self.batch_size:]
+        for i in mine.tolist():
+            yield (self.epoch, i)
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size

@@ -1,0 +1,313 @@
+"""The one training loop. It knows nothing about any method: a ``Method`` supplies the student,
+the loss on a batch and what happens after an optimizer step; the loop owns data order,
+precision, accumulation, schedules, logging, checkpoints and evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from selfdistill.config import Config
+from selfdistill.data import BadSampleTracker, ImageFolderDataset
+from selfdistill.engine import checkpoint as ckpt
+from selfdistill.engine.distributed import make_accelerator
+from selfdistill.engine.sampler import EpochShardSampler
+from selfdistill.methods import Method, Progress, build_method
+from selfdistill.schedules import cosine_schedule
+
+log = logging.getLogger("selfdistill")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0
+    samples_seen: int = 0  # on this rank
+    bad: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: str | None = None) -> None:
+        self.config = config
+        self.resume = resume
+        self.run_dir = Path(config.train.output_dir)
+
+    # ------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.config
+        t = cfg.train
+        self.accelerator = acc = make_accelerator(t.precision, t.grad_accum_steps, t.cpu, t.trackers, str(self.run_dir))
+        from accelerate.utils import set_seed
+
+        set_seed(t.seed)  # identical initialisation on every rank
+        self.method: Method = build_method(cfg)
+        set_seed(t.seed + acc.process_index)  # then per-rank randomness (drop path)
+
+        self.dataset = ImageFolderDataset(cfg.data.path, transform=self.method.train_transform(), seed=t.seed)
+        self.sampler = EpochShardSampler(len(self.dataset), t.batch_size_per_device, acc.process_index,
+                                         acc.num_processes, seed=t.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch // t.grad_accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"one epoch has {self.sampler.batches_per_epoch} batches per device, fewer than "
+                             f"train.grad_accum_steps={t.grad_accum_steps}")
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
+        self.global_batch = t.batch_size_per_device * acc.num_processes * t.grad_accum_steps
+        o = cfg.optim
+        self.base_lr = o.lr * self.global_batch / 256 if o.scale_lr_with_batch else o.lr
+        self.warmup_steps = int(round(o.warmup_epochs * self.steps_per_epoch))
+
+        groups = []
+        for g in self.method.param_groups():
+            if not g.params:
+                continue  # DeepSpeed drops empty groups; we never rely on positions anyway
+            groups.append({"name": g.name, "params": g.params, "lr": 0.0, "weight_decay": 0.0,
+                           "apply_wd": g.weight_decay,
+                           "frozen_steps": int(round(g.frozen_epochs * self.steps_per_epoch))})
+        if o.name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=0.0, betas=o.betas)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=0.0, momentum=o.momentum)
+        self.student, self.optimizer = acc.prepare(self.method.student, optimizer)
+        self.method.setup(acc, self.steps_per_epoch, self.total_steps)
+        self.bad = BadSampleTracker()
+        self.state = LoopState()
+
+    def _loader(self) -> DataLoader:
+        t = self.config.train
+        return DataLoader(
+            self.dataset, batch_size=t.batch_size_per_device, sampler=self.sampler, drop_last=True,
+            num_workers=self.config.data.num_workers, collate_fn=self.method.collate_fn(),
+            pin_memory=self.accelerator.device.type == "cuda",
+            # A private generator: creating the loader must not consume the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(t.seed),
+            persistent_workers=False, prefetch_factor=4 if self.config.data.num_workers else None)
+
+    # ------------------------------------------------------------------------------------------
+    def _set_schedules(self, step: int) -> tuple[float, float]:
+        o = self.config.optim
+        lr = cosine_schedule(step, self.total_steps, self.base_lr, o.min_lr, self.warmup_steps)
+        wd = cosine_schedule(step, self.total_steps, o.weight_decay, o.weight_decay_end)
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0 if step < group.get("frozen_steps", 0) else lr
+            group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
+        return lr, wd
+
+    def _progress(self) -> Progress:
+        return Progress(self.state.step, self.state.epoch, self.steps_per_epoch, self.total_steps)
+
+    def _save(self) -> None:
+        self.state.bad = self.bad.state_dict()
+        ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.method.state_dict(),
+                             self.state.to_dict(), self.config.to_yaml(), self.config.train.keep_checkpoints)
+
+    def _restore(self, path: Path) -> None:
+        method_state, loop_state = ckpt.load_checkpoint(self.accelerator, path)
+        self.method.load_state_dict(method_state)
+        self.state = LoopState(**loop_state)
+        self.bad.load_state_dict(self.state.bad)
+        if self.accelerator.is_main_process:
+            log.info("resumed from %s (step %d, epoch %d)", path, self.state.step, self.state.epoch)
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self._build()
+        acc, cfg = self.accelerator, self.config
+        resume_from = ckpt.resolve_resume(self.resume, self.run_dir)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        acc.wait_for_everyone()
+        if resume_from is not None:
+            self._restore(resume_from)
+        elif self.resume == "auto" and acc.is_main_process:
+            log.info("--resume auto: no checkpoint in %s, starting fresh", self.run_dir)
+        if cfg.train.trackers:
+            acc.init_trackers("selfdistill", config=_flat_config(cfg.to_dict()))
+
+        from selfdistill.engine.logger import RunLogger  # noqa: PLC0415 - light import, kept near use
+
+        self.logger = RunLogger(acc, self.run_dir, cfg.train.log_every)
+        evaluator = None
+        if cfg.knn.val_path:
+            from selfdistill.eval.knn_eval import KnnSetup
+
+            evaluator = KnnSetup.from_config(cfg, acc)
+        bar = tqdm(total=self.last_step, initial=self.state.step, desc="pretrain", dynamic_ncols=True,
+                   disable=not (acc.is_main_process and cfg.train.progress_bar))
+        seen_indices: list[int] = []
+        try:
+            while self.state.step < self.last_step:
+                self._train_epoch(bar, seen_indices)
+                if self.state.step >= self.last_step and self.state.batch_in_epoch:
+                    break
+                finished_epoch = self.state.epoch - 1
+                if evaluator and (finished_epoch + 1) % cfg.knn.every_epochs == 0:
+                    self.logger.log_eval(evaluator.evaluate(self.method.eval_backbone()), self.state.step,
+                                         finished_epoch)
+        finally:
+            bar.close()
+        if not ckpt.checkpoint_dir(self.run_dir, self.state.step).exists():
+            self._save()
+        self._check_bad_images(final=True)
+        summary = self._finish(seen_indices)
+        acc.end_training()
+        return summary
+
+    def _train_epoch(self, bar: tqdm, seen_indices: list[int]) -> None:
+        acc, t = self.accelerator, self.config.train
+        st = self.state
+        micro_per_epoch = self.steps_per_epoch * t.grad_accum_steps
+        self.sampler.set_epoch(st.epoch, st.batch_in_epoch)
+        step_ok = True
+        grad_norm = None
+        data_iter = iter(self._loader())
+        while st.batch_in_epoch < micro_per_epoch and st.step < self.last_step:
+            t0 = time.perf_counter()
+            batch = next(data_iter)
+            t_data = time.perf_counter() - t0
+            batch = _to_device(batch, acc.device)
+            lr, wd = self._set_schedules(st.step)
+            progress = self._progress()
+            with acc.accumulate(self.student):
+                with acc.autocast():
+                    out = self.method.training_step(self.student, batch, progress)
+                finite = self._all_finite(out.loss)
+                if finite:
+                    acc.backward(out.loss)
+                step_ok &= finite
+                if acc.sync_gradients and step_ok:
+                    if self.config.optim.clip_grad > 0:
+                        grad_norm = acc.clip_grad_norm_(self.student.parameters(), self.config.optim.clip_grad)
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            st.batch_in_epoch += 1
+            st.samples_seen += out.batch_size
+            if len(seen_indices) < 100_000:
+                seen_indices.extend(batch["index"].tolist())
+            self.bad.update(batch.get("bad", []), out.batch_size)
+            self.logger.accumulate(out, t_data, time.perf_counter() - t0)
+            if not acc.sync_gradients:
+                continue
+            stepped, step_ok = step_ok, True
+            if stepped:
+                self.method.after_optimizer_step(self.student, progress)
+                st.nonfinite_in_a_row = 0
+                st.step += 1
+                bar.update(1)
+            else:
+                self._on_nonfinite()
+            epoch_done = st.batch_in_epoch >= micro_per_epoch
+            if epoch_done:
+                st.epoch += 1
+                st.batch_in_epoch = 0
+            if st.step % t.log_every == 0 or st.step == self.last_step:
+                values = {"lr": lr, "wd": wd, **self.method.schedule_values(progress),
+                          "skipped_steps": st.skipped_steps, "bad_images": self.bad.n_bad}
+                if grad_norm is not None:
+                    values["grad_norm"] = grad_norm
+                row = self.logger.flush(st.step, st.step / self.steps_per_epoch, values)
+                if row:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                self._check_bad_images(final=False)
+            if st.step % t.checkpoint_every == 0 and st.step < self.last_step:
+                self._save()
+            if epoch_done:
+                return
+
+    def _check_bad_images(self, final: bool) -> None:
+        """Collective: the unreadable-image fraction over all ranks against data.max_bad_fraction."""
+        counts = torch.tensor([float(self.bad.n_bad), float(self.bad.n_seen)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        total = BadSampleTracker()
+        total.load_state_dict({**self.bad.state_dict(), "n_bad": int(counts[0]), "n_seen": int(counts[1])})
+        total.check(self.config.data.max_bad_fraction, final=final)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """One host sync per micro-batch, agreed by all ranks so no rank steps alone."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bool(bad.item() == 0)
+
+    def _on_nonfinite(self) -> None:
+        st = self.state
+        st.nonfinite_in_a_row += 1
+        st.skipped_steps += 1
+        self.method.skip_step()
+        if self.accelerator.is_main_process:
+            log.warning("non-finite loss at step %d: step and EMA skipped (%d in a row)", st.step,
+                        st.nonfinite_in_a_row)
+        if st.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            raise NonFiniteLossError(
+                f"{st.nonfinite_in_a_row} non-finite losses in a row at step {st.step} "
+                f"(train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); stopping. "
+                f"Last good checkpoint: {last or 'none yet'}. Lower optim.lr or raise optim.warmup_epochs.")
+
+    def _finish(self, seen_indices: list[int]) -> dict[str, Any]:
+        acc = self.accelerator
+        unwrapped = acc.unwrap_model(self.student)
+        digest = hashlib.sha256()
+        for p in unwrapped.parameters():
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+        summary = {"rank": acc.process_index, "world_size": acc.num_processes, "step": self.state.step,
+                   "samples_seen": self.state.samples_seen, "student_sha256": digest.hexdigest(),
+                   "indices_seen": seen_indices, "bad_images": self.bad.n_bad}
+        (self.run_dir / f"rank_summary_{acc.process_index}.json").write_text(json.dumps(summary))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            from selfdistill.export import export_backbone
+            from selfdistill.plots import plot_training_curves
+
+            export_backbone(self.method.eval_backbone(), self.config.model, self.run_dir / "export" / "teacher_backbone.safetensors")
+            plot_training_curves(self.run_dir / "log.jsonl", self.run_dir / "loss_curve.png")
+        acc.wait_for_everyone()
+        return summary
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [_to_device(v, device) for v in batch]
+    return batch
+
+
+def _flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TensorBoard hparams accept only scalars: flatten and stringify the rest."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            flat.update(_flat_config(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            flat[key] = v
+        else:
+            flat[key] = str(v)
+    return flat

@@ -1,0 +1,89 @@
+"""timm backbones seen as self-supervised encoders: a pooled embedding plus patch tokens."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import timm
+import torch
+from torch import nn
+
+# Keywords that only some timm families accept; dropped (in this order) when a family rejects them.
+_OPTIONAL_KWARGS = ("dynamic_img_size", "strict_img_size", "img_size", "patch_size")
+
+
+class BackboneOutput(NamedTuple):
+    pooled: torch.Tensor  # [B, D]: CLS token for ViTs, average pool for Swin / ResNet
+    tokens: torch.Tensor  # [B, T, D]: patch tokens (no prefix tokens), row-major over the grid
+    grid: tuple[int, int]  # (rows, cols) of the token grid
+
+
+def create_timm_model(
+    name: str,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    **kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model`` without a classifier, accepting any crop size where the family can.
+
+    ViTs get ``dynamic_img_size`` (position embeddings are interpolated for 96 px local crops);
+    Swin gets ``strict_img_size=False``; ResNets need neither.
+    """
+    kw: dict[str, Any] = dict(num_classes=0, drop_path_rate=drop_path_rate, dynamic_img_size=True,
+                              strict_img_size=False)
+    if img_size is not None:
+        kw["img_size"] = img_size
+    if patch_size is not None:
+        kw["patch_size"] = patch_size
+    kw.update(kwargs)
+    requested = {k for k in ("img_size", "patch_size") if k in kw}
+    while True:
+        try:
+            return timm.create_model(name, pretrained=False, **kw)
+        except TypeError as e:
+            bad = next((k for k in _OPTIONAL_KWARGS if k in kw and f"'{k}'" in str(e)), None)
+            if bad is None:
+                raise
+            if bad in requested:
+                raise ValueError(f"model.{bad} is not supported by timm model {name!r}") from None
+            del kw[bad]
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"model.name: unknown timm model {name!r}") from None
+            raise
+
+
+class Backbone(nn.Module):
+    """A timm model returning ``BackboneOutput`` for any input resolution it supports."""
+
+    def __init__(self, name: str, img_size: int | None = None, patch_size: int | None = None,
+                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False, **kwargs: Any) -> None:
+        super().__init__()
+        self.model = create_timm_model(name, img_size, patch_size, drop_path_rate, **kwargs)
+        self.name = name
+        self.embed_dim: int = self.model.num_features
+        self.num_prefix_tokens: int = getattr(self.model, "num_prefix_tokens", 0)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+
+    def forward(self, x: torch.Tensor) -> BackboneOutput:
+        feats = self.model.forward_features(x)
+        pooled = self.model.forward_head(feats, pre_logits=True)
+        if feats.ndim == 3:  # ViT-like: [B, prefix + T, D]
+            tokens = feats[:, self.num_prefix_tokens:]
+            side = int(round(tokens.shape[1] ** 0.5))
+            grid = (side, tokens.shape[1] // max(side, 1))
+        elif feats.ndim == 4 and getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+            grid = (feats.shape[1], feats.shape[2])  # Swin
+            tokens = feats.flatten(1, 2)
+        elif feats.ndim == 4:
+            grid = (feats.shape[2], feats.shape[3])  # NCHW (ResNet)
+            tokens = feats.flatten(2).transpose(1, 2)
+        else:  # pragma: no cover - unknown family
+            raise RuntimeError(f"unexpected feature shape {tuple(feats.shape)} from {self.name}")
+        return BackboneOutput(pooled, tokens, grid)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding used by kNN / linear evaluation."""
+        return self.forward(x).pooled

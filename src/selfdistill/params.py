@@ -1,0 +1,64 @@
+"""Reading and writing student parameters outside forward, under DDP and every ZeRO stage.
+
+Under ZeRO-3 a parameter object is an empty placeholder until it is gathered; every code path
+that touches student weights outside forward (the EMA teacher, exports) goes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def is_zero3_partitioned(params: Sequence[torch.Tensor]) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[torch.Tensor]) -> Iterator[Sequence[torch.Tensor]]:
+    """Yield ``params`` with their full values available (read-only)."""
+    if is_zero3_partitioned(params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+            yield params
+    else:
+        yield params
+
+
+def chunks(params: Sequence[torch.Tensor], max_numel: int = 50_000_000) -> Iterator[list[torch.Tensor]]:
+    """Split a parameter list into pieces of bounded size, so a ZeRO-3 gather has bounded peak memory."""
+    piece: list[torch.Tensor] = []
+    size = 0
+    for p in params:
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        if piece and size + n > max_numel:
+            yield piece
+            piece, size = [], 0
+        piece.append(p)
+        size += n
+    if piece:
+        yield piece
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher <- m * teacher + (1 - m) * student`` over matching parameters, with ``_foreach`` ops.
+
+    The teacher is a plain fp32 module; the student may be bf16 (DeepSpeed) or partitioned (ZeRO-3).
+    """
+    t_params = list(teacher.parameters())
+    s_params = list(student.parameters())
+    if len(t_params) != len(s_params):
+        raise RuntimeError(f"teacher has {len(t_params)} parameters but the student {len(s_params)}")
+    start = 0
+    for piece in chunks(s_params):
+        t_piece = t_params[start:start + len(piece)]
+        start += len(piece)
+        with gathered(piece):
+            src = [p.detach().to(dtype=t.dtype, device=t.device) for p, t in zip(piece, t_piece)]
+            torch._foreach_mul_(t_piece, momentum)
+            torch._foreach_add_(t_piece, src, alpha=1.0 - momentum)

@@ -1,0 +1,52 @@
+"""Pictures of a run: the training curves people look at before reading numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(log_path: str | Path, out_path: str | Path) -> Path | None:
+    """Loss (and online kNN top-1, teacher entropy when logged) against optimizer steps."""
+    rows = read_log(log_path)
+    train = [r for r in rows if "loss" in r]
+    knn = [r for r in rows if "knn/top1_k20" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 1 + bool(knn) + any("teacher_entropy" in r for r in train)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.5)
+    ax.set(xlabel="optimizer step", ylabel="loss", title="training loss")
+    ax.grid(alpha=0.3)
+    i = 1
+    if any("teacher_entropy" in r for r in train):
+        ax = axes[0][i]
+        i += 1
+        ax.plot([r["step"] for r in train], [r.get("teacher_entropy") for r in train], label="teacher entropy")
+        ax.plot([r["step"] for r in train], [r.get("teacher_kl_to_center") for r in train], label="KL to center")
+        ax.set(xlabel="optimizer step", ylabel="nats", title="collapse signals")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    if knn:
+        ax = axes[0][i]
+        ax.plot([r["step"] for r in knn], [r["knn/top1_k20"] for r in knn], marker="o")
+        ax.set(xlabel="optimizer step", ylabel="top-1 (%)", title="online kNN (k=20)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny labelled image folders and a tiny DINO recipe that trains in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def make_image_folder(root: Path, n_per_class: int = 16, classes=("a", "b"), size: int = 24, seed: int = 0) -> Path:
+    """Class folders of small RGB images whose colour depends on the class (so kNN can work)."""
+    rng = np.random.default_rng(seed)
+    for c_idx, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            base = np.zeros((size, size, 3), dtype=np.float32)
+            base[..., c_idx % 3] = 180
+            img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / c / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+def tiny_overrides(data_path: Path, output_dir: Path, **extra) -> list[str]:
+    """A 2-block ViT with 16 px global / 8 px local crops: a few steps take a second or two."""
+    cfg = {
+        "model.name": "vit_tiny_patch16_224",
+        "model.img_size": 16,
+        "model.patch_size": 4,
+        "model.drop_path_rate": 0.1,
+        "model.kwargs": "{depth: 2, embed_dim: 32, num_heads: 2}",
+        "method.out_dim": 64,
+        "method.head_hidden_dim": 32,
+        "method.head_bottleneck_dim": 16,
+        "method.warmup_teacher_temp_epochs": 2,
+        "data.path": str(data_path),
+        "data.global_crop_size": 16,
+        "data.local_crop_size": 8,
+        "data.n_local_crops": 2,
+        "data.num_workers": 0,
+        "optim.warmup_epochs": 1,
+        "train.output_dir": str(output_dir),
+        "train.epochs": 2,
+        "train.batch_size_per_device": 8,
+        "train.log_every": 1,
+        "train.checkpoint_every": 1000,
+        "train.trackers": "[]",
+        "train.progress_bar": "false",
+        "knn.image_size": 16,
+        "knn.k": "[1, 3]",
+    }
+    cfg.update({k: v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in cfg.items()]

@@ -1,0 +1,79 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfdistill.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_key_names_key_and_closest():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/demo.yaml", ["optim.lrr=1e-3"])
+    msg = str(e.value)
+    assert "\n" not in msg and "'optim.lrr'" in msg and "'optim.lr'" in msg
+
+
+def test_unknown_section_and_method():
+    with pytest.raises(ConfigError, match="unknown section 'optm'.*'optim'"):
+        load_config(None, ["optm.lr=1"])
+    with pytest.raises(ConfigError, match="method.name: unknown method 'dinoo'.*'dino'"):
+        load_config(None, ["method.name=dinoo"])
+
+
+def test_wrong_type_is_one_line_error():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.batch_size_per_device=abc"])
+    assert str(e.value) == "config error: train.batch_size_per_device: expected an integer, got 'abc'"
+    with pytest.raises(ConfigError, match="data.global_crop_scale: expected a list of 2 values"):
+        load_config(None, ["data.global_crop_scale=0.4"])
+
+
+def test_impossible_values():
+    with pytest.raises(ConfigError, match="data.local_crop_scale"):
+        load_config(None, ["data.local_crop_scale=[0.5, 0.1]"])
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(None, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="method.teacher_temp: must be positive"):
+        load_config(None, ["method.teacher_temp=0"])
+
+
+def test_overrides_and_yaml_numbers():
+    cfg = load_config(ROOT / "configs/dino_vit_small16.yaml", ["optim.lr=1e-3", "data.path=/x", "model.img_size=null"])
+    assert cfg.optim.lr == 1e-3 and cfg.data.path == "/x" and cfg.model.img_size is None
+    assert isinstance(cfg.optim.min_lr, float)
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(ROOT / "configs/demo.yaml")
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    assert load_config(p) == cfg
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_recipe_loads(recipe):
+    load_config(ROOT / "configs" / recipe)
+
+
+def test_print_config_shows_paper_recipe():
+    out = subprocess.run([sys.executable, str(ROOT / "run_pretrain.py"), "--config",
+                          str(ROOT / "configs/dino_vit_small16.yaml"), "--print-config"],
+                         capture_output=True, text=True, check=True).stdout
+    cfg = yaml.safe_load(out)
+    assert cfg["model"]["name"] == "vit_small_patch16_224"
+    assert cfg["method"]["out_dim"] == 65536 and cfg["method"]["momentum_teacher"] == 0.996
+    assert (cfg["method"]["warmup_teacher_temp"], cfg["method"]["teacher_temp"]) == (0.04, 0.07)
+    assert cfg["data"]["n_local_crops"] == 10 and cfg["data"]["local_crop_size"] == 96
+    assert cfg["optim"]["lr"] == 5e-4 and cfg["optim"]["warmup_epochs"] == 10
+    assert (cfg["optim"]["weight_decay"], cfg["optim"]["weight_decay_end"]) == (0.04, 0.4)
+    assert cfg["train"]["epochs"] == 100 and cfg["train"]["batch_size_per_device"] == 64
+
+
+def test_cli_config_error_exit_code():
+    r = subprocess.run([sys.executable, str(ROOT / "run_pretrain.py"), "optim.lr=abc"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "config error: optim.lr: expected a number, got 'abc'"

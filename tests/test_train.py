@@ -1,0 +1,164 @@
+"""End-to-end training on a tiny ViT: layout of the run, exact resume, freezing, EMA, failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_image_folder, tiny_overrides
+from selfdistill.config import load_config
+from selfdistill.engine import checkpoint as ckpt
+from selfdistill.engine.trainer import NonFiniteLossError, Trainer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train(data: Path, out: Path, resume: str | None = None, **overrides):
+    config = load_config(None, tiny_overrides(data, out, **overrides))
+    return Trainer(config, resume=resume).fit()
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def final_state(out: Path):
+    last = ckpt.latest_checkpoint(out)
+    return load_file(str(last / "model.safetensors")), ckpt.load_method_state(last)
+
+
+def test_run_directory_layout_and_logged_signals(image_folder, tmp_path):
+    out = tmp_path / "run"
+    train(image_folder, out, **{"train.trackers": "[tensorboard]"})
+    for name in ("config.yaml", "log.jsonl", "loss_curve.png", "export/teacher_backbone.safetensors",
+                 "export/teacher_backbone.json"):
+        assert (out / name).is_file(), name
+    assert list(out.rglob("events.out.tfevents*")), "no TensorBoard events"
+    log = [r for r in rows(out) if "loss" in r]
+    assert len(log) == 8  # 32 images / batch 8 = 4 steps per epoch, 2 epochs, logged every step
+    for key in ("loss", "lr", "wd", "teacher_temp", "teacher_momentum", "images_per_s", "data_wait_fraction",
+                "teacher_entropy", "teacher_kl_to_center", "embedding_std"):
+        assert all(key in r and r[key] == r[key] for r in log), key
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert log[0]["lr"] == 0.0 and log[0]["wd"] == pytest.approx(0.04)  # warm-up starts at 0
+    assert log[-1]["teacher_temp"] == pytest.approx(0.07)  # second epoch = end of the 2-epoch warm-up
+    assert ckpt.latest_checkpoint(out).name == "step_000000008"
+
+
+def test_resume_matches_uninterrupted_run(image_folder, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(image_folder, full)
+    train(image_folder, part, **{"train.max_steps": 3})  # stops mid-epoch 0, checkpoint at step 3
+    assert ckpt.latest_checkpoint(part).name == "step_000000003"
+    train(image_folder, part, resume="auto")
+    assert ckpt.latest_checkpoint(part).name == "step_000000008"
+    s_full, m_full = final_state(full)
+    s_part, m_part = final_state(part)
+    assert s_full.keys() == s_part.keys()
+    for k in s_full:
+        assert torch.equal(s_full[k], s_part[k]), k
+    for k in m_full["teacher"]:
+        assert torch.equal(m_full["teacher"][k], m_part["teacher"][k]), k
+    assert torch.equal(m_full["center"], m_part["center"])
+    losses_full = [r["loss"] for r in rows(full) if "loss" in r]
+    losses_part = [r["loss"] for r in rows(part) if "loss" in r]
+    assert losses_part == losses_full
+
+
+def test_last_layer_frozen_for_first_epoch_and_teacher_follows_student(image_folder, tmp_path):
+    from accelerate.utils import set_seed
+
+    from selfdistill.methods import build_method
+
+    overrides = tiny_overrides(image_folder, tmp_path / "x")
+    set_seed(0)
+    init = build_method(load_config(None, overrides)).student.state_dict()
+    last_key = "head.last_layer.parametrizations.weight.original1"
+
+    one_epoch = tmp_path / "one"
+    train(image_folder, one_epoch, **{"train.max_steps": 4})  # exactly the first epoch
+    s1, m1 = final_state(one_epoch)
+    assert torch.equal(s1[last_key], init[last_key])
+    assert not torch.equal(s1["head.mlp.0.weight"], init["head.mlp.0.weight"])
+
+    two = tmp_path / "two"
+    train(image_folder, two)
+    s2, m2 = final_state(two)
+    assert not torch.equal(s2[last_key], init[last_key])
+    # The teacher moved from its initial weights (= the student's) towards the trained student.
+    for k in ("backbone.model.blocks.0.attn.qkv.weight", "head.mlp.0.weight"):
+        t, s0, s = m2["teacher"][k], init[k], s2[k]
+        assert not torch.equal(t, s0)
+        assert (t - s).norm() < (s0 - s).norm()
+
+
+def test_non_finite_loss_skips_steps_then_stops_keeping_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
+    from selfdistill.methods.dino import Dino
+
+    original = Dino.training_step
+
+    def poisoned(self, student, batch, progress):
+        out = original(self, student, batch, progress)
+        if progress.step >= 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Dino, "training_step", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row.*step_000000002"):
+        train(image_folder, out, **{"train.checkpoint_every": 1, "train.max_nonfinite_steps": 3})
+    last = ckpt.latest_checkpoint(out)
+    assert last.name == "step_000000002"
+    weights = load_file(str(last / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    teacher = ckpt.load_method_state(last)["teacher"]
+    assert all(torch.isfinite(v).all() for v in teacher.values())
+
+
+def test_corrupt_images_are_skipped_counted_and_limited(tmp_path):
+    data = make_image_folder(tmp_path / "img")
+    (data / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (data / "b" / "zero.jpg").write_bytes(b"")
+    out = tmp_path / "ok"
+    train(data, out, **{"data.max_bad_fraction": 0.5})
+    assert max(r.get("bad_images", 0) for r in rows(out)) >= 1
+    with pytest.raises(RuntimeError, match="could not be read.*max_bad_fraction"):
+        train(data, tmp_path / "strict", **{"data.max_bad_fraction": 0.0})
+
+
+def test_gradient_accumulation_counts_optimizer_steps(image_folder, tmp_path):
+    out = tmp_path / "acc"
+    train(image_folder, out, **{"train.grad_accum_steps": 2})
+    log = [r for r in rows(out) if "loss" in r]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # 8 micro-batches -> 4 optimizer steps
+    assert ckpt.latest_checkpoint(out).name == "step_000000004"
+    # An epoch is 2 optimizer steps here: schedules count optimizer steps, not micro-batches.
+    assert log[1]["epoch"] == pytest.approx(1.0)
+
+
+def test_bf16_mixed_precision_runs(image_folder, tmp_path):
+    out = tmp_path / "bf16"
+    train(image_folder, out, **{"train.precision": "bf16", "train.max_steps": 2})
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows(out) if "loss" in r)
+
+
+def test_online_knn_runs_every_epoch(tmp_path):
+    data = make_image_folder(tmp_path / "train")
+    val = make_image_folder(tmp_path / "val", n_per_class=4, seed=1)
+    out = tmp_path / "knn"
+    train(data, out, **{"knn.val_path": str(val), "knn.every_epochs": 1})
+    evals = [r for r in rows(out) if "knn/top1_k1" in r]
+    assert [r["epoch"] for r in evals] == [0, 1]
+    assert all(0 <= r["knn/top1_k3"] <= 100 for r in evals)
