@@ -1,0 +1,58 @@
+"""Two real gloo ranks on CPU through the command users type: `accelerate launch --num_processes 2`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_image_folder, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _launch(prefix: list[str], data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [*prefix, str(ROOT / "run_pretrain.py"), *tiny_overrides(data, out), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
+
+
+def _check_two_ranks(out: Path, result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((out / f"rank_summary_{r}.json").read_text()) for r in (0, 1)]
+    assert [s["rank"] for s in summaries] == [0, 1]
+    assert all(s["world_size"] == 2 for s in summaries)
+    # Each epoch deals disjoint shards: the first epoch's indices of the two ranks do not overlap.
+    per_epoch = 2 * 8  # two steps x batch 8 per rank and epoch (32 images / (8 x 2 ranks))
+    first0 = summaries[0]["indices_seen"][:per_epoch]
+    first1 = summaries[1]["indices_seen"][:per_epoch]
+    assert not set(first0) & set(first1)
+    assert len(set(first0) | set(first1)) == 32
+    assert summaries[0]["student_sha256"] == summaries[1]["student_sha256"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # global batch 16 -> 2 steps per epoch
+
+
+def test_accelerate_launch_num_processes_2_runs_two_gloo_ranks(tmp_path):
+    data = make_image_folder(tmp_path / "img")
+    out = tmp_path / "run"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    result = _launch([accelerate, "launch", "--num_processes", "2"], data, out)
+    _check_two_ranks(out, result)
+    assert "re-launching 2 gloo ranks" in result.stderr
+
+
+def test_accelerate_config_file_for_two_cpu_processes(tmp_path):
+    data = make_image_folder(tmp_path / "img")
+    out = tmp_path / "run"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    result = _launch([accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml")],
+                     data, out)
+    _check_two_ranks(out, result)
+    assert "re-launching" not in result.stderr
