@@ -1,0 +1,49 @@
+"""DINO method pieces: one backbone call per crop resolution, named groups, teacher set-up."""
+
+import torch
+
+from selfdistill.config import load_config
+from selfdistill.methods import build_method
+
+TINY = ["method.out_dim=16", "method.head_hidden_dim=16", "method.head_bottleneck_dim=8",
+        "model.name=vit_tiny_patch16_224", "model.img_size=16", "model.patch_size=4",
+        "model.kwargs={depth: 1, embed_dim: 16, num_heads: 2}"]
+
+
+def test_same_resolution_crops_share_one_backbone_forward():
+    method = build_method(load_config(None, TINY))
+    calls = []
+    method.student.backbone.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    crops = [torch.randn(3, 3, 16, 16) for _ in range(2)] + [torch.randn(3, 3, 8, 8) for _ in range(4)]
+    logits, emb = method.student(crops)
+    assert calls == [(6, 3, 16, 16), (12, 3, 8, 8)]
+    assert logits.shape == (18, 16) and emb.shape == (18, 16)
+    # Crop-major order: row v*B + b is crop v of image b.
+    single, _ = method.student([crops[4][1:2]])
+    assert torch.allclose(logits[4 * 3 + 1], single[0], atol=1e-5)
+
+
+def test_param_groups_are_named_and_follow_dino_rules():
+    method = build_method(load_config(None, TINY))
+    groups = {g.name: g for g in method.param_groups()}
+    assert set(groups) == {"regularized", "not_regularized", "last_layer"}
+    names = {id(p): n for n, p in method.student.named_parameters()}
+    assert all(names[id(p)].endswith(".bias") or p.ndim <= 1 for p in groups["not_regularized"].params)
+    assert all(p.ndim > 1 and not names[id(p)].endswith(".bias") for p in groups["regularized"].params)
+    assert [names[id(p)] for p in groups["last_layer"].params] == ["head.last_layer.parametrizations.weight.original1"]
+    assert groups["last_layer"].frozen_epochs == 1
+    assert not groups["not_regularized"].weight_decay
+    n_trainable = sum(p.requires_grad for p in method.student.parameters())
+    assert sum(len(g.params) for g in groups.values()) == n_trainable
+
+
+def test_teacher_starts_as_student_without_grad_and_drop_path():
+    deeper = [o for o in TINY if not o.startswith("model.kwargs")] + ["model.kwargs={depth: 2, embed_dim: 16, num_heads: 2}"]
+    method = build_method(load_config(None, deeper + ["model.drop_path_rate=0.2"]))
+    s, t = method.student.state_dict(), method.teacher.state_dict()
+    assert all(torch.equal(s[k], t[k]) for k in s)
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    assert not method.teacher.training
+    dpr = [m.drop_prob for m in method.teacher.modules() if hasattr(m, "drop_prob")]
+    assert all(p == 0 for p in dpr)
+    assert any(m.drop_prob > 0 for m in method.student.modules() if hasattr(m, "drop_prob"))
