@@ -56,3 +56,7 @@ def test_accelerate_config_file_for_two_cpu_processes(tmp_path):
                      data, out)
     _check_two_ranks(out, result)
     assert "re-launching" not in result.stderr
+    # The checkpoint's position and schedules belong to 2 ranks: one rank must refuse it clearly.
+    single = _launch([sys.executable], data, out, "--resume", "auto")
+    assert single.returncode == 1
+    assert "written by 2 ranks but this run has 1" in single.stderr

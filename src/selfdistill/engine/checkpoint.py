@@ -86,12 +86,14 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, step: int, method_sta
     return final
 
 
+def read_loop_state(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / LOOP_STATE).read_text())
+
+
 def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore Accelerate's state in place; return (method_state, loop_state)."""
     accelerator.load_state(str(path))
-    method_state = torch.load(path / METHOD_STATE, map_location="cpu", weights_only=True)
-    loop_state = json.loads((path / LOOP_STATE).read_text())
-    return method_state, loop_state
+    return load_method_state(path), read_loop_state(path)
 
 
 def load_method_state(path: str | Path) -> dict[str, Any]:

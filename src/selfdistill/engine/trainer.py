@@ -42,6 +42,7 @@ class LoopState:
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
     samples_seen: int = 0  # on this rank
+    world_size: int = 1
     bad: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +94,7 @@ class Trainer:
         self.student, self.optimizer = acc.prepare(self.method.student, optimizer)
         self.method.setup(acc, self.steps_per_epoch, self.total_steps)
         self.bad = BadSampleTracker()
-        self.state = LoopState()
+        self.state = LoopState(world_size=acc.num_processes)
 
     def _loader(self) -> DataLoader:
         t = self.config.train
@@ -124,6 +125,12 @@ class Trainer:
                              self.state.to_dict(), self.config.to_yaml(), self.config.train.keep_checkpoints)
 
     def _restore(self, path: Path) -> None:
+        written_by = ckpt.read_loop_state(path).get("world_size", 1)
+        if written_by != self.accelerator.num_processes:
+            raise ValueError(
+                f"checkpoint {path} was written by {written_by} ranks but this run has "
+                f"{self.accelerator.num_processes}; the position inside the epoch and the global batch (and so "
+                "every schedule) depend on it. Resume on the same number of ranks.")
         method_state, loop_state = ckpt.load_checkpoint(self.accelerator, path)
         self.method.load_state_dict(method_state)
         self.state = LoopState(**loop_state)
