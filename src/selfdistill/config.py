@@ -66,6 +66,7 @@ class DataConfig:
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian blur radius range (px), DINO's for 224 px
     num_workers: int = 8
     max_bad_fraction: float = 0.01  # fail when more than this fraction of images cannot be read
 
@@ -81,6 +82,8 @@ class DataConfig:
             lo, hi = getattr(self, name)
             if not 0.0 < lo <= hi <= 1.0:
                 _fail(f"{prefix}.{name}", f"must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
+        if not 0.0 <= self.blur_radius[0] <= self.blur_radius[1]:
+            _fail(f"{prefix}.blur_radius", f"must satisfy 0 <= min <= max, got {self.blur_radius}")
         if any(s <= 0 for s in self.std):
             _fail(f"{prefix}.std", f"must be positive, got {self.std}")
         if self.num_workers < 0:

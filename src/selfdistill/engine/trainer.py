@@ -230,7 +230,7 @@ class Trainer:
             if epoch_done:
                 st.epoch += 1
                 st.batch_in_epoch = 0
-            if st.step % t.log_every == 0 or st.step == self.last_step:
+            if stepped and (st.step % t.log_every == 0 or st.step == self.last_step):
                 values = {"lr": lr, "wd": wd, **self.method.schedule_values(progress),
                           "skipped_steps": st.skipped_steps, "bad_images": self.bad.n_bad}
                 if grad_norm is not None:
@@ -239,7 +239,7 @@ class Trainer:
                 if row:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
                 self._check_bad_images(final=False)
-            if st.step % t.checkpoint_every == 0 and st.step < self.last_step:
+            if stepped and st.step % t.checkpoint_every == 0 and st.step < self.last_step:
                 self._save()
             if epoch_done:
                 return

@@ -136,7 +136,8 @@ class Dino(Method):
         d = self.config.data
         return MultiCropAugmentation(
             global_size=d.global_crop_size, local_size=d.local_crop_size, n_local_crops=d.n_local_crops,
-            global_scale=d.global_crop_scale, local_scale=d.local_crop_scale, mean=d.mean, std=d.std)
+            global_scale=d.global_crop_scale, local_scale=d.local_crop_scale, mean=d.mean, std=d.std,
+            blur_radius=d.blur_radius)
 
     def collate_fn(self):
         return collate_multicrop
