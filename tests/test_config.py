@@ -77,3 +77,12 @@ def test_cli_config_error_exit_code():
     r = subprocess.run([sys.executable, str(ROOT / "run_pretrain.py"), "optim.lr=abc"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == "config error: optim.lr: expected a number, got 'abc'"
+
+
+def test_numbers_are_accepted_for_strings_but_not_the_reverse():
+    cfg = load_config(None, ["train.output_dir=2024"])
+    assert cfg.train.output_dir == "2024"
+    with pytest.raises(ConfigError, match="train.log_every: expected an integer"):
+        load_config(None, ["train.log_every=1.5"])
+    with pytest.raises(ConfigError, match="method.norm_last_layer: expected true/false"):
+        load_config(None, ["method.norm_last_layer=1"])

@@ -162,3 +162,12 @@ def test_online_knn_runs_every_epoch(tmp_path):
     evals = [r for r in rows(out) if "knn/top1_k1" in r]
     assert [r["epoch"] for r in evals] == [0, 1]
     assert all(0 <= r["knn/top1_k3"] <= 100 for r in evals)
+
+
+def test_missing_wandb_is_a_clear_error(image_folder, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match=r"wandb, which is not installed.*selfdistill\[wandb\]"):
+        train(image_folder, tmp_path / "w", **{"train.trackers": "[wandb]"})

@@ -265,6 +265,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. output_dir=2024
+            return str(value)
         _fail(key, f"expected a string, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -86,6 +86,11 @@ def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with:
     on_cpu = cpu or not torch.cuda.is_available()
     if precision == "fp16" and on_cpu:
         raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if "wandb" in log_with:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("train.trackers includes wandb, which is not installed: pip install 'selfdistill[wandb]'")
     world = world_size_from_env()
     if on_cpu and world > 1 and uses_deepspeed():
         PartialState(backend="gloo")  # DeepSpeed through Accelerate otherwise leaves every rank at 0
