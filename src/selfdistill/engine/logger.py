@@ -12,7 +12,7 @@ import torch
 
 
 class RunLogger:
-    def __init__(self, accelerator: Any, run_dir: Path, log_every: int) -> None:
+    def __init__(self, accelerator: Any, run_dir: Path) -> None:
         self.acc = accelerator
         self.path = run_dir / "log.jsonl"
         self._reset()

@@ -21,6 +21,7 @@ from selfdistill.config import Config
 from selfdistill.data import BadSampleTracker, ImageFolderDataset
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine.distributed import make_accelerator
+from selfdistill.engine.logger import RunLogger
 from selfdistill.engine.sampler import EpochShardSampler
 from selfdistill.methods import Method, Progress, build_method
 from selfdistill.schedules import cosine_schedule
@@ -154,9 +155,7 @@ class Trainer:
         if cfg.train.trackers:
             acc.init_trackers("selfdistill", config=_flat_config(cfg.to_dict()))
 
-        from selfdistill.engine.logger import RunLogger  # noqa: PLC0415 - light import, kept near use
-
-        self.logger = RunLogger(acc, self.run_dir, cfg.train.log_every)
+        self.logger = RunLogger(acc, self.run_dir)
         evaluator = None
         if cfg.knn.val_path:
             from selfdistill.eval.knn_eval import KnnSetup
@@ -212,7 +211,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             st.batch_in_epoch += 1
             st.samples_seen += out.batch_size
-            if len(seen_indices) < 100_000:
+            if len(seen_indices) < 10_000:  # an audit sample, not the whole epoch
                 seen_indices.extend(batch["index"].tolist())
             self.bad.update(batch.get("bad", []), out.batch_size)
             self.logger.accumulate(out, t_data, time.perf_counter() - t0)

@@ -20,10 +20,6 @@ class Progress:
     steps_per_epoch: int
     total_steps: int
 
-    @property
-    def epoch_float(self) -> float:
-        return self.step / max(self.steps_per_epoch, 1)
-
 
 @dataclass
 class ParamGroup:

@@ -6,7 +6,6 @@ predict the teacher's centred, sharpened distribution over prototypes.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
