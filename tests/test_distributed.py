@@ -52,10 +52,14 @@ def test_accelerate_config_file_for_two_cpu_processes(tmp_path):
     data = make_image_folder(tmp_path / "img")
     out = tmp_path / "run"
     accelerate = str(Path(sys.executable).with_name("accelerate"))
+    val = make_image_folder(tmp_path / "val", n_per_class=5, seed=2)
     result = _launch([accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml")],
-                     data, out)
+                     data, out, f"knn.val_path={val}", "knn.every_epochs=2")
     _check_two_ranks(out, result)
     assert "re-launching" not in result.stderr
+    # Online kNN with features sharded over the two ranks and gathered back: colour-coded classes.
+    knn = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "knn/" in line]
+    assert len(knn) == 1 and knn[0]["knn/top1_k1"] == 100.0
     # The checkpoint's position and schedules belong to 2 ranks: one rank must refuse it clearly.
     single = _launch([sys.executable], data, out, "--resume", "auto")
     assert single.returncode == 1

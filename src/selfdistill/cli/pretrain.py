@@ -54,10 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             info = prepare_demo_data(root, size=config.data.global_crop_size)
             print(f"demo data: {info['source']}: {info['n_train']} train / {info['n_test']} test images in {root}")
-        else:
+        else:  # rank 0 writes the data; the others wait for it (on a shared filesystem)
             import time
 
+            deadline = time.monotonic() + 1800
             while not (root / "info.json").is_file():
+                if time.monotonic() > deadline:
+                    print(f"error: rank {rank} waited 30 min for rank 0 to write {root / 'info.json'}", file=sys.stderr)
+                    return 1
                 time.sleep(1)
 
     from selfdistill.engine.trainer import NonFiniteLossError, Trainer
