@@ -71,3 +71,6 @@ def test_load_backbone_refuses_mismatched_weights(tmp_path):
     path = export_backbone(Backbone(cfg.name, 32, 8, depth=2), cfg, tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="does not fit"):
         load_backbone(str(path), ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, kwargs={"depth": 3}))
+    with pytest.raises(ValueError, match="does not fit"):  # same keys, other shapes
+        load_backbone(str(path), ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8,
+                                             kwargs={"depth": 2, "embed_dim": 48, "num_heads": 3}))

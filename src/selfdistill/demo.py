@@ -99,7 +99,7 @@ def compare_representations(config: Any, run_dir: Path) -> dict[str, Any]:
     """kNN top-1 of the pretrained teacher, the same backbone at random init, and raw pixels."""
     import torch
 
-    from selfdistill.eval.knn_eval import KnnSetup
+    from selfdistill.eval.knn_eval import KnnSetup, flatten_results, pixel_features
     from selfdistill.export import load_backbone
 
     setup = KnnSetup.from_config(config)
@@ -109,11 +109,5 @@ def compare_representations(config: Any, run_dir: Path) -> dict[str, Any]:
     random_init, _ = load_backbone("random", config.model)
     rows["pretrained (DINO teacher)"] = setup.evaluate(pretrained)
     rows["random init"] = setup.evaluate(random_init)
-    rows["raw pixels"] = _pixels(setup)
+    rows["raw pixels"] = flatten_results(setup.evaluate_features(pixel_features))
     return rows
-
-
-def _pixels(setup: Any) -> dict[str, float]:
-    from selfdistill.eval.knn_eval import flatten_results
-
-    return flatten_results(setup.evaluate_features(lambda x: x.flatten(1)))

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -71,7 +70,10 @@ def load_backbone(weights: str, model_cfg: ModelConfig | None = None) -> tuple[B
         backbone = _build(model_cfg)
         from safetensors.torch import load_file
 
-        missing, unexpected = backbone.model.load_state_dict(load_file(str(path)), strict=False)
+        try:
+            missing, unexpected = backbone.model.load_state_dict(load_file(str(path)), strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{path} does not fit {model_cfg.name}: {str(e).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise ValueError(f"{path} does not fit {model_cfg.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return backbone, model_cfg
@@ -98,8 +100,3 @@ def _from_checkpoint(path: Path) -> tuple[Backbone, ModelConfig]:
     backbone = method.eval_backbone().eval()
     return backbone, config.model
 
-
-@torch.no_grad()
-def pixel_features(images: torch.Tensor) -> torch.Tensor:
-    """Raw pixels as features: the floor every learned representation should beat."""
-    return images.flatten(1)

@@ -55,7 +55,7 @@ def run_knn(args: argparse.Namespace) -> int:
 
     from selfdistill.config import Config, KnnConfig
     from selfdistill.eval.knn import format_knn_results, save_knn_results
-    from selfdistill.eval.knn_eval import KnnSetup
+    from selfdistill.eval.knn_eval import KnnSetup, pixel_features
     from selfdistill.export import load_backbone
 
     config = Config(knn=KnnConfig(train_path=args.train_path, val_path=args.val_path, k=args.k,
@@ -66,7 +66,7 @@ def run_knn(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if args.weights == "pixels":
         feature = "raw pixels"
-        results = setup.evaluate_features(lambda x: x.flatten(1), device)
+        results = setup.evaluate_features(pixel_features, device)
     else:
         backbone, model_cfg = load_backbone(args.weights, _model_cfg(args))
         backbone.to(device).eval()

@@ -74,3 +74,8 @@ class KnnSetup:
 
 def flatten_results(results: dict[int, dict[str, float]]) -> dict[str, float]:
     return {f"{metric}_k{k}": v for k, row in results.items() for metric, v in row.items()}
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """Raw pixels as features: the floor every learned representation should beat."""
+    return images.flatten(1)

@@ -203,9 +203,12 @@ class Dino(Method):
             stats = self._accelerator.reduce(stats, reduction="sum")
         batch_mean = (stats[:-1] / stats[-1].clamp_min(1)).view_as(self.center)
         self.center = ema_center(self.center, batch_mean, self.cfg.center_momentum)
-        self.skip_step()
+        self._reset_center_stats()
 
     def skip_step(self) -> None:
+        self._reset_center_stats()  # the skipped step's teacher outputs must not move the center
+
+    def _reset_center_stats(self) -> None:
         self._center_sum.zero_()
         self._center_rows = 0
 
@@ -219,7 +222,3 @@ class Dino(Method):
 
     def eval_backbone(self) -> Backbone:
         return self.teacher.backbone
-
-    def student_backbone(self, student: nn.Module) -> Backbone:
-        unwrapped = self._accelerator.unwrap_model(student) if self._accelerator else student
-        return unwrapped.backbone
