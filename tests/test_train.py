@@ -171,3 +171,9 @@ def test_missing_wandb_is_a_clear_error(image_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match=r"wandb, which is not installed.*selfdistill\[wandb\]"):
         train(image_folder, tmp_path / "w", **{"train.trackers": "[wandb]"})
+
+
+def test_fp16_on_cpu_is_refused_before_any_work(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="fp16 needs a GPU; use bf16 or fp32 on CPU"):
+        train(image_folder, tmp_path / "fp16", **{"train.precision": "fp16"})
+    assert not (tmp_path / "fp16").exists()
