@@ -86,3 +86,9 @@ def test_numbers_are_accepted_for_strings_but_not_the_reverse():
         load_config(None, ["train.log_every=1.5"])
     with pytest.raises(ConfigError, match="method.norm_last_layer: expected true/false"):
         load_config(None, ["method.norm_last_layer=1"])
+
+
+def test_model_kwargs_without_values_are_refused():
+    with pytest.raises(ConfigError, match=r"model.kwargs: 'depth:2' has no value"):
+        load_config(None, ["model.kwargs={depth:2}"])
+    assert load_config(None, ["model.kwargs={depth: 2}"]).model.kwargs == {"depth": 2}

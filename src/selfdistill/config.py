@@ -51,6 +51,9 @@ class ModelConfig:
             _fail(f"{prefix}.img_size", f"must be positive, got {self.img_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             _fail(f"{prefix}.drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
+        for key, value in self.kwargs.items():
+            if value is None:  # YAML reads {depth:2} (no space) as {"depth:2": None}; timm drops None
+                _fail(f"{prefix}.kwargs", f"{key!r} has no value (write {{depth: 2}}, with a space after ':')")
 
 
 @dataclass

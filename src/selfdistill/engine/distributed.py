@@ -107,3 +107,27 @@ def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with:
             f"the launcher started WORLD_SIZE={world} ranks but Accelerate sees {accelerator.num_processes}; "
             "on CPU launch with `accelerate launch --config_file accelerate_configs/cpu_2proc.yaml` or torchrun")
     return accelerator
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, clip_grad: float) -> None:
+    """Fill the DeepSpeed values Accelerate cannot infer here, and check the ones a JSON fixes.
+
+    We never hand our data loader to ``prepare`` (its sampler is ours), so the micro-batch size is
+    set explicitly; ``gradient_clipping: "auto"`` would silently become 1.0, so it takes
+    ``optim.clip_grad``, and an explicit JSON value must agree with the recipe.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    conf = plugin.deepspeed_config
+    mb = conf.get("train_micro_batch_size_per_gpu", "auto")
+    if mb not in ("auto", None) and int(mb) != micro_batch_size:
+        raise ValueError(f"the DeepSpeed config sets train_micro_batch_size_per_gpu={mb} but "
+                         f"train.batch_size_per_device={micro_batch_size}; use \"auto\" or make them equal")
+    conf["train_micro_batch_size_per_gpu"] = micro_batch_size
+    clip = conf.get("gradient_clipping", "auto")
+    if clip in ("auto", None):
+        conf["gradient_clipping"] = clip_grad
+    elif abs(float(clip) - clip_grad) > 1e-12:
+        raise ValueError(f"the DeepSpeed config sets gradient_clipping={clip} but optim.clip_grad={clip_grad}; "
+                         "make them equal (DINO uses 3.0)")

@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 from selfdistill.config import Config
 from selfdistill.data import BadSampleTracker, ImageFolderDataset
 from selfdistill.engine import checkpoint as ckpt
-from selfdistill.engine.distributed import make_accelerator
+from selfdistill.engine.distributed import configure_deepspeed, make_accelerator
 from selfdistill.engine.logger import RunLogger
 from selfdistill.engine.sampler import EpochShardSampler
 from selfdistill.methods import Method, Progress, build_method
+from selfdistill.params import chunks, gathered
 from selfdistill.schedules import cosine_schedule
 
 log = logging.getLogger("selfdistill")
@@ -92,6 +93,7 @@ class Trainer:
             optimizer = torch.optim.AdamW(groups, lr=0.0, betas=o.betas)
         else:
             optimizer = torch.optim.SGD(groups, lr=0.0, momentum=o.momentum)
+        configure_deepspeed(acc, t.batch_size_per_device, o.clip_grad)
         self.student, self.optimizer = acc.prepare(self.method.student, optimizer)
         self.method.setup(acc, self.steps_per_epoch, self.total_steps)
         self.bad = BadSampleTracker()
@@ -278,8 +280,10 @@ class Trainer:
         acc = self.accelerator
         unwrapped = acc.unwrap_model(self.student)
         digest = hashlib.sha256()
-        for p in unwrapped.parameters():
-            digest.update(p.detach().float().cpu().numpy().tobytes())
+        for piece in chunks(list(unwrapped.parameters())):
+            with gathered(piece):
+                for p in piece:
+                    digest.update(p.detach().float().cpu().numpy().tobytes())
         summary = {"rank": acc.process_index, "world_size": acc.num_processes, "step": self.state.step,
                    "samples_seen": self.state.samples_seen, "student_sha256": digest.hexdigest(),
                    "indices_seen": seen_indices, "bad_images": self.bad.n_bad}
