@@ -93,6 +93,9 @@ def read_loop_state(path: Path) -> dict[str, Any]:
 def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore Accelerate's state in place; return (method_state, loop_state)."""
     accelerator.load_state(str(path))
+    for model in accelerator._models:  # ZeRO-3: drop parameters the load left gathered (stale fetch trace)
+        if hasattr(model, "empty_partition_cache") and getattr(model, "zero_optimization_stage", lambda: 0)() == 3:
+            model.empty_partition_cache()
     return load_method_state(path), read_loop_state(path)
 
 
