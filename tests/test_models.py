@@ -74,3 +74,27 @@ def test_load_backbone_refuses_mismatched_weights(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):  # same keys, other shapes
         load_backbone(str(path), ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8,
                                              kwargs={"depth": 2, "embed_dim": 48, "num_heads": 3}))
+
+
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32),
+    ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 1, 1)), 224),
+    ("resnet18", {}, 64),
+])
+def test_activation_checkpointing_gives_same_loss_and_gradients(name, kwargs, size):
+    torch.manual_seed(0)
+    plain = Backbone(name, **kwargs)
+    ckpt = Backbone(name, grad_checkpointing=True, **kwargs)
+    ckpt.load_state_dict(plain.state_dict())
+    assert any(getattr(m, "grad_checkpointing", False) for m in ckpt.modules())
+    assert not any(getattr(m, "grad_checkpointing", False) for m in plain.modules())
+    x = torch.randn(2, 3, size, size)
+    losses = []
+    for model in (plain, ckpt):
+        model.train()
+        loss = model(x).pooled.square().mean()
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for (n, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert a.grad is not None and torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), n
