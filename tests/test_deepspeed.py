@@ -96,3 +96,11 @@ def test_last_layer_frozen_under_zero2(data):
     key = "head.last_layer.parametrizations.weight.original1"
     assert torch.equal(student[key], init[key])
     assert (student["head.mlp.0.weight"] - init["head.mlp.0.weight"]).abs().max() > 1e-5  # 2 Adam steps of lr 3e-5
+
+
+@pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
+def test_offload_configs_match_ddp(config, data, ddp_run):
+    out = data.parent / config
+    launch(["--use_deepspeed", "--deepspeed_config_file", str(ROOT / f"ds_configs/{config}.json"),
+            "--num_processes", "2"], data, out, "train.max_steps=2")
+    assert losses(out) == pytest.approx(losses(ddp_run)[:2], rel=1e-4, abs=1e-5)
