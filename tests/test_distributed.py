@@ -64,3 +64,25 @@ def test_accelerate_config_file_for_two_cpu_processes(tmp_path):
     single = _launch([sys.executable], data, out, "--resume", "auto")
     assert single.returncode == 1
     assert "written by 2 ranks but this run has 1" in single.stderr
+
+
+def test_two_machines_on_one_host_train_together(tmp_path):
+    """Multi-node launch: two `accelerate launch` processes, machine ranks 0 and 1, one rendezvous."""
+    import socket
+
+    data = make_image_folder(tmp_path / "img")
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    env.pop("WORLD_SIZE", None)
+    procs = [subprocess.Popen(
+        [accelerate, "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
+         str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         str(ROOT / "run_pretrain.py"), *tiny_overrides(data, out)],
+        env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    _check_two_ranks(out, subprocess.CompletedProcess([], 0, "", ""))
