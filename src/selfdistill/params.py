@@ -44,6 +44,16 @@ def chunks(params: Sequence[torch.Tensor], max_numel: int = 50_000_000) -> Itera
         yield piece
 
 
+def full_parameters(module: nn.Module) -> Iterator[torch.Tensor]:
+    """Every parameter of ``module`` with its full value, gathered chunk by chunk under ZeRO-3.
+
+    Collective under ZeRO-3: every rank must consume the whole iterator.
+    """
+    for piece in chunks(list(module.parameters())):
+        with gathered(piece):
+            yield from piece
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """``teacher <- m * teacher + (1 - m) * student`` over matching parameters, with ``_foreach`` ops.

@@ -91,12 +91,23 @@ def read_loop_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore Accelerate's state in place; return (method_state, loop_state)."""
+    """Restore Accelerate's state in place; return (method_state, loop_state).
+
+    Refused before anything is loaded when the checkpoint was written by another number of ranks:
+    the position inside the epoch and the global batch (so every schedule) depend on it.
+    """
+    loop_state = read_loop_state(path)
+    written_by = loop_state.get("world_size", 1)
+    if written_by != accelerator.num_processes:
+        raise ValueError(
+            f"checkpoint {path} was written by {written_by} ranks but this run has {accelerator.num_processes}; "
+            "the position inside the epoch and the global batch (and so every schedule) depend on it. "
+            "Resume on the same number of ranks.")
     accelerator.load_state(str(path))
     for model in accelerator._models:  # ZeRO-3: drop parameters the load left gathered (stale fetch trace)
         if hasattr(model, "empty_partition_cache") and getattr(model, "zero_optimization_stage", lambda: 0)() == 3:
             model.empty_partition_cache()
-    return load_method_state(path), read_loop_state(path)
+    return load_method_state(path), loop_state
 
 
 def load_method_state(path: str | Path) -> dict[str, Any]:

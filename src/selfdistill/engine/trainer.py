@@ -24,7 +24,7 @@ from selfdistill.engine.distributed import configure_deepspeed, make_accelerator
 from selfdistill.engine.logger import RunLogger
 from selfdistill.engine.sampler import EpochShardSampler
 from selfdistill.methods import Method, Progress, build_method
-from selfdistill.params import chunks, gathered
+from selfdistill.params import full_parameters
 from selfdistill.schedules import cosine_schedule
 
 log = logging.getLogger("selfdistill")
@@ -128,12 +128,6 @@ class Trainer:
                              self.state.to_dict(), self.config.to_yaml(), self.config.train.keep_checkpoints)
 
     def _restore(self, path: Path) -> None:
-        written_by = ckpt.read_loop_state(path).get("world_size", 1)
-        if written_by != self.accelerator.num_processes:
-            raise ValueError(
-                f"checkpoint {path} was written by {written_by} ranks but this run has "
-                f"{self.accelerator.num_processes}; the position inside the epoch and the global batch (and so "
-                "every schedule) depend on it. Resume on the same number of ranks.")
         method_state, loop_state = ckpt.load_checkpoint(self.accelerator, path)
         self.method.load_state_dict(method_state)
         self.state = LoopState(**loop_state)
@@ -280,10 +274,8 @@ class Trainer:
         acc = self.accelerator
         unwrapped = acc.unwrap_model(self.student)
         digest = hashlib.sha256()
-        for piece in chunks(list(unwrapped.parameters())):
-            with gathered(piece):
-                for p in piece:
-                    digest.update(p.detach().float().cpu().numpy().tobytes())
+        for p in full_parameters(unwrapped):
+            digest.update(p.detach().float().cpu().numpy().tobytes())
         summary = {"rank": acc.process_index, "world_size": acc.num_processes, "step": self.state.step,
                    "samples_seen": self.state.samples_seen, "student_sha256": digest.hexdigest(),
                    "indices_seen": seen_indices, "bad_images": self.bad.n_bad}
