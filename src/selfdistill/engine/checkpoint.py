@@ -73,6 +73,7 @@ def save_checkpoint(accelerator: Any, run_dir: str | Path, step: int, method_sta
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's shards and RNG file are in tmp before it is renamed
     if accelerator.is_main_process:
         torch.save(method_state, tmp / METHOD_STATE)
         (tmp / CONFIG).write_text(config_yaml)
