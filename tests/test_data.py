@@ -320,3 +320,17 @@ def test_collate_shapes():
                               for i in range(4)])
     assert evaluated["image"].shape == (4, 3, 8, 8) and evaluated["label"].tolist() == [-1] * 4
     assert evaluated["bad"] == []
+
+
+def test_overfit_batches_repeats_epoch_zero_exactly():
+    from selfdistill.engine.sampler import EpochShardSampler
+
+    s = EpochShardSampler(40, 4, rank=1, world_size=2, seed=3, repeat_batches=2)
+    assert s.batches_per_epoch == 2 and len(s) == 8
+    s.set_epoch(0)
+    first = list(s)
+    s.set_epoch(5)
+    assert list(s) == first and all(e == 0 for e, _ in first)  # same images, same augmentation key
+    full = EpochShardSampler(40, 4, rank=1, world_size=2, seed=3)
+    full.set_epoch(0)
+    assert first == list(full)[:8]

@@ -1,7 +1,8 @@
-"""DINO under DeepSpeed ZeRO-1/2/3 on two CPU ranks (gloo), against the same run under DDP."""
+"""DINO under DeepSpeed ZeRO-1/2/3 (and offload) on two CPU ranks (gloo), against the same run under DDP."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import make_image_folder, tiny_overrides
 from selfdistill.engine import checkpoint as ckpt
@@ -18,19 +20,32 @@ pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+LAST_LAYER = "head.last_layer.parametrizations.weight.original1"
+
+# One global batch (8 per rank x 2 ranks) with the same augmentation every step, a constant teacher
+# temperature and a fixed center: the student fits a slowly moving EMA teacher, so the loss must fall.
+# 4 epochs = 4 optimizer steps; the last layer is frozen for the first epoch (= step).
+REPEATED_BATCH = ["train.overfit_batches=1", "train.epochs=4", "method.teacher_temp=0.04",
+                  "method.center_momentum=1.0", "model.drop_path_rate=0.0", "optim.warmup_epochs=0"]
 
 
-def launch(launcher: list[str], data: Path, out: Path, *extra: str) -> None:
+def launch(launcher: list[str], data: Path, out: Path, *extra: str, script: Path = ROOT / "run_pretrain.py",
+           check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    r = subprocess.run([ACCELERATE, "launch", *launcher, str(ROOT / "run_pretrain.py"), *tiny_overrides(data, out),
-                        *extra], capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
-    assert r.returncode == 0, r.stderr[-4000:]
+    r = subprocess.run([ACCELERATE, "launch", *launcher, str(script), *tiny_overrides(data, out), *extra],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
+    if check:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return r
 
 
-def zero(stage: int) -> list[str]:
-    return ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / f"ds_configs/zero{stage}.json"),
-            "--num_processes", "2"]
+def zero(stage: int | str) -> list[str]:
+    name = f"zero{stage}" if isinstance(stage, int) else stage
+    return ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / f"ds_configs/{name}.json"), "--num_processes", "2"]
+
+
+DDP = ["--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml")]
 
 
 def losses(out: Path) -> list[float]:
@@ -41,6 +56,12 @@ def teacher(out: Path) -> dict[str, torch.Tensor]:
     return ckpt.load_method_state(ckpt.latest_checkpoint(out))["teacher"]
 
 
+def student(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from selfdistill.export import student_state_from_checkpoint
+
+    return student_state_from_checkpoint(checkpoint)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("ds") / "img")
@@ -49,58 +70,119 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(data) -> Path:
     out = data.parent / "ddp"
-    launch(["--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml")], data, out)
+    launch(DDP, data, out, *REPEATED_BATCH)
     return out
 
 
+@pytest.fixture(scope="module")
+def initial_student(data) -> dict[str, torch.Tensor]:
+    """The student every run starts from (the trainer seeds with train.seed before building)."""
+    from accelerate.utils import set_seed
+
+    from selfdistill.config import load_config
+    from selfdistill.methods import build_method
+
+    set_seed(0)
+    config = load_config(None, [*tiny_overrides(data, data.parent / "unused"), *REPEATED_BATCH])
+    return {k: v.clone() for k, v in build_method(config).student.state_dict().items()}
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_matches_ddp_and_resumes_exactly(stage, data, ddp_run):
+def test_zero_stage_trains_like_ddp_and_resumes_exactly(stage, data, ddp_run, initial_student):
+    """With activation checkpointing on (DDP's run has it off): the same losses, teacher, export."""
     out = data.parent / f"zero{stage}"
-    launch(zero(stage), data, out)
+    launch(zero(stage), data, out, *REPEATED_BATCH, "model.grad_checkpointing=true")
     summaries = [json.loads((out / f"rank_summary_{r}.json").read_text()) for r in (0, 1)]
     assert [s["world_size"] for s in summaries] == [2, 2]
     assert summaries[0]["student_sha256"] == summaries[1]["student_sha256"]
 
-    # Same initialisation, data and schedules as DDP: the same losses, up to reduction order.
+    # Finite, falling on the repeated batch, and DDP's values up to reduction order.
     got, want = losses(out), losses(ddp_run)
-    assert len(got) == len(want) == 4 and all(map(lambda x: torch.isfinite(torch.tensor(x)), got))
+    assert len(got) == len(want) == 4 and all(torch.isfinite(torch.tensor(got)))
+    assert all(b < a for a, b in zip(got, got[1:])), got
     assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
 
-    # The EMA teacher moved and tracks DDP's; the last layer (frozen for epoch 0 = 2 steps) moved after.
-    t, t_ddp = teacher(out), teacher(ddp_run)
+    # The consolidated student export equals the student as gathered inside the run (ZeRO-3:
+    # partitions merged by zero_to_fp32 vs GatheredParameters), tensor by tensor, bit for bit.
+    exported = load_file(str(out / "export" / "student_backbone.safetensors"))
+    gathered = summaries[0]["student_tensor_sha256"]
+    backbone = {k.removeprefix("backbone.model."): h for k, h in gathered.items() if k.startswith("backbone.model.")}
+    assert exported.keys() == backbone.keys()
+    for k, v in exported.items():
+        assert hashlib.sha256(v.float().numpy().tobytes()).hexdigest() == backbone[k], k
+
+    # The EMA teacher tracks DDP's and moved from the initial weights towards the trained student.
+    t, t_ddp, s = teacher(out), teacher(ddp_run), student(ckpt.latest_checkpoint(out))
     for k in t:
         assert torch.allclose(t[k], t_ddp[k], atol=1e-5), k
+    for k in ("backbone.model.blocks.0.attn.qkv.weight", "head.mlp.0.weight"):
+        assert not torch.equal(t[k], initial_student[k])
+        assert (t[k] - s[k]).norm() < (initial_student[k] - s[k]).norm(), k
 
-    # Stop after 1 step, resume: the same end state as the uninterrupted run.
+    # Stop after 1 step (the frozen epoch), resume: the same end state as the uninterrupted run.
     part = data.parent / f"zero{stage}_part"
-    launch(zero(stage), data, part, "train.max_steps=1")
-    launch(zero(stage), data, part, "--resume", "auto")
+    launch(zero(stage), data, part, *REPEATED_BATCH, "model.grad_checkpointing=true", "train.max_steps=1")
+    after_one = student(ckpt.latest_checkpoint(part))
+    assert torch.equal(after_one[LAST_LAYER], initial_student[LAST_LAYER])  # frozen: lr=0 group
+    assert not torch.equal(after_one["head.mlp.0.weight"], initial_student["head.mlp.0.weight"])
+    assert not torch.equal(s[LAST_LAYER], initial_student[LAST_LAYER])  # and it trains afterwards
+    launch(zero(stage), data, part, *REPEATED_BATCH, "model.grad_checkpointing=true", "--resume", "auto")
     assert losses(part) == pytest.approx(got, rel=1e-6)
     for k, v in teacher(part).items():
         assert torch.allclose(v, t[k], atol=1e-6), k
 
 
-def test_last_layer_frozen_under_zero2(data):
-    """Under DeepSpeed the optimizer steps inside backward(): freezing must be an lr=0 group."""
-    from accelerate.utils import set_seed
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from selfdistill.config import load_config
-    from selfdistill.methods import build_method
-
-    out = data.parent / "zero2_frozen"
-    launch(zero(2), data, out, "train.max_steps=2", "optim.warmup_epochs=0")  # epoch 0 = 2 steps, all frozen
-    student = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.latest_checkpoint(out)), tag="pytorch_model")
-    set_seed(0)
-    init = build_method(load_config(None, tiny_overrides(data, out))).student.state_dict()
-    key = "head.last_layer.parametrizations.weight.original1"
-    assert torch.equal(student[key], init[key])
-    assert (student["head.mlp.0.weight"] - init["head.mlp.0.weight"]).abs().max() > 1e-5  # 2 Adam steps of lr 3e-5
-
-
 @pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
 def test_offload_configs_match_ddp(config, data, ddp_run):
     out = data.parent / config
-    launch(["--use_deepspeed", "--deepspeed_config_file", str(ROOT / f"ds_configs/{config}.json"),
-            "--num_processes", "2"], data, out, "train.max_steps=2")
+    launch(zero(config), data, out, *REPEATED_BATCH, "train.max_steps=2")
     assert losses(out) == pytest.approx(losses(ddp_run)[:2], rel=1e-4, abs=1e-5)
+
+
+def test_nonfinite_micro_batch_is_skipped_like_ddp_with_accumulation(data):
+    """DeepSpeed steps inside backward(); a NaN micro-batch in a 2-micro-batch window must skip the
+    whole step and leave no stale gradients behind, exactly as under DDP (grad checkpointing on)."""
+    script = ROOT / "tests/scripts/poisoned_pretrain.py"
+    extra = ["train.grad_accum_steps=2", "model.grad_checkpointing=true"]
+    runs = {}
+    for name, launcher in (("ddp", DDP), ("zero2", zero(2))):
+        out = data.parent / f"nan_{name}"
+        launch(launcher, data, out, *extra, script=script)
+        rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+        runs[name] = (out, rows)
+    for name, (out, rows) in runs.items():
+        assert [r["step"] for r in rows] == [1, 2], name  # step 1 was retried on the next window
+        assert rows[-1]["skipped_steps"] == 1, name
+    assert [r["loss"] for r in runs["zero2"][1]] == pytest.approx([r["loss"] for r in runs["ddp"][1]], rel=1e-4)
+    s_ddp, s_ds = student(ckpt.latest_checkpoint(runs["ddp"][0])), student(ckpt.latest_checkpoint(runs["zero2"][0]))
+    for k in s_ddp:
+        assert torch.allclose(s_ds[k], s_ddp[k], atol=1e-5), k
+
+
+def test_frozen_teacher_is_partitioned_under_zero3(data, tmp_path):
+    """A frozen external teacher (SMD/FD) under ZeRO-3: each rank holds half, outputs are unchanged."""
+    config = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([ACCELERATE, "launch", "--use_deepspeed", "--deepspeed_config_file", str(tmp_path / "zero3.json"),
+                        "--num_processes", "2", str(ROOT / "tests/scripts/frozen_teacher.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["partitioned"] and not res["requires_grad"] and not res["training"]
+        assert res["numel_per_rank"] <= res["numel"] / 2 + 64  # partitions are padded to the rank count
+        assert res["max_abs_diff"] < 1e-5
+
+
+def test_accelerate_yaml_repeating_deepspeed_keys_is_one_clear_error(data, tmp_path):
+    yaml_path = tmp_path / "bad.yaml"
+    yaml_path.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {ROOT / 'ds_configs/zero2.json'}\n  gradient_clipping: 1.0\n"
+        "num_machines: 1\nnum_processes: 2\n")
+    r = launch(["--config_file", str(yaml_path)], data, tmp_path / "run", check=False)
+    assert r.returncode != 0
+    assert "the accelerate config repeats gradient_clipping, which the DeepSpeed JSON" in r.stderr

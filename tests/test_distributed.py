@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_image_folder, tiny_overrides
 
@@ -65,6 +66,22 @@ def test_accelerate_config_file_for_two_cpu_processes(tmp_path):
     single = _launch([sys.executable], data, out, "--resume", "auto")
     assert single.returncode == 1
     assert "written by 2 ranks but this run has 1" in single.stderr
+    assert "--part student" in single.stderr and "model.pretrained=" in single.stderr
+
+    # The way it names: consolidated student weights start a one-rank run.
+    from safetensors.torch import load_file
+
+    from selfdistill.cli.evaluate import main as eval_main
+    from selfdistill.engine import checkpoint as ckpt
+
+    student = tmp_path / "student.safetensors"
+    assert eval_main(["export", "--checkpoint", str(out), "--part", "student", "--out", str(student)]) == 0
+    trained = load_file(str(ckpt.latest_checkpoint(out) / "model.safetensors"))
+    exported = load_file(str(student))
+    assert exported.keys() == {k.removeprefix("backbone.model.") for k in trained if k.startswith("backbone.")}
+    assert all(torch.equal(v, trained["backbone.model." + k]) for k, v in exported.items())
+    restart = _launch([sys.executable], data, tmp_path / "restart", f"model.pretrained={student}", "train.max_steps=1")
+    assert restart.returncode == 0, restart.stderr[-3000:]
 
 
 def test_two_machines_on_one_host_train_together(tmp_path):

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
+from selfdistill.engine.distributed import DEEPSPEED_OWNED_KEYS, check_deepspeed_launch
+
 ROOT = Path(__file__).resolve().parents[1]
-DS_OWNED = {"gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
-            "offload_param_device", "zero3_save_16bit_model", "mixed_precision"}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -20,7 +20,7 @@ def test_accelerate_config(path):
     if raw["distributed_type"] == "DEEPSPEED":
         ds = raw["deepspeed_config"]
         assert (ROOT / ds["deepspeed_config_file"]).is_file()
-        assert not DS_OWNED & set(raw) and not DS_OWNED & set(ds), path.name
+        assert not set(DEEPSPEED_OWNED_KEYS) & set(raw) and not set(DEEPSPEED_OWNED_KEYS) & set(ds), path.name
     assert cfg.num_processes >= 1
 
 
@@ -31,3 +31,19 @@ def test_deepspeed_json(path):
     assert cfg["gradient_clipping"] == 3.0  # "auto" would silently become 1.0
     for key, value in cfg["zero_optimization"].items():
         assert value != "auto", f"{key}: timm models have no model.config, so 'auto' sizes fail"
+
+
+def test_deepspeed_launch_errors(monkeypatch):
+    """What accelerate launch exports for a YAML that repeats DeepSpeed keys, and --cpu: one-line errors."""
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds_configs/zero2.json")
+    monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", "deepspeed_config_file,gradient_clipping,zero3_init_flag")
+    with pytest.raises(ValueError, match="repeats gradient_clipping, which the DeepSpeed JSON ds_configs/zero2.json owns"):
+        check_deepspeed_launch(cpu=False)
+    monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", "deepspeed_config_file,zero3_init_flag")
+    check_deepspeed_launch(cpu=False)  # a clean YAML passes
+    with pytest.raises(ValueError, match="train.cpu=true .* cannot be combined with DeepSpeed"):
+        check_deepspeed_launch(cpu=True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    with pytest.raises(ValueError, match="cannot be combined with DeepSpeed"):
+        check_deepspeed_launch(cpu=False)

@@ -98,3 +98,20 @@ def test_activation_checkpointing_gives_same_loss_and_gradients(name, kwargs, si
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for (n, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         assert a.grad is not None and torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), n
+
+
+def test_pretrained_file_initialises_the_backbone(tmp_path):
+    kw = dict(img_size=32, patch_size=8, depth=2)
+    cfg = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, kwargs={"depth": 2})
+    source = Backbone(cfg.name, **kw)
+    path = export_backbone(source, cfg, tmp_path / "w.safetensors")
+    loaded = Backbone(cfg.name, pretrained=str(path), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
+    # A timm checkpoint with a classifier (torch file, read with weights_only) loads too.
+    full = timm.create_model(cfg.name, num_classes=5, **kw)
+    torch.save(full.state_dict(), tmp_path / "with_head.pth")
+    assert torch.equal(Backbone(cfg.name, pretrained=str(tmp_path / "with_head.pth"), **kw).model.pos_embed, full.pos_embed)
+    with pytest.raises(FileNotFoundError, match="model.pretrained: no such file"):
+        Backbone(cfg.name, pretrained=str(tmp_path / "missing.safetensors"), **kw)
+    with pytest.raises(ValueError, match=r"model.pretrained: .* does not fit .*missing \['blocks.2"):
+        Backbone(cfg.name, pretrained=str(path), img_size=32, patch_size=8, depth=3)

@@ -43,6 +43,7 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # student only; the teacher always uses 0
     grad_checkpointing: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)  # any other timm.create_model keyword
+    pretrained: str = ""  # a local timm-format weights file (e.g. a selfdistill export) to start from
 
     def validate(self, prefix: str) -> None:
         if not self.name:
@@ -138,6 +139,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    overfit_batches: int = 0  # >0: train on epoch 0's first N global batches, same augmentation, again and again
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress_bar: bool = True
 
@@ -146,8 +148,9 @@ class TrainConfig:
                      "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
             if getattr(self, name) <= 0:
                 _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")
-        if self.max_steps < 0:
-            _fail(f"{prefix}.max_steps", f"must be >= 0, got {self.max_steps}")
+        for name in ("max_steps", "overfit_batches"):
+            if getattr(self, name) < 0:
+                _fail(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             _fail(f"{prefix}.precision", f"must be one of ['fp32', 'bf16', 'fp16'], got {self.precision!r}")
         for tracker in self.trackers:

@@ -12,8 +12,10 @@ from safetensors.torch import save_file
 
 from selfdistill.config import ModelConfig
 from selfdistill.models import Backbone
+from selfdistill.models.backbone import load_timm_weights
 
 METADATA_KEY = "selfdistill"
+DEEPSPEED_TAG = "pytorch_model"  # the directory Accelerate's save_state gives the ZeRO files
 
 
 def export_backbone(backbone: Backbone, model_cfg: ModelConfig, path: str | Path) -> Path:
@@ -68,14 +70,7 @@ def load_backbone(weights: str, model_cfg: ModelConfig | None = None) -> tuple[B
                                     patch_size=info.get("patch_size"), drop_path_rate=0.0,
                                     kwargs=info.get("kwargs") or {})
         backbone = _build(model_cfg)
-        from safetensors.torch import load_file
-
-        try:
-            missing, unexpected = backbone.model.load_state_dict(load_file(str(path)), strict=False)
-        except RuntimeError as e:  # shape mismatches
-            raise ValueError(f"{path} does not fit {model_cfg.name}: {str(e).splitlines()[-1].strip()}") from None
-        if missing or unexpected:
-            raise ValueError(f"{path} does not fit {model_cfg.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        load_timm_weights(backbone.model, str(path), what=f"--weights ({model_cfg.name})")
         return backbone, model_cfg
     if path.is_dir():
         return _from_checkpoint(path)
@@ -87,7 +82,9 @@ def _build(model_cfg: ModelConfig) -> Backbone:
     return Backbone(m.name, m.img_size, m.patch_size, 0.0, False, **m.kwargs).eval()
 
 
-def _from_checkpoint(path: Path) -> tuple[Backbone, ModelConfig]:
+def _from_checkpoint(path: Path, part: str = "eval") -> tuple[Backbone, ModelConfig]:
+    """``part='eval'``: the method's evaluation backbone (DINO: the teacher); ``'student'``: the
+    student backbone, consolidated from ZeRO partitions when DeepSpeed wrote the checkpoint."""
     from selfdistill.config import load_config
     from selfdistill.engine.checkpoint import CONFIG, load_method_state, resolve_resume
     from selfdistill.methods import build_method
@@ -95,8 +92,48 @@ def _from_checkpoint(path: Path) -> tuple[Backbone, ModelConfig]:
     ckpt = resolve_resume(str(path), path)
     assert ckpt is not None
     config = load_config(ckpt / CONFIG)
+    config.model.pretrained = ""  # the checkpoint holds the weights; the start file may be gone
     method = build_method(config)
+    if part == "student":
+        method.student.load_state_dict(student_state_from_checkpoint(ckpt))
+        return method.student_backbone().eval(), config.model
+    if part != "eval":
+        raise ValueError(f"unknown part {part!r}: use 'eval' or 'student'")
     method.load_state_dict(load_method_state(ckpt))
-    backbone = method.eval_backbone().eval()
-    return backbone, config.model
+    return method.eval_backbone().eval(), config.model
+
+
+def student_state_from_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """The full fp32 student state dict of a checkpoint, whatever wrote it.
+
+    DDP: Accelerate's ``model.safetensors``. DeepSpeed (any ZeRO stage, any rank count): the fp32
+    master partitions merged by DeepSpeed's ``zero_to_fp32`` (which unpickles DeepSpeed's own
+    files: only read checkpoints you trust, as for ``--resume``).
+    """
+    ckpt = Path(ckpt)
+    if (ckpt / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(ckpt / "model.safetensors"))
+    if (ckpt / DEEPSPEED_TAG).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DEEPSPEED_TAG)
+        # ZeRO-1 records no frozen parameters (e.g. DINO's weight-norm gain); ZeRO-1/2 keep the
+        # whole module in the model-states file, so take them from there.
+        import torch
+
+        states = ckpt / DEEPSPEED_TAG / "mp_rank_00_model_states.pt"  # ZeRO-1/2 only
+        module = torch.load(states, map_location="cpu", weights_only=True)["module"] if states.is_file() else {}
+        for key, value in module.items():
+            if key not in state and value.numel() > 0:
+                state[key] = value.float() if value.is_floating_point() else value
+        return {k: v.contiguous() for k, v in state.items()}
+    raise FileNotFoundError(f"{ckpt}: no student weights (neither model.safetensors nor a DeepSpeed "
+                            f"{DEEPSPEED_TAG}/ directory)")
+
+
+def export_from_checkpoint(path: str | Path, out: str | Path, part: str = "eval") -> Path:
+    backbone, model_cfg = _from_checkpoint(Path(path), part)
+    return export_backbone(backbone, model_cfg, out)
 

@@ -38,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--out", help="JSON results file (default: knn_results.json beside --weights or ./)")
     knn.add_argument("--cpu", action="store_true")
 
-    exp = sub.add_parser("export", help="write a checkpoint's evaluation backbone (DINO: teacher) as safetensors")
+    exp = sub.add_parser("export", help="write a checkpoint's backbone (DINO: teacher, or the student) as safetensors")
     exp.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (latest)")
+    exp.add_argument("--part", choices=["eval", "student"], default="eval",
+                     help="eval: the evaluation backbone (DINO: the EMA teacher); student: the student, "
+                          "consolidated from ZeRO partitions for a DeepSpeed checkpoint")
     exp.add_argument("--out", required=True, help="output .safetensors path")
     return p
 
@@ -83,10 +86,9 @@ def run_knn(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from selfdistill.export import export_backbone, load_backbone
+    from selfdistill.export import export_from_checkpoint
 
-    backbone, model_cfg = load_backbone(args.checkpoint)
-    path = export_backbone(backbone, model_cfg, args.out)
+    path = export_from_checkpoint(args.checkpoint, args.out, args.part)
     print(f"wrote {path} (+ {path.with_suffix('.json').name})")
     return 0
 

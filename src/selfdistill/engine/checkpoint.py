@@ -101,9 +101,13 @@ def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict[str, Any], dict[
     written_by = loop_state.get("world_size", 1)
     if written_by != accelerator.num_processes:
         raise ValueError(
-            f"checkpoint {path} was written by {written_by} ranks but this run has {accelerator.num_processes}; "
-            "the position inside the epoch and the global batch (and so every schedule) depend on it. "
-            "Resume on the same number of ranks.")
+            f"checkpoint {path} was written by {written_by} ranks but this run has {accelerator.num_processes}. "
+            "An exact resume needs the same rank count (the position inside the epoch, the global batch and "
+            "so every schedule depend on it, and ZeRO shards optimizer state per rank). To go on with "
+            f"{accelerator.num_processes} ranks instead, start a new run from the consolidated weights: "
+            f"`run_eval.py export --checkpoint {path} --part student --out student.safetensors`, then "
+            "`run_pretrain.py ... model.pretrained=student.safetensors` (heads, optimizer state and "
+            "schedules start afresh). DeepSpeed's universal checkpoint (ds_to_universal) is not supported.")
     accelerator.load_state(str(path))
     for model in accelerator._models:  # ZeRO-3: drop parameters the load left gathered (stale fetch trace)
         if hasattr(model, "empty_partition_cache") and getattr(model, "zero_optimization_stage", lambda: 0)() == 3:

@@ -91,6 +91,8 @@ def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with:
 
         if importlib.util.find_spec("wandb") is None:
             raise ValueError("train.trackers includes wandb, which is not installed: pip install 'selfdistill[wandb]'")
+    if uses_deepspeed():
+        check_deepspeed_launch(cpu)
     world = world_size_from_env()
     if on_cpu and world > 1 and uses_deepspeed():
         PartialState(backend="gloo")  # DeepSpeed through Accelerate otherwise leaves every rank at 0
@@ -107,6 +109,29 @@ def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with:
             f"the launcher started WORLD_SIZE={world} ranks but Accelerate sees {accelerator.num_processes}; "
             "on CPU launch with `accelerate launch --config_file accelerate_configs/cpu_2proc.yaml` or torchrun")
     return accelerator
+
+
+# Accelerate config keys that a DeepSpeed JSON owns; Accelerate refuses a YAML that repeats them.
+DEEPSPEED_OWNED_KEYS = ("gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
+                        "offload_param_device", "offload_param_nvme_path", "offload_optimizer_nvme_path",
+                        "zero3_save_16bit_model", "mixed_precision")
+
+
+def check_deepspeed_launch(cpu: bool) -> None:
+    """One-line errors for DeepSpeed launches that cannot work, before Accelerate's long traceback."""
+    if cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        raise ValueError(
+            "train.cpu=true (or ACCELERATE_USE_CPU) cannot be combined with DeepSpeed: DeepSpeed ignores it and "
+            "takes the accelerators. On a machine without a GPU DeepSpeed already runs on CPU (gloo): drop "
+            "train.cpu; to train on the CPU of a GPU machine, launch without --use_deepspeed")
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        fields = os.environ.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",")
+        repeated = [k for k in DEEPSPEED_OWNED_KEYS if k in fields]
+        if repeated:
+            raise ValueError(
+                f"the accelerate config repeats {', '.join(repeated)}, which the DeepSpeed JSON "
+                f"{os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']} owns (Accelerate refuses that): remove them "
+                "from the YAML; precision comes from train.precision, clipping from the JSON / optim.clip_grad")
 
 
 def configure_deepspeed(accelerator, micro_batch_size: int, clip_grad: float) -> None:

@@ -25,12 +25,14 @@ class RunLogger:
         self.step_time = 0.0
         self.t_start = time.perf_counter()
 
-    def accumulate(self, out: Any, data_time: float, step_time: float) -> None:
-        values = {"loss": out.loss.detach().float(), **{k: v for k, v in out.metrics.items()}}
-        for k, v in values.items():
-            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.n += 1
+    def accumulate(self, out: Any, data_time: float, step_time: float, finite: bool = True) -> None:
+        """Add one micro-batch. A non-finite one (its step is skipped) counts as time, not in the means."""
+        if finite:
+            values = {"loss": out.loss.detach().float(), **{k: v for k, v in out.metrics.items()}}
+            for k, v in values.items():
+                v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.n += 1
         self.images += out.batch_size
         self.data_time += data_time
         self.step_time += step_time

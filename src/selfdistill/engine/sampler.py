@@ -12,14 +12,19 @@ class EpochShardSampler(Sampler[tuple[int, int]]):
     """Yields ``(epoch, index)``: a permutation seeded by ``seed + epoch``, cut to whole global
     batches, dealt round-robin to ranks. ``set_epoch(e, start_batch)`` skips already-trained
     batches after a resume. The epoch travels with the index so workers need no shared state.
+
+    ``repeat_batches=N`` is the overfitting sanity check: every epoch is epoch 0's first N global
+    batches with epoch 0's augmentation, so the loss on one fixed batch must fall.
     """
 
-    def __init__(self, dataset_len: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+    def __init__(self, dataset_len: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 repeat_batches: int = 0) -> None:
         self.dataset_len = dataset_len
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.repeat_batches = repeat_batches
         self.epoch = 0
         self.start_batch = 0
         if self.batches_per_epoch == 0:
@@ -29,13 +34,15 @@ class EpochShardSampler(Sampler[tuple[int, int]]):
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.dataset_len // (self.batch_size * self.world_size)
+        full = self.dataset_len // (self.batch_size * self.world_size)
+        return min(full, self.repeat_batches) if self.repeat_batches else full
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
         self.start_batch = start_batch
 
     def indices(self, epoch: int) -> torch.Tensor:
+        epoch = self._data_epoch(epoch)
         g = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(self.dataset_len, generator=g)
         used = perm[: self.batches_per_epoch * self.batch_size * self.world_size]
@@ -43,8 +50,12 @@ class EpochShardSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         mine = self.indices(self.epoch)[self.start_batch * self.batch_size:]
+        epoch = self._data_epoch(self.epoch)
         for i in mine.tolist():
-            yield (self.epoch, i)
+            yield (epoch, i)
+
+    def _data_epoch(self, epoch: int) -> int:
+        return 0 if self.repeat_batches else epoch
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size

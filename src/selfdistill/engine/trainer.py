@@ -70,7 +70,8 @@ class Trainer:
 
         self.dataset = ImageFolderDataset(cfg.data.path, transform=self.method.train_transform(), seed=t.seed)
         self.sampler = EpochShardSampler(len(self.dataset), t.batch_size_per_device, acc.process_index,
-                                         acc.num_processes, seed=t.seed)
+                                         acc.num_processes, seed=t.seed,
+                                         repeat_batches=t.overfit_batches)
         self.steps_per_epoch = self.sampler.batches_per_epoch // t.grad_accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"one epoch has {self.sampler.batches_per_epoch} batches per device, fewer than "
@@ -95,6 +96,7 @@ class Trainer:
             optimizer = torch.optim.SGD(groups, lr=0.0, momentum=o.momentum)
         configure_deepspeed(acc, t.batch_size_per_device, o.clip_grad)
         self.student, self.optimizer = acc.prepare(self.method.student, optimizer)
+        self.deepspeed = getattr(acc.state, "deepspeed_plugin", None) is not None
         self.method.setup(acc, self.steps_per_epoch, self.total_steps)
         self.bad = BadSampleTracker()
         self.state = LoopState(world_size=acc.num_processes)
@@ -197,20 +199,31 @@ class Trainer:
                 with acc.autocast():
                     out = self.method.training_step(self.student, batch, progress)
                 finite = self._all_finite(out.loss)
-                if finite:
-                    acc.backward(out.loss)
                 step_ok &= finite
-                if acc.sync_gradients and step_ok:
-                    if self.config.optim.clip_grad > 0:
-                        grad_norm = acc.clip_grad_norm_(self.student.parameters(), self.config.optim.clip_grad)
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.deepspeed:
+                    # DeepSpeed steps inside backward() at the window's end and keeps its own gradient
+                    # accumulators, so a bad micro-batch cannot simply be left out: its non-finite
+                    # gradients go in, and DeepSpeed's overflow check skips the step and clears them.
+                    acc.backward(out.loss)
+                    if acc.sync_gradients and step_ok:
+                        grad_norm = self.student.get_global_grad_norm()  # before clipping, as DDP logs it
+                    elif acc.sync_gradients and self.student.was_step_applied():
+                        raise NonFiniteLossError("DeepSpeed applied an optimizer step although a loss was "
+                                                 "non-finite; keep bf16.check_grad_overflow enabled")
+                else:
+                    if finite:
+                        acc.backward(out.loss)
+                    if acc.sync_gradients and step_ok:
+                        if self.config.optim.clip_grad > 0:
+                            grad_norm = acc.clip_grad_norm_(self.student.parameters(), self.config.optim.clip_grad)
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             st.batch_in_epoch += 1
             st.samples_seen += out.batch_size
             if len(seen_indices) < 10_000:  # an audit sample, not the whole epoch
                 seen_indices.extend(batch["index"].tolist())
             self.bad.update(batch.get("bad", []), out.batch_size)
-            self.logger.accumulate(out, t_data, time.perf_counter() - t0)
+            self.logger.accumulate(out, t_data, time.perf_counter() - t0, finite)
             if not acc.sync_gradients:
                 continue
             stepped, step_ok = step_ok, True
@@ -273,19 +286,26 @@ class Trainer:
     def _finish(self, seen_indices: list[int]) -> dict[str, Any]:
         acc = self.accelerator
         unwrapped = acc.unwrap_model(self.student)
-        digest = hashlib.sha256()
-        for p in full_parameters(unwrapped):
-            digest.update(p.detach().float().cpu().numpy().tobytes())
+        names = [n for n, _ in unwrapped.named_parameters()]
+        digest, per_tensor = hashlib.sha256(), {}
+        for name, p in zip(names, full_parameters(unwrapped)):  # gathered under ZeRO-3
+            data = p.detach().float().cpu().numpy().tobytes()
+            digest.update(data)
+            per_tensor[name] = hashlib.sha256(data).hexdigest()
         summary = {"rank": acc.process_index, "world_size": acc.num_processes, "step": self.state.step,
                    "samples_seen": self.state.samples_seen, "student_sha256": digest.hexdigest(),
-                   "indices_seen": seen_indices, "bad_images": self.bad.n_bad}
+                   "student_tensor_sha256": per_tensor, "indices_seen": seen_indices, "bad_images": self.bad.n_bad}
         (self.run_dir / f"rank_summary_{acc.process_index}.json").write_text(json.dumps(summary))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            from selfdistill.export import export_backbone
+            from selfdistill.export import export_backbone, export_from_checkpoint
             from selfdistill.plots import plot_training_curves
 
-            export_backbone(self.method.eval_backbone(), self.config.model, self.run_dir / "export" / "teacher_backbone.safetensors")
+            export = self.run_dir / "export"
+            export_backbone(self.method.eval_backbone(), self.config.model, export / "teacher_backbone.safetensors")
+            # From the final checkpoint, so ZeRO partitions are consolidated to full fp32 weights.
+            export_from_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.state.step),
+                                   export / "student_backbone.safetensors", part="student")
             plot_training_curves(self.run_dir / "log.jsonl", self.run_dir / "loss_curve.png")
         acc.wait_for_everyone()
         return summary

@@ -86,6 +86,10 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def student_backbone(self) -> nn.Module:
+        """The student's backbone, on the unwrapped ``self.student`` (exported as the student)."""
+        return self.student.backbone  # type: ignore[return-value]
+
     def eval_backbone(self) -> nn.Module:
         """The backbone whose features are evaluated and exported (the teacher for DINO)."""
         raise NotImplementedError

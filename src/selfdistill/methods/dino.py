@@ -93,7 +93,8 @@ class Dino(Method):
         cfg: DinoConfig = config.method  # type: ignore[assignment]
         self.cfg = cfg
         m = config.model
-        student_backbone = Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing, **m.kwargs)
+        student_backbone = Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
+                                    pretrained=m.pretrained, **m.kwargs)
         teacher_backbone = Backbone(m.name, m.img_size, m.patch_size, 0.0, False, **m.kwargs)
 
         def head(norm_last_layer: bool) -> DINOHead:

@@ -54,13 +54,41 @@ def create_timm_model(
             raise
 
 
+def load_timm_weights(model: nn.Module, path: str, what: str = "model.pretrained") -> None:
+    """Load a local timm-format state dict (safetensors, or a torch file read with
+    ``weights_only=True``) strictly: every backbone tensor must be in the file. A classifier in the
+    file is ignored (our backbones have none); anything else that does not fit is refused."""
+    from pathlib import Path
+
+    from timm.models import load_state_dict
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what}: no such file: {path}")
+    state = load_state_dict(path, weights_only=True)
+    own = model.state_dict()
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    for key in [k for k in state if k not in own and k.split(".")[0] in (classifier, classifier.split(".")[0])]:
+        del state[key]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what}: {path} does not fit {type(model).__name__}: missing {missing[:4]} "
+                         f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)}), shapes {wrong[:3]}")
+    model.load_state_dict(state)
+
+
 class Backbone(nn.Module):
     """A timm model returning ``BackboneOutput`` for any input resolution it supports."""
 
     def __init__(self, name: str, img_size: int | None = None, patch_size: int | None = None,
-                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False, **kwargs: Any) -> None:
+                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False, pretrained: str = "",
+                 **kwargs: Any) -> None:
         super().__init__()
         self.model = create_timm_model(name, img_size, patch_size, drop_path_rate, **kwargs)
+        if pretrained:
+            load_timm_weights(self.model, str(pretrained))
         self.name = name
         self.embed_dim: int = self.model.num_features
         self.num_prefix_tokens: int = getattr(self.model, "num_prefix_tokens", 0)
