@@ -186,3 +186,17 @@ def test_accelerate_yaml_repeating_deepspeed_keys_is_one_clear_error(data, tmp_p
     r = launch(["--config_file", str(yaml_path)], data, tmp_path / "run", check=False)
     assert r.returncode != 0
     assert "the accelerate config repeats gradient_clipping, which the DeepSpeed JSON" in r.stderr
+
+
+def test_bf16_under_zero2_and_zero3_tracks_ddp_bf16(data):
+    """DeepSpeed holds bf16 weights (the fp32 teacher shares the inputs, so the step runs under
+    torch autocast) and the EMA reads DeepSpeed's fp32 master weights: DDP's bf16 run, closely."""
+    runs = {}
+    for name, launcher in (("ddp", DDP), ("zero2", zero(2)), ("zero3", zero(3))):
+        out = data.parent / f"bf16_{name}"
+        launch(launcher, data, out, "train.precision=bf16", "train.max_steps=2")
+        runs[name] = (losses(out), teacher(out))
+    for name in ("zero2", "zero3"):
+        assert runs[name][0] == pytest.approx(runs["ddp"][0], rel=1e-2)
+        for k, v in runs[name][1].items():
+            assert torch.allclose(v, runs["ddp"][1][k], atol=5e-5), (name, k)

@@ -47,3 +47,25 @@ def test_deepspeed_launch_errors(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     with pytest.raises(ValueError, match="cannot be combined with DeepSpeed"):
         check_deepspeed_launch(cpu=False)
+
+
+def test_deepspeed_values_filled_or_checked_against_the_recipe():
+    from types import SimpleNamespace
+
+    from selfdistill.engine.distributed import configure_deepspeed
+
+    def accelerator(config):
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+    conf = json.loads((ROOT / "ds_configs/zero2.json").read_text())
+    configure_deepspeed(accelerator(conf), 32, 3.0, "bf16")
+    assert conf["train_micro_batch_size_per_gpu"] == 32
+    fp16 = json.loads((ROOT / "ds_configs/zero3_fp16.json").read_text())
+    configure_deepspeed(accelerator(fp16), 8, 3.0, "fp16")
+    with pytest.raises(ValueError, match="bf16.enabled=false but train.precision=bf16"):
+        configure_deepspeed(accelerator(fp16), 8, 3.0, "bf16")
+    with pytest.raises(ValueError, match="gradient_clipping=3.0 but optim.clip_grad=1.0"):
+        configure_deepspeed(accelerator(conf), 32, 1.0, "fp32")
+    conf["train_micro_batch_size_per_gpu"] = 16
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=16 but train.batch_size_per_device=32"):
+        configure_deepspeed(accelerator(conf), 32, 3.0, "fp32")

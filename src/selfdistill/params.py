@@ -54,11 +54,22 @@ def full_parameters(module: nn.Module) -> Iterator[torch.Tensor]:
             yield from piece
 
 
+def fp32_masters(params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """DeepSpeed's full fp32 master copy of each trainable low-precision parameter (bf16/fp16
+    training keeps only rounded copies in the module), else None. Collective under DeepSpeed."""
+    if all(p.dtype == torch.float32 for p in params):
+        return [None] * len(params)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p) if p.requires_grad else None for p in params]
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """``teacher <- m * teacher + (1 - m) * student`` over matching parameters, with ``_foreach`` ops.
 
-    The teacher is a plain fp32 module; the student may be bf16 (DeepSpeed) or partitioned (ZeRO-3).
+    The teacher is a plain fp32 module; the student may be partitioned (ZeRO-3) or hold bf16/fp16
+    copies (DeepSpeed mixed precision), in which case the EMA reads DeepSpeed's fp32 master weights.
     """
     t_params = list(teacher.parameters())
     s_params = list(student.parameters())
@@ -68,7 +79,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     for piece in chunks(s_params):
         t_piece = t_params[start:start + len(piece)]
         start += len(piece)
+        masters = fp32_masters(piece)
         with gathered(piece):
-            src = [p.detach().to(dtype=t.dtype, device=t.device) for p, t in zip(piece, t_piece)]
+            src = [(m if m is not None else p.detach()).to(dtype=t.dtype, device=t.device)
+                   for p, m, t in zip(piece, masters, t_piece)]
             torch._foreach_mul_(t_piece, momentum)
             torch._foreach_add_(t_piece, src, alpha=1.0 - momentum)

@@ -134,7 +134,7 @@ def check_deepspeed_launch(cpu: bool) -> None:
                 "from the YAML; precision comes from train.precision, clipping from the JSON / optim.clip_grad")
 
 
-def configure_deepspeed(accelerator, micro_batch_size: int, clip_grad: float) -> None:
+def configure_deepspeed(accelerator, micro_batch_size: int, clip_grad: float, precision: str = "fp32") -> None:
     """Fill the DeepSpeed values Accelerate cannot infer here, and check the ones a JSON fixes.
 
     We never hand our data loader to ``prepare`` (its sampler is ours), so the micro-batch size is
@@ -150,6 +150,11 @@ def configure_deepspeed(accelerator, micro_batch_size: int, clip_grad: float) ->
         raise ValueError(f"the DeepSpeed config sets train_micro_batch_size_per_gpu={mb} but "
                          f"train.batch_size_per_device={micro_batch_size}; use \"auto\" or make them equal")
     conf["train_micro_batch_size_per_gpu"] = micro_batch_size
+    for key in ("bf16", "fp16"):
+        enabled = conf.get(key, {}).get("enabled", "auto")
+        if enabled not in ("auto", None) and bool(enabled) != (precision == key):
+            raise ValueError(f"the DeepSpeed config sets {key}.enabled={str(enabled).lower()} but train.precision="
+                             f"{precision}; use a config whose precision matches (\"auto\" follows train.precision)")
     clip = conf.get("gradient_clipping", "auto")
     if clip in ("auto", None):
         conf["gradient_clipping"] = clip_grad

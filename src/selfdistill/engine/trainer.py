@@ -94,7 +94,7 @@ class Trainer:
             optimizer = torch.optim.AdamW(groups, lr=0.0, betas=o.betas)
         else:
             optimizer = torch.optim.SGD(groups, lr=0.0, momentum=o.momentum)
-        configure_deepspeed(acc, t.batch_size_per_device, o.clip_grad)
+        configure_deepspeed(acc, t.batch_size_per_device, o.clip_grad, t.precision)
         self.student, self.optimizer = acc.prepare(self.method.student, optimizer)
         self.deepspeed = getattr(acc.state, "deepspeed_plugin", None) is not None
         self.method.setup(acc, self.steps_per_epoch, self.total_steps)
@@ -196,7 +196,7 @@ class Trainer:
             lr, wd = self._set_schedules(st.step)
             progress = self._progress()
             with acc.accumulate(self.student):
-                with acc.autocast():
+                with self._autocast():
                     out = self.method.training_step(self.student, batch, progress)
                 finite = self._all_finite(out.loss)
                 step_ok &= finite
@@ -251,6 +251,15 @@ class Trainer:
                 self._save()
             if epoch_done:
                 return
+
+    def _autocast(self):
+        """Accelerate's autocast, except under DeepSpeed, where Accelerate gives none: the engine holds
+        bf16/fp16 weights and the plain fp32 teacher shares the inputs, so both run under torch's."""
+        precision = self.config.train.precision
+        if self.deepspeed and precision != "fp32":
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            return torch.autocast(device_type=self.accelerator.device.type, dtype=dtype)
+        return self.accelerator.autocast()
 
     def _check_bad_images(self, final: bool) -> None:
         """Collective: the unreadable-image fraction over all ranks against data.max_bad_fraction."""

@@ -1,0 +1,29 @@
+"""The benchmark scripts keep working: a tiny memory benchmark end to end (two ranks, DDP)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "memory.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/memory.py"), "--models", "vit_tiny_patch16_224",
+                        "--strategies", "ddp", "--local-crops", "1", "--steps", "1", "--batch", "1",
+                        "--slope-batches", "1", "2", "--state-precision", "", "--workdir", str(tmp_path / "w"),
+                        "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {(row["strategy"], row["checkpointing"]) for row in report["rows"]} == {("ddp", False), ("ddp", True)}
+    for row in report["rows"]:
+        # Weights + AdamW state + DDP's gradient buckets: at least 16 bytes per student parameter.
+        assert row["state_gib"] * 2**30 >= 16 * row["student_parameters"]
+        assert row["peak_gib"] > row["resident_gib"] > 0
+    assert "| vit_tiny_patch16_224 | ddp | off |" in r.stdout
