@@ -61,8 +61,8 @@ class ModelConfig:
 class DataConfig:
     """Training images and the multi-crop augmentation (DINO's ImageNet defaults)."""
 
-    path: str = ""
-    format: str = "folder"
+    path: str = ""  # folder | HF dataset directory | shard dir, brace pattern(s) joined by '::', pipe:, http(s), s3://
+    format: str = "folder"  # folder | hf | wds
     global_crop_size: int = 224
     local_crop_size: int = 96
     n_local_crops: int = 10
@@ -73,10 +73,22 @@ class DataConfig:
     blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian blur radius range (px), DINO's for 224 px
     num_workers: int = 8
     max_bad_fraction: float = 0.01  # fail when more than this fraction of images cannot be read
+    samples_per_epoch: int = 0  # wds: samples in an epoch over all ranks (0: the shards' _info.json total)
+    shuffle_buffer: int = 1000  # wds: samples shuffled in memory per loader worker
+    shard_retries: int = 2  # wds: re-opening attempts for an unreadable shard before it is skipped
+    max_missing_shards: float = 0.1  # wds: fail when more than this fraction of shards cannot be read
+    hf_split: str = "train"
+    hf_image_column: str = "image"
+    hf_label_column: str = "label"  # optional: no such column means unlabelled
 
     def validate(self, prefix: str) -> None:
-        if self.format not in ("folder",):
-            _fail(f"{prefix}.format", f"must be one of ['folder'], got {self.format!r}")
+        if self.format not in ("folder", "hf", "wds"):
+            _fail(f"{prefix}.format", f"must be one of ['folder', 'hf', 'wds'], got {self.format!r}")
+        for name in ("samples_per_epoch", "shuffle_buffer", "shard_retries"):
+            if getattr(self, name) < 0:
+                _fail(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.max_missing_shards <= 1.0:
+            _fail(f"{prefix}.max_missing_shards", f"must be in [0, 1], got {self.max_missing_shards}")
         for name in ("global_crop_size", "local_crop_size"):
             if getattr(self, name) <= 0:
                 _fail(f"{prefix}.{name}", f"must be positive, got {getattr(self, name)}")

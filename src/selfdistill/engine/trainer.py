@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from selfdistill.config import Config
-from selfdistill.data import BadSampleTracker, ImageFolderDataset
+from selfdistill.data import BadSampleTracker
+from selfdistill.data.sources import build_train_source
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine.distributed import configure_deepspeed, make_accelerator
 from selfdistill.engine.logger import RunLogger
-from selfdistill.engine.sampler import EpochShardSampler
 from selfdistill.methods import Method, Progress, build_method
 from selfdistill.params import full_parameters
 from selfdistill.schedules import cosine_schedule
@@ -68,13 +67,11 @@ class Trainer:
         self.method: Method = build_method(cfg)
         set_seed(t.seed + acc.process_index)  # then per-rank randomness (drop path)
 
-        self.dataset = ImageFolderDataset(cfg.data.path, transform=self.method.train_transform(), seed=t.seed)
-        self.sampler = EpochShardSampler(len(self.dataset), t.batch_size_per_device, acc.process_index,
-                                         acc.num_processes, seed=t.seed,
-                                         repeat_batches=t.overfit_batches)
-        self.steps_per_epoch = self.sampler.batches_per_epoch // t.grad_accum_steps
+        self.source = build_train_source(cfg, self.method.train_transform(), self.method.collate_fn(),
+                                         acc.process_index, acc.num_processes, acc.device.type == "cuda")
+        self.steps_per_epoch = self.source.batches_per_epoch // t.grad_accum_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(f"one epoch has {self.sampler.batches_per_epoch} batches per device, fewer than "
+            raise ValueError(f"one epoch has {self.source.batches_per_epoch} batches per device, fewer than "
                              f"train.grad_accum_steps={t.grad_accum_steps}")
         self.total_steps = t.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
@@ -100,16 +97,6 @@ class Trainer:
         self.method.setup(acc, self.steps_per_epoch, self.total_steps)
         self.bad = BadSampleTracker()
         self.state = LoopState(world_size=acc.num_processes)
-
-    def _loader(self) -> DataLoader:
-        t = self.config.train
-        return DataLoader(
-            self.dataset, batch_size=t.batch_size_per_device, sampler=self.sampler, drop_last=True,
-            num_workers=self.config.data.num_workers, collate_fn=self.method.collate_fn(),
-            pin_memory=self.accelerator.device.type == "cuda",
-            # A private generator: creating the loader must not consume the global RNG (exact resume).
-            generator=torch.Generator().manual_seed(t.seed),
-            persistent_workers=False, prefetch_factor=4 if self.config.data.num_workers else None)
 
     # ------------------------------------------------------------------------------------------
     def _set_schedules(self, step: int) -> tuple[float, float]:
@@ -184,10 +171,9 @@ class Trainer:
         acc, t = self.accelerator, self.config.train
         st = self.state
         micro_per_epoch = self.steps_per_epoch * t.grad_accum_steps
-        self.sampler.set_epoch(st.epoch, st.batch_in_epoch)
         step_ok = True
         grad_norm = None
-        data_iter = iter(self._loader())
+        data_iter = iter(self.source.loader(st.epoch, st.batch_in_epoch))
         while st.batch_in_epoch < micro_per_epoch and st.step < self.last_step:
             t0 = time.perf_counter()
             batch = next(data_iter)

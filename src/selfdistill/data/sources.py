@@ -1,0 +1,375 @@
+"""Where training images come from: an image folder, an HF ``datasets`` directory, or webdataset
+tar shards streamed from disk, a ``pipe:`` command, http(s) or object storage.
+
+Every source gives the loop the same thing: ``batches_per_epoch`` (equal on every rank, so DDP and
+DeepSpeed never wait at an epoch end for a rank that ran dry) and ``loader(epoch, start_batch)``,
+an iterable of collated batches of samples ``{"image", "label", "index", "bad"}`` whose augmentation
+is seeded per (epoch, sample).
+
+Map-style sources (folder, hf) deal each epoch's permutation to the ranks and resume exactly.
+Shards are read as streams: each (rank, worker) draws shards at random with replacement from a
+seed of (seed, epoch, start batch, rank, worker), so a resumed epoch has the right length and
+statistics but not the same samples as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from selfdistill.data.folder import ImageFolderDataset, sample_seed, seeded_rng
+
+log = logging.getLogger(__name__)
+
+SHARD_INFO = "_info.json"
+
+
+# -- map-style sources: folders and HF datasets ------------------------------------------------
+class HFImageDataset(Dataset):
+    """An HF ``datasets`` dataset in a local directory (``save_to_disk`` output, or an imagefolder,
+    parquet or arrow directory), read like :class:`ImageFolderDataset`: same sample dicts, same
+    per-(epoch, index) seeded augmentation, unreadable images replaced by the next one."""
+
+    def __init__(self, path: str, transform: Callable[[Image.Image], Any] | None = None, seed: int = 0,
+                 split: str = "train", image_column: str = "image", label_column: str = "label") -> None:
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError("data.format=hf needs the `datasets` package: pip install 'selfdistill[hf]'") from e
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.path: HF dataset directory {path!r} does not exist")
+        self.data = _load_hf(datasets, root, split)
+        if image_column not in self.data.column_names:
+            raise ValueError(f"data.hf_image_column: {path} has no column {image_column!r} "
+                             f"(columns: {self.data.column_names})")
+        self.image_column, self.transform, self.seed = image_column, transform, seed
+        self.label_column = label_column if label_column in self.data.column_names else None
+        feature = self.data.features.get(self.label_column) if self.label_column else None
+        self.classes: list[str] = list(getattr(feature, "names", None) or [])
+        self.labelled = self.label_column is not None
+        # Decode ourselves, so a corrupt image is one bad sample instead of an exception in datasets.
+        self.data = self.data.cast_column(image_column, datasets.Image(decode=False))
+        if len(self.data) == 0:
+            raise ValueError(f"data.path: HF dataset {path} is empty")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def targets(self) -> list[int]:
+        if not self.label_column:
+            return [-1] * len(self)
+        return [int(x) for x in self.data[self.label_column]]
+
+    def _decode(self, index: int) -> Image.Image:
+        value = self.data[index][self.image_column]
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+        return Image.open(value["path"]).convert("RGB")
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        bad: list[str] = []
+        for offset in range(len(self)):
+            current = (index + offset) % len(self)
+            try:
+                img = self._decode(current)
+                break
+            except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
+                log.warning("skipping unreadable image %s[%d] (%s)", self.image_column, current, err)
+                bad.append(f"hf:{current}")
+        else:
+            raise RuntimeError("no image of the HF dataset could be read")
+        if self.transform is not None:
+            with seeded_rng(sample_seed(self.seed, epoch, index)):
+                img = self.transform(img)
+        label = int(self.data[current][self.label_column]) if self.label_column else -1
+        return {"image": img, "label": label, "index": current, "bad": bad}
+
+
+def _load_hf(datasets: Any, root: Path, split: str) -> Any:
+    if (root / "dataset_info.json").is_file() or (root / "dataset_dict.json").is_file():
+        loaded = datasets.load_from_disk(str(root))
+    else:
+        builder = "imagefolder"
+        if any(root.rglob("*.parquet")):
+            builder = "parquet"
+        elif any(root.rglob("*.arrow")):
+            builder = "arrow"
+        loaded = datasets.load_dataset(builder, data_dir=str(root))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"data.hf_split: {root} has splits {list(loaded)}, not {split!r}")
+        loaded = loaded[split]
+    return loaded
+
+
+class MapSource:
+    """A map-style dataset dealt to ranks by an epoch-seeded permutation (exact resume)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
+                 num_workers: int, collate_fn: Callable, repeat_batches: int = 0, pin_memory: bool = False) -> None:
+        from selfdistill.engine.sampler import EpochShardSampler
+
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_workers, self.collate_fn, self.pin_memory = num_workers, collate_fn, pin_memory
+        self.sampler = EpochShardSampler(len(dataset), batch_size, rank, world_size, seed=seed,
+                                         repeat_batches=repeat_batches)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def loader(self, epoch: int, start_batch: int = 0) -> Iterable[Any]:
+        self.sampler.set_epoch(epoch, start_batch)
+        return DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=self.num_workers, collate_fn=self.collate_fn, pin_memory=self.pin_memory,
+            # A private generator: creating the loader must not consume the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(self.seed), persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None)
+
+
+# -- webdataset shards -------------------------------------------------------------------------
+def expand_urls(path: str) -> list[str]:
+    """Shard URLs from ``data.path``: a directory written by ``selfdistill-shards`` (its
+    ``_info.json``), brace patterns (several separated by ``::``), ``pipe:`` commands, http(s)
+    URLs, or ``s3://`` URLs (read through s5cmd or the AWS CLI)."""
+    from braceexpand import braceexpand
+
+    if not path or not path.strip():
+        raise ValueError("data.path: empty shard pattern")
+    if os.path.isdir(path):
+        info = Path(path) / SHARD_INFO
+        if info.is_file():
+            names = [s["name"] for s in json.loads(info.read_text())["shards"]]
+        else:
+            names = sorted(p.name for p in Path(path).glob("*.tar"))
+        urls = [str(Path(path) / n) for n in names]
+    else:
+        urls = [u for part in path.split("::") for u in braceexpand(part)]
+    urls = [_s3_to_pipe(u) for u in urls]
+    local = [u for u in urls if _is_local(u)]
+    missing = [u for u in local if not os.path.exists(u)]
+    if urls and len(missing) == len(urls):
+        raise FileNotFoundError(f"data.path: {path!r} matches no existing shard (e.g. {missing[0]})")
+    if not urls:
+        raise FileNotFoundError(f"data.path: {path!r} matches no shard")
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _s3_to_pipe(url: str) -> str:
+    if not url.startswith("s3://"):
+        return url
+    if shutil.which("s5cmd"):
+        return f"pipe:s5cmd cat {url}"
+    if shutil.which("aws"):
+        return f"pipe:aws s3 cp {url} -"
+    raise RuntimeError(f"{url}: reading s3:// shards needs s5cmd or the AWS CLI on PATH")
+
+
+def shard_info(path: str) -> dict[str, Any] | None:
+    info = Path(path) / SHARD_INFO
+    return json.loads(info.read_text()) if os.path.isdir(path) and info.is_file() else None
+
+
+class ShardStream(IterableDataset):
+    """Samples ``{"image", "label", "index", "bad"}`` from tar shards, for one rank.
+
+    ``resampled``: each worker draws shards at random with replacement, forever (training; the
+    loader cuts epochs). Otherwise the rank's shards (every ``world_size``-th) are split between
+    workers and read once: every sample exactly once over all ranks and workers (evaluation).
+    """
+
+    def __init__(self, urls: list[str], transform: Callable | None, rank: int, world_size: int, seed: int,
+                 epoch: int = 0, start_batch: int = 0, resampled: bool = True, shuffle_buffer: int = 1000,
+                 retries: int = 2, max_missing_fraction: float = 0.1) -> None:
+        super().__init__()
+        self.urls, self.transform, self.rank, self.world_size = urls, transform, rank, world_size
+        self.seed, self.epoch, self.start_batch, self.resampled = seed, epoch, start_batch, resampled
+        self.shuffle_buffer, self.retries, self.max_missing_fraction = shuffle_buffer, retries, max_missing_fraction
+
+    # -- which shards this reader opens
+    def _reader(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def _shard_urls(self) -> Iterator[str]:
+        worker, n_workers = self._reader()
+        if not self.resampled:
+            yield from self.urls[self.rank:: self.world_size][worker::n_workers]
+            return
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.start_batch}/{self.rank}/{worker}")
+        while True:
+            yield rng.choice(self.urls)
+
+    def _open(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
+        """Open each shard with retries; skip (and count) those that stay unreadable."""
+        from webdataset.gopen import gopen
+
+        tried = failed = 0
+        for url in urls:
+            tried += 1
+            for attempt in range(self.retries + 1):
+                try:
+                    yield {"url": url, "stream": gopen(url)}
+                    break
+                except Exception as err:  # noqa: BLE001 - network, pipe and file errors alike
+                    if attempt < self.retries:
+                        time.sleep(0.5 * (attempt + 1))
+                        continue
+                    failed += 1
+                    log.warning("shard %s unreadable after %d tries, skipped (%s)", url, self.retries + 1, err)
+            if failed and tried >= 10 and failed / tried > self.max_missing_fraction:
+                raise RuntimeError(f"{failed} of {tried} shards could not be read, more than "
+                                   f"data.max_missing_shards={self.max_missing_fraction}; last: {url}")
+            if failed == tried and tried >= 3:
+                raise RuntimeError(f"none of the {tried} shards opened so far could be read (last: {url})")
+
+    def _samples(self) -> Iterator[dict[str, Any]]:
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        def on_tar_error(err: Exception) -> bool:
+            log.warning("damaged shard data skipped: %s", err)
+            return True
+
+        files = tar_file_expander(self._open(self._shard_urls()), handler=on_tar_error)
+        return group_by_keys(files, handler=on_tar_error)
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if not self.resampled or self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        worker, _ = self._reader()
+        rng = random.Random(f"shuffle/{self.seed}/{self.epoch}/{self.start_batch}/{self.rank}/{worker}")
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        pending_bad: list[str] = []
+        for raw in self._shuffled(self._samples()):
+            name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+            try:
+                img = _decode_sample(raw)
+                label = int(raw["cls"].decode()) if "cls" in raw else -1
+            except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
+                log.warning("skipping unreadable sample %s (%s: %s)", name, type(err).__name__, err)
+                pending_bad.append(name)
+                continue
+            index = _key_index(raw.get("__key__", ""))
+            if self.transform is not None:
+                with seeded_rng(sample_seed(self.seed, self.epoch, index)):
+                    img = self.transform(img)
+            yield {"image": img, "label": label, "index": index, "bad": pending_bad}
+            pending_bad = []
+
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+
+
+def _decode_sample(raw: dict[str, Any]) -> Image.Image:
+    data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
+    if data is None:
+        raise ValueError(f"no image member (one of {IMAGE_KEYS}) in sample with {sorted(raw)}")
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
+def _key_index(key: str) -> int:
+    """The sample's global index when the key is one (selfdistill-shards writes them), else a hash."""
+    return int(key) if key.isdigit() else zlib.crc32(key.encode())
+
+
+class ShardSource:
+    """Training batches streamed from shards, the same number on every rank every epoch."""
+
+    def __init__(self, path: str, transform: Callable, batch_size: int, rank: int, world_size: int, seed: int,
+                 num_workers: int, collate_fn: Callable, samples_per_epoch: int = 0, shuffle_buffer: int = 1000,
+                 retries: int = 2, max_missing_fraction: float = 0.1, pin_memory: bool = False) -> None:
+        self.urls = expand_urls(path)
+        info = shard_info(path)
+        total = samples_per_epoch or (info or {}).get("total_samples", 0)
+        if not total:
+            raise ValueError(f"data.samples_per_epoch: {path!r} has no {SHARD_INFO}; say how many samples an "
+                             "epoch holds (the shards' total)")
+        readers = world_size * max(num_workers, 1)
+        if len(self.urls) < readers:
+            raise ValueError(
+                f"data.path: {len(self.urls)} shards for {world_size} ranks x {max(num_workers, 1)} loader workers "
+                f"= {readers} readers; write more, smaller shards (selfdistill-shards write --samples-per-shard) "
+                "or lower data.num_workers")
+        missing = [u for u in self.urls if _is_local(u) and not os.path.exists(u)]
+        if missing:
+            fraction = len(missing) / len(self.urls)
+            if fraction > max_missing_fraction:
+                raise FileNotFoundError(f"data.path: {len(missing)} of {len(self.urls)} shards are missing "
+                                        f"(more than data.max_missing_shards={max_missing_fraction}), e.g. {missing[0]}")
+            log.warning("%d of %d shards are missing and skipped, e.g. %s", len(missing), len(self.urls), missing[0])
+            self.urls = [u for u in self.urls if u not in missing]
+        self.transform, self.batch_size, self.rank, self.world_size = transform, batch_size, rank, world_size
+        self.seed, self.num_workers, self.collate_fn, self.pin_memory = seed, num_workers, collate_fn, pin_memory
+        self.shuffle_buffer, self.retries, self.max_missing_fraction = shuffle_buffer, retries, max_missing_fraction
+        self.samples_per_epoch = total
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"an epoch of {total} samples is less than one global batch "
+                             f"({batch_size} x {world_size} ranks)")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.samples_per_epoch // (self.batch_size * self.world_size)
+
+    def loader(self, epoch: int, start_batch: int = 0) -> Iterable[Any]:
+        import webdataset as wds
+
+        stream = ShardStream(self.urls, self.transform, self.rank, self.world_size, self.seed, epoch, start_batch,
+                             resampled=True, shuffle_buffer=self.shuffle_buffer, retries=self.retries,
+                             max_missing_fraction=self.max_missing_fraction)
+        batches = wds.DataPipeline(stream, wds.batched(self.batch_size, collation_fn=self.collate_fn, partial=False))
+        loader = wds.WebLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                               prefetch_factor=4 if self.num_workers else None)
+        return loader.with_epoch(self.batches_per_epoch - start_batch)
+
+
+def build_train_source(config: Any, transform: Callable, collate_fn: Callable, rank: int, world_size: int,
+                       pin_memory: bool = False) -> MapSource | ShardSource:
+    """The source ``data.format`` names, for one rank."""
+    d, t = config.data, config.train
+    if d.format == "wds":
+        if t.overfit_batches:
+            raise ValueError("train.overfit_batches needs a map-style source (data.format folder or hf)")
+        return ShardSource(d.path, transform, t.batch_size_per_device, rank, world_size, t.seed, d.num_workers,
+                           collate_fn, d.samples_per_epoch, d.shuffle_buffer, d.shard_retries, d.max_missing_shards,
+                           pin_memory)
+    if d.format == "hf":
+        dataset: Dataset = HFImageDataset(d.path, transform, t.seed, d.hf_split, d.hf_image_column, d.hf_label_column)
+    else:
+        dataset = ImageFolderDataset(d.path, transform=transform, seed=t.seed)
+    return MapSource(dataset, t.batch_size_per_device, rank, world_size, t.seed, d.num_workers, collate_fn,
+                     t.overfit_batches, pin_memory)

@@ -1,0 +1,157 @@
+"""Training sources: webdataset shards (exact and resampled), HF datasets, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from conftest import make_image_folder, tiny_overrides
+from selfdistill.data import collate_multicrop
+from selfdistill.data.sources import ShardSource, ShardStream, expand_urls
+
+wds = pytest.importorskip("webdataset")
+
+
+def jpeg_bytes(seed: int, size: int = 24) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_shards(root: Path, n_shards: int, per_shard: int, corrupt: set[int] = frozenset()) -> list[str]:
+    """``n_shards`` tars of ``per_shard`` labelled JPEGs keyed by global index; ``corrupt`` indices
+    get bytes that are not an image."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        path = root / f"shard-{s:06d}.tar"
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                data = b"\xff\xd8\xff\xe0 broken jpeg" if i in corrupt else jpeg_bytes(i)
+                sink.write({"__key__": f"{i:09d}", "jpg": data, "cls": str(i % 3).encode()})
+        paths.append(str(path))
+    info = {"shards": [{"name": Path(p).name, "samples": per_shard} for p in paths],
+            "total_samples": n_shards * per_shard, "class_names": ["a", "b", "c"]}
+    (root / "_info.json").write_text(json.dumps(info))
+    return paths
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img.resize((8, 8)))).permute(2, 0, 1).float()
+
+
+def read_all(stream: ShardStream, workers: int) -> list[dict]:
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    return list(loader)
+
+
+def test_exact_mode_reads_every_sample_once_over_ranks_and_workers(tmp_path):
+    urls = write_shards(tmp_path / "s", n_shards=8, per_shard=5)
+    seen = []
+    for rank in (0, 1):
+        stream = ShardStream(urls, to_tensor, rank, 2, seed=0, resampled=False)
+        samples = read_all(stream, workers=2)
+        seen += [(s["index"], s["label"]) for s in samples]
+    assert sorted(i for i, _ in seen) == list(range(40))
+    assert all(label == i % 3 for i, label in seen)
+
+
+def test_two_ranks_two_workers_get_the_same_number_of_batches(tmp_path):
+    write_shards(tmp_path / "s", n_shards=4, per_shard=7)  # unequal split of 28 samples is no problem
+    counts = []
+    for rank in (0, 1):
+        source = ShardSource(str(tmp_path / "s"), to_tensor, batch_size=3, rank=rank, world_size=2, seed=0,
+                             num_workers=2, collate_fn=_stack)
+        assert source.batches_per_epoch == 28 // 6
+        for epoch in (0, 1):
+            counts.append(sum(1 for _ in source.loader(epoch)))
+    assert counts == [4, 4, 4, 4]
+
+
+def _stack(samples):
+    return {"image": torch.stack([s["image"] for s in samples]), "index": torch.tensor([s["index"] for s in samples]),
+            "bad": [b for s in samples for b in s["bad"]]}
+
+
+def test_too_few_shards_for_the_readers_is_a_clear_error(tmp_path):
+    write_shards(tmp_path / "s", n_shards=3, per_shard=4)
+    with pytest.raises(ValueError, match=r"3 shards for 2 ranks x 2 loader workers = 4 readers"):
+        ShardSource(str(tmp_path / "s"), to_tensor, 2, 0, 2, 0, 2, _stack)
+
+
+def test_corrupt_sample_is_skipped_counted_and_named(tmp_path):
+    urls = write_shards(tmp_path / "s", n_shards=2, per_shard=5, corrupt={3})
+    samples = read_all(ShardStream(urls, to_tensor, 0, 1, seed=0, resampled=False), workers=0)
+    assert sorted(s["index"] for s in samples) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    bad = [b for s in samples for b in s["bad"]]
+    assert bad == [f"{urls[0]}:000000003"]
+
+
+def test_missing_shards_are_skipped_up_to_a_limit(tmp_path, caplog):
+    write_shards(tmp_path / "s", n_shards=4, per_shard=3)
+    (tmp_path / "s" / "shard-000002.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 4 shards are missing"):
+        ShardSource(str(tmp_path / "s"), to_tensor, 2, 0, 1, 0, 0, _stack, max_missing_fraction=0.1)
+    source = ShardSource(str(tmp_path / "s"), to_tensor, 2, 0, 1, 0, 0, _stack, max_missing_fraction=0.3)
+    assert len(source.urls) == 3 and "1 of 4 shards are missing" in caplog.text
+    assert sum(1 for _ in source.loader(0)) == source.batches_per_epoch == 6
+    # A shard that disappears after start-up is retried, then skipped while others still read.
+    stream = ShardStream([*source.urls, str(tmp_path / "gone.tar")], to_tensor, 0, 1, 0, resampled=False, retries=1)
+    assert len(read_all(stream, workers=0)) == 9
+    assert "gone.tar unreadable after 2 tries" in caplog.text
+
+
+def test_pipe_urls_and_patterns(tmp_path):
+    urls = write_shards(tmp_path / "s", n_shards=3, per_shard=2)
+    pattern = str(tmp_path / "s" / "shard-{000000..000002}.tar")
+    assert expand_urls(pattern) == urls
+    assert expand_urls(str(tmp_path / "s")) == urls  # the directory's _info.json
+    piped = [f"pipe:cat {u}" for u in urls]
+    local = read_all(ShardStream(urls, to_tensor, 0, 1, 0, resampled=False), 0)
+    through_pipe = read_all(ShardStream(piped, to_tensor, 0, 1, 0, resampled=False), 0)
+    assert [s["index"] for s in through_pipe] == [s["index"] for s in local]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, through_pipe))
+    with pytest.raises(ValueError, match="empty shard pattern"):
+        expand_urls(" ")
+    with pytest.raises(FileNotFoundError, match="matches no existing shard"):
+        expand_urls(str(tmp_path / "nothing-{0..3}.tar"))
+
+
+def test_dino_trains_from_shards(tmp_path):
+    from selfdistill.config import load_config
+    from selfdistill.engine.trainer import Trainer
+
+    write_shards(tmp_path / "s", n_shards=4, per_shard=8)
+    out = tmp_path / "run"
+    config = load_config(None, tiny_overrides(tmp_path / "s", out, **{"data.format": "wds", "data.num_workers": 2}))
+    Trainer(config).fit()
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]  # 32 samples / batch 8, 2 epochs
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_hf_imagefolder_trains_like_a_folder(tmp_path):
+    pytest.importorskip("datasets")
+    from selfdistill.config import load_config
+    from selfdistill.data.folder import ImageFolderDataset
+    from selfdistill.data.sources import HFImageDataset
+    from selfdistill.engine.trainer import Trainer
+
+    data = make_image_folder(tmp_path / "img")
+    hf = HFImageDataset(str(data))
+    folder = ImageFolderDataset(data)
+    assert len(hf) == len(folder) and hf.classes == folder.classes
+    assert sorted(hf.targets) == sorted(folder.targets)
+    sample = hf[(1, 3)]
+    assert sample["index"] == 3 and sample["label"] in (0, 1) and sample["image"].size == (24, 24)
+    out = tmp_path / "run"
+    Trainer(load_config(None, tiny_overrides(data, out, **{"data.format": "hf"}))).fit()
+    assert (out / "export" / "student_backbone.safetensors").is_file()
