@@ -155,3 +155,15 @@ def test_hf_imagefolder_trains_like_a_folder(tmp_path):
     out = tmp_path / "run"
     Trainer(load_config(None, tiny_overrides(data, out, **{"data.format": "hf"}))).fit()
     assert (out / "export" / "student_backbone.safetensors").is_file()
+
+
+def test_reduced_size_jpeg_decoding(tmp_path):
+    from selfdistill.data.folder import decode_rgb
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8))
+    img.save(tmp_path / "x.jpg", quality=90)
+    img.save(tmp_path / "x.png")
+    assert decode_rgb(tmp_path / "x.jpg").size == (500, 375)
+    assert decode_rgb(tmp_path / "x.jpg", draft_size=160).size == (250, 188)  # 1/2 scale: shorter side >= 160
+    assert decode_rgb(tmp_path / "x.jpg", draft_size=90).size == (125, 94)  # 1/4
+    assert decode_rgb(tmp_path / "x.png", draft_size=90).size == (500, 375)  # only JPEG has DCT scales

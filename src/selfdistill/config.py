@@ -73,6 +73,7 @@ class DataConfig:
     blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian blur radius range (px), DINO's for 224 px
     num_workers: int = 8
     max_bad_fraction: float = 0.01  # fail when more than this fraction of images cannot be read
+    decode_size: int = 0  # >0: decode JPEGs at a reduced DCT scale whose sides stay >= this (faster); 0: full size
     samples_per_epoch: int = 0  # wds: samples in an epoch over all ranks (0: the shards' _info.json total)
     shuffle_buffer: int = 1000  # wds: samples shuffled in memory per loader worker
     shard_retries: int = 2  # wds: re-opening attempts for an unreadable shard before it is skipped
@@ -84,7 +85,7 @@ class DataConfig:
     def validate(self, prefix: str) -> None:
         if self.format not in ("folder", "hf", "wds"):
             _fail(f"{prefix}.format", f"must be one of ['folder', 'hf', 'wds'], got {self.format!r}")
-        for name in ("samples_per_epoch", "shuffle_buffer", "shard_retries"):
+        for name in ("decode_size", "samples_per_epoch", "shuffle_buffer", "shard_retries"):
             if getattr(self, name) < 0:
                 _fail(f"{prefix}.{name}", f"must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.max_missing_shards <= 1.0:

@@ -76,9 +76,13 @@ def _find_images(folder: Path, extensions: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
-def _load_rgb(path: str) -> Image.Image:
-    """Fully decode an image as RGB; truncated or corrupt files raise here, not in the transform."""
-    with Image.open(path) as img:
+def decode_rgb(source: Any, draft_size: int = 0) -> Image.Image:
+    """Fully decode an image (path or file object) as RGB; truncated or corrupt data raise here,
+    not in the transform. ``draft_size > 0``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4,
+    1/8) whose sides are still at least ``draft_size`` pixels, several times cheaper than full size."""
+    with Image.open(source) as img:
+        if draft_size > 0 and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
         img.load()
         return img.convert("RGB")
 
@@ -98,8 +102,10 @@ class ImageFolderDataset(Dataset):
         transform: Callable[[Image.Image], Any] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         seed: int = 0,
+        draft_size: int = 0,
     ) -> None:
         self.root = Path(root)
+        self.draft_size = draft_size
         self.transform = transform
         self.extensions = tuple(e.lower() for e in extensions)
         self.seed = seed
@@ -160,7 +166,7 @@ class ImageFolderDataset(Dataset):
             current = (index + offset) % n
             path = self.samples[current][0]
             try:
-                return _load_rgb(path), current, bad
+                return decode_rgb(path, self.draft_size), current, bad
             except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
                 self._report_bad(path, err)
                 bad.append(path)

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from selfdistill.data.folder import ImageFolderDataset, sample_seed, seeded_rng
+from selfdistill.data.folder import ImageFolderDataset, decode_rgb, sample_seed, seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class HFImageDataset(Dataset):
     per-(epoch, index) seeded augmentation, unreadable images replaced by the next one."""
 
     def __init__(self, path: str, transform: Callable[[Image.Image], Any] | None = None, seed: int = 0,
-                 split: str = "train", image_column: str = "image", label_column: str = "label") -> None:
+                 split: str = "train", image_column: str = "image", label_column: str = "label",
+                 draft_size: int = 0) -> None:
         try:
             import datasets
         except ImportError as e:
@@ -56,7 +57,7 @@ class HFImageDataset(Dataset):
         if image_column not in self.data.column_names:
             raise ValueError(f"data.hf_image_column: {path} has no column {image_column!r} "
                              f"(columns: {self.data.column_names})")
-        self.image_column, self.transform, self.seed = image_column, transform, seed
+        self.image_column, self.transform, self.seed, self.draft_size = image_column, transform, seed, draft_size
         self.label_column = label_column if label_column in self.data.column_names else None
         feature = self.data.features.get(self.label_column) if self.label_column else None
         self.classes: list[str] = list(getattr(feature, "names", None) or [])
@@ -77,9 +78,7 @@ class HFImageDataset(Dataset):
 
     def _decode(self, index: int) -> Image.Image:
         value = self.data[index][self.image_column]
-        if value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
-        return Image.open(value["path"]).convert("RGB")
+        return decode_rgb(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"], self.draft_size)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -201,8 +200,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], transform: Callable | None, rank: int, world_size: int, seed: int,
                  epoch: int = 0, start_batch: int = 0, resampled: bool = True, shuffle_buffer: int = 1000,
-                 retries: int = 2, max_missing_fraction: float = 0.1) -> None:
+                 retries: int = 2, max_missing_fraction: float = 0.1, draft_size: int = 0) -> None:
         super().__init__()
+        self.draft_size = draft_size
         self.urls, self.transform, self.rank, self.world_size = urls, transform, rank, world_size
         self.seed, self.epoch, self.start_batch, self.resampled = seed, epoch, start_batch, resampled
         self.shuffle_buffer, self.retries, self.max_missing_fraction = shuffle_buffer, retries, max_missing_fraction
@@ -276,7 +276,7 @@ class ShardStream(IterableDataset):
         for raw in self._shuffled(self._samples()):
             name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
             try:
-                img = _decode_sample(raw)
+                img = _decode_sample(raw, self.draft_size)
                 label = int(raw["cls"].decode()) if "cls" in raw else -1
             except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
                 log.warning("skipping unreadable sample %s (%s: %s)", name, type(err).__name__, err)
@@ -293,13 +293,11 @@ class ShardStream(IterableDataset):
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 
-def _decode_sample(raw: dict[str, Any]) -> Image.Image:
+def _decode_sample(raw: dict[str, Any], draft_size: int = 0) -> Image.Image:
     data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
     if data is None:
         raise ValueError(f"no image member (one of {IMAGE_KEYS}) in sample with {sorted(raw)}")
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB")
+    return decode_rgb(io.BytesIO(data), draft_size)
 
 
 def _key_index(key: str) -> int:
@@ -312,8 +310,10 @@ class ShardSource:
 
     def __init__(self, path: str, transform: Callable, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int, collate_fn: Callable, samples_per_epoch: int = 0, shuffle_buffer: int = 1000,
-                 retries: int = 2, max_missing_fraction: float = 0.1, pin_memory: bool = False) -> None:
+                 retries: int = 2, max_missing_fraction: float = 0.1, pin_memory: bool = False,
+                 draft_size: int = 0) -> None:
         self.urls = expand_urls(path)
+        self.draft_size = draft_size
         info = shard_info(path)
         total = samples_per_epoch or (info or {}).get("total_samples", 0)
         if not total:
@@ -350,7 +350,7 @@ class ShardSource:
 
         stream = ShardStream(self.urls, self.transform, self.rank, self.world_size, self.seed, epoch, start_batch,
                              resampled=True, shuffle_buffer=self.shuffle_buffer, retries=self.retries,
-                             max_missing_fraction=self.max_missing_fraction)
+                             max_missing_fraction=self.max_missing_fraction, draft_size=self.draft_size)
         batches = wds.DataPipeline(stream, wds.batched(self.batch_size, collation_fn=self.collate_fn, partial=False))
         loader = wds.WebLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                prefetch_factor=4 if self.num_workers else None)
@@ -366,10 +366,11 @@ def build_train_source(config: Any, transform: Callable, collate_fn: Callable, r
             raise ValueError("train.overfit_batches needs a map-style source (data.format folder or hf)")
         return ShardSource(d.path, transform, t.batch_size_per_device, rank, world_size, t.seed, d.num_workers,
                            collate_fn, d.samples_per_epoch, d.shuffle_buffer, d.shard_retries, d.max_missing_shards,
-                           pin_memory)
+                           pin_memory, d.decode_size)
     if d.format == "hf":
-        dataset: Dataset = HFImageDataset(d.path, transform, t.seed, d.hf_split, d.hf_image_column, d.hf_label_column)
+        dataset: Dataset = HFImageDataset(d.path, transform, t.seed, d.hf_split, d.hf_image_column, d.hf_label_column,
+                                          d.decode_size)
     else:
-        dataset = ImageFolderDataset(d.path, transform=transform, seed=t.seed)
+        dataset = ImageFolderDataset(d.path, transform=transform, seed=t.seed, draft_size=d.decode_size)
     return MapSource(dataset, t.batch_size_per_device, rank, world_size, t.seed, d.num_workers, collate_fn,
                      t.overfit_batches, pin_memory)
