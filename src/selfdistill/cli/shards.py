@@ -1,0 +1,124 @@
+"""``selfdistill-shards``: pack images into webdataset tar shards, and verify them.
+
+    selfdistill-shards write --folder /data/imagenet/train --out /data/imagenet-shards/train \\
+        --resize-shorter 256 --workers 16
+    selfdistill-shards verify --dir /data/imagenet-shards/train --workers 16
+
+A rerun of ``write`` with the same arguments finishes an interrupted run, keeping intact shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+
+def _positive_bytes(text: str) -> int:
+    """Byte counts as ints or floats (``1e9``), so large limits are easy to type."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"must be a positive whole number of bytes: {text!r}")
+    return int(value)
+
+
+def _add_write(sub: Any) -> None:
+    w = sub.add_parser("write", help="write an image folder, file list or HF dataset as tar shards")
+    src = w.add_mutually_exclusive_group(required=True)
+    src.add_argument("--folder", help="image folder: root/<class>/**/<image> (labelled) or root/<image>")
+    src.add_argument("--file-list", help="text file of 'path' or 'path<TAB>label' lines (relative to the list)")
+    src.add_argument("--hf-dataset", help="local HF datasets directory (save_to_disk output or imagefolder tree)")
+    w.add_argument("--class-names", help="comma-separated class names for a labelled --file-list")
+    w.add_argument("--image-column", default="image", help="HF image column (default: image)")
+    w.add_argument("--label-column", default="label", help="HF label column; absent means unlabelled")
+    w.add_argument("--hf-split", default="train", help="split of an HF DatasetDict (default: train)")
+    w.add_argument("--out", required=True, help="output directory")
+    w.add_argument("--prefix", default="shard", help="shard names are {prefix}-{index:06d}.tar")
+    w.add_argument("--samples-per-shard", type=int, default=1000,
+                   help="default 1000; 0: no count limit (needs --max-shard-bytes)")
+    w.add_argument("--max-shard-bytes", type=_positive_bytes, help="size limit per shard file, e.g. 1e9")
+    w.add_argument("--resize-shorter", type=int, help="downscale so the shorter side is this many pixels")
+    w.add_argument("--quality", type=int, help="re-encode every image as JPEG of this quality "
+                   "(resized images default to 95)")
+    order = w.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=0, help="seed of the one-off sample shuffle (default 0)")
+    order.add_argument("--no-shuffle", action="store_true", help="keep the input order")
+    w.add_argument("--workers", type=int, default=1, help="processes; each writes whole shards")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_verify(sub: Any) -> None:
+    v = sub.add_parser("verify", help="re-read every shard: checksum, sample count, images decode, labels")
+    v.add_argument("--dir", required=True, help="shard directory holding _info.json")
+    v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfdistill-shards", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_write(sub)
+    _add_verify(sub)
+    return p
+
+
+def _source(args: argparse.Namespace) -> Any:
+    from selfdistill.data import shards
+
+    if args.class_names and not args.file_list:
+        raise ValueError("--class-names only applies to --file-list")
+    if args.folder:
+        return shards.folder_source(args.folder)
+    if args.file_list:
+        names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+        return shards.file_list_source(args.file_list, names)
+    return shards.hf_source(args.hf_dataset, args.image_column, args.label_column, args.hf_split)
+
+
+def run_write(args: argparse.Namespace) -> int:
+    from selfdistill.data import shards
+
+    source = _source(args)
+    info = shards.write_shards(
+        args.out, source, prefix=args.prefix, samples_per_shard=args.samples_per_shard or None,
+        max_shard_bytes=args.max_shard_bytes, resize_shorter=args.resize_shorter, quality=args.quality,
+        shuffle_seed=None if args.no_shuffle else args.shuffle_seed, workers=args.workers,
+        progress=not args.no_progress)
+    skipped = sum(len(s["skipped"]) for s in info["shards"])
+    classes = len(info["class_names"]) if info["class_names"] is not None else "no"
+    print(f"wrote {info['total_samples']} samples ({classes} classes) in {len(info['shards'])} shards "
+          f"to {args.out}" + (f"; skipped {skipped} unreadable images" if skipped else ""))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from selfdistill.data import shards
+
+    report = shards.verify_shards(args.dir, workers=args.workers, progress=not args.no_progress)
+    if report.ok:
+        print(f"OK: {report.n_shards} shards, {report.n_samples} samples in {args.dir}")
+        return 0
+    print(f"FAILED: {len(report.failures)} of {report.n_shards} shards in {args.dir}:")
+    for name, problems in report.failures.items():
+        for problem in problems:
+            print(f"  {name}: {problem}")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"write": run_write, "verify": run_verify}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

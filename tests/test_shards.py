@@ -1,0 +1,348 @@
+"""The sharding preprocessor: folder/file-list/HF input -> webdataset tar shards, verify, resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from selfdistill.cli.shards import main
+from selfdistill.data import shards
+
+
+def make_mixed_folder(root: Path, counts=(8, 8, 7), size=(40, 30), seed: int = 0) -> Path:
+    """Class folders of noisy RGB images, alternating JPEG and PNG (23 images by default)."""
+    rng = np.random.default_rng(seed)
+    for c_idx, n in enumerate(counts):
+        folder = root / f"class_{'abc'[c_idx]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            pixels[..., c_idx] = 200
+            Image.fromarray(pixels).save(folder / f"{i:03d}.{'jpg' if i % 2 else 'png'}")
+    return root
+
+
+def write(*args: str) -> int:
+    return main(["write", *args, "--no-progress"])
+
+
+def read_back(out: Path) -> list[dict]:
+    """Every sample of every shard in _info.json, read with webdataset (not resampled)."""
+    return list(wds.WebDataset(shards.shard_urls(out), shardshuffle=False))
+
+
+def image_member(sample: dict) -> tuple[str, bytes]:
+    ext = next(e for e in ("jpg", "png", "webp") if e in sample)
+    return ext, sample[ext]
+
+
+def shard_shas(out: Path) -> dict[str, str]:
+    return {s["name"]: s["sha256"] for s in shards.read_info(out)["shards"]}
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return make_mixed_folder(tmp_path / "images")
+
+
+def test_folder_round_trip(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5") == 0
+
+    info = shards.read_info(out)
+    assert info["format"] == "selfdistill-shards/1"
+    assert info["class_names"] == ["class_a", "class_b", "class_c"]
+    assert [s["name"] for s in info["shards"]] == [f"shard-{i:06d}.tar" for i in range(5)]
+    assert [s["samples"] for s in info["shards"]] == [5, 5, 5, 5, 3]
+    assert info["total_samples"] == 23
+    assert sorted(os.listdir(out)) == ["_info.json"] + [f"shard-{i:06d}.tar" for i in range(5)]
+    for record in info["shards"]:
+        assert os.path.getsize(out / record["name"]) == record["bytes"]
+        with tarfile.open(out / record["name"]) as tar:  # fixed headers: reproducible bytes
+            assert {(m.mtime, m.uname, m.mode) for m in tar.getmembers()} == {(0, "selfdistill", 0o444)}
+
+    samples = read_back(out)
+    sources = [json.loads(s["json"])["source"] for s in samples]
+    expected = sorted(str(p) for p in folder.rglob("*.*"))
+    assert sorted(sources) == expected  # every source exactly once
+    assert sources != expected  # written in shuffled order
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(23)]
+    for sample, source in zip(samples, sources):
+        label = info["class_names"].index(Path(source).parent.name)
+        assert int(sample["cls"]) == label == json.loads(sample["json"])["label"]
+        ext, data = image_member(sample)
+        assert ext == Path(source).suffix[1:]
+        assert data == Path(source).read_bytes()  # pass-through keeps the original bytes
+
+
+def test_unlabelled_folder_no_shuffle(tmp_path: Path) -> None:
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 30), (i * 50, 0, 0)).save(folder / f"{i}.png")
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--no-shuffle") == 0
+
+    info = shards.read_info(out)
+    assert info["class_names"] is None and info["args"]["shuffle_seed"] is None
+    samples = read_back(out)
+    assert [json.loads(s["json"]) for s in samples] == [{"source": str(folder / f"{i}.png"), "label": -1}
+                                                        for i in range(4)]
+    assert all("cls" not in s for s in samples)
+    assert main(["verify", "--dir", str(out), "--no-progress"]) == 0
+
+
+def test_verify_detects_a_flipped_byte(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5") == 0
+    assert main(["verify", "--dir", str(out), "--no-progress", "--workers", "2"]) == 0
+    assert "OK: 5 shards, 23 samples" in capsys.readouterr().out
+
+    victim = out / "shard-000002.tar"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert main(["verify", "--dir", str(out), "--no-progress"]) == 1
+    report = capsys.readouterr().out
+    assert "FAILED: 1 of 5 shards" in report
+    assert "shard-000002.tar: sha256" in report
+    assert "shard-000001.tar" not in report and "shard-000003.tar" not in report
+
+
+def test_verify_reports_missing_shard_and_bad_label(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5") == 0
+    (out / "shard-000004.tar").unlink()
+    info = json.loads((out / "_info.json").read_text())
+    info["class_names"] = ["only_one"]
+    (out / "_info.json").write_text(json.dumps(info))
+
+    report = shards.verify_shards(out, progress=False)
+    assert not report.ok
+    assert report.failures["shard-000004.tar"] == ["missing"]
+    assert any("outside 0..0" in p for p in report.failures["shard-000000.tar"])
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, n_shards: int) -> None:
+    """Make the writer die (like a killed job) when it starts shard number ``n_shards``."""
+    real = shards.write_shard
+    calls = []
+
+    def flaky(task):
+        if len(calls) == n_shards:
+            Path(task.out_dir, f".{task.name}.tmp").write_bytes(b"half a shard")
+            raise Interrupted("killed")
+        calls.append(task.name)
+        return real(task)
+
+    monkeypatch.setattr(shards, "write_shard", flaky)
+
+
+def identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_resume_after_interruption_matches_clean_run(folder: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    clean, out = tmp_path / "clean", tmp_path / "resumed"
+    args = ["--folder", str(folder), "--samples-per-shard", "5", "--resize-shorter", "24"]
+    assert write(*args, "--out", str(clean)) == 0
+
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        write(*args, "--out", str(out))
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == [".shard-000002.tar.tmp", "_progress.json",
+                                       "shard-000000.tar", "shard-000001.tar"]
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        shards.read_info(out)
+    kept = {name: identity(out / name) for name in ("shard-000000.tar", "shard-000001.tar")}
+
+    assert write(*args, "--out", str(out)) == 0
+    assert {name: identity(out / name) for name in kept} == kept  # not rewritten
+    assert shard_shas(out) == shard_shas(clean)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(clean))  # no .tmp, no _progress.json
+    assert main(["verify", "--dir", str(out), "--no-progress"]) == 0
+
+
+def test_resume_adopts_unrecorded_shard_and_rewrites_damaged(folder: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    clean, out = tmp_path / "clean", tmp_path / "resumed"
+    args = ["--folder", str(folder), "--samples-per-shard", "5"]
+    assert write(*args, "--out", str(clean)) == 0
+
+    interrupt_after(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        write(*args, "--out", str(out))
+    monkeypatch.undo()
+    # The job died between renaming shard 2 and recording it.
+    progress = json.loads((out / "_progress.json").read_text())
+    del progress["done"]["shard-000002.tar"]
+    (out / "_progress.json").write_text(json.dumps(progress))
+    adopted = identity(out / "shard-000002.tar")
+
+    assert write(*args, "--out", str(out)) == 0
+    assert identity(out / "shard-000002.tar") == adopted
+    assert shards.read_info(out)["shards"] == shards.read_info(clean)["shards"]
+
+    # A finished directory: a deleted and a damaged shard are rewritten, the rest are left alone.
+    (out / "shard-000001.tar").unlink()
+    damaged = out / "shard-000003.tar"
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    untouched = {n: identity(out / n) for n in ("shard-000000.tar", "shard-000002.tar", "shard-000004.tar")}
+    assert write(*args, "--out", str(out)) == 0
+    assert {n: identity(out / n) for n in untouched} == untouched
+    assert shard_shas(out) == shard_shas(clean)
+
+
+def test_workers_give_identical_shards(folder: Path, tmp_path: Path) -> None:
+    args = ["--folder", str(folder), "--samples-per-shard", "4", "--quality", "80"]
+    assert write(*args, "--out", str(tmp_path / "one")) == 0
+    assert write(*args, "--out", str(tmp_path / "two"), "--workers", "2") == 0
+    assert shard_shas(tmp_path / "one") == shard_shas(tmp_path / "two")
+    assert all(image_member(s)[0] == "jpg" for s in read_back(tmp_path / "two"))
+
+
+def test_resize_shorter_reencodes_only_larger_images(tmp_path: Path) -> None:
+    folder = make_mixed_folder(tmp_path / "big", counts=(3, 3), size=(40, 30))
+    make_mixed_folder(folder, counts=(0, 0, 2), size=(20, 16), seed=1)  # smaller than the target
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--resize-shorter", "24") == 0
+
+    samples = read_back(out)
+    assert len(samples) == 8
+    for sample in samples:
+        source = Path(json.loads(sample["json"])["source"])
+        ext, data = image_member(sample)
+        with Image.open(io.BytesIO(data)) as img:
+            if source.parent.name == "class_c":
+                assert data == source.read_bytes() and img.size == (20, 16)
+            else:
+                assert ext == "jpg" and img.format == "JPEG" and img.size == (32, 24)
+
+
+def test_max_shard_bytes_splits_by_size(tmp_path: Path) -> None:
+    folder = make_mixed_folder(tmp_path / "images", counts=(6, 6), size=(64, 64))
+    out = tmp_path / "shards"
+    limit = 40_000
+    assert write("--folder", str(folder), "--out", str(out), "--max-shard-bytes", "4e4",
+                 "--samples-per-shard", "0", "--workers", "2") == 0
+
+    info = shards.read_info(out)
+    counts = [s["samples"] for s in info["shards"]]
+    assert sum(counts) == 12 and len(counts) > 2 and max(counts) > 1
+    for record in info["shards"]:
+        assert record["bytes"] == os.path.getsize(out / record["name"])
+        assert record["bytes"] <= limit or record["samples"] == 1
+    assert len(read_back(out)) == 12
+    # Both limits together: the count caps shards that would fit by size.
+    capped = tmp_path / "capped"
+    assert write("--folder", str(folder), "--out", str(capped), "--max-shard-bytes", "4e4",
+                 "--samples-per-shard", "1") == 0
+    assert [s["samples"] for s in shards.read_info(capped)["shards"]] == [1] * 12
+
+
+def test_file_list_with_labels(tmp_path: Path) -> None:
+    folder = make_mixed_folder(tmp_path / "images", counts=(2, 2))
+    lines = [f"images/{p.parent.name}/{p.name}\t{1 - 'ab'.index(p.parent.name[-1])}"
+             for p in sorted(folder.rglob("*.*"))]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# path<TAB>label\n" + "\n".join(lines) + "\n\n")
+    out = tmp_path / "shards"
+    assert write("--file-list", str(listing), "--class-names", "bee,ant", "--out", str(out)) == 0
+
+    info = shards.read_info(out)
+    assert info["class_names"] == ["bee", "ant"] and info["total_samples"] == 4
+    for sample in read_back(out):
+        source = Path(json.loads(sample["json"])["source"])
+        assert source.is_absolute() and source.exists()
+        assert int(sample["cls"]) == (0 if source.parent.name == "class_b" else 1)
+
+
+def test_file_list_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = make_mixed_folder(tmp_path / "images", counts=(2,))
+    paths = sorted(folder.rglob("*.*"))
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(f"{paths[0]}\t0\n{paths[1]}\n")
+    assert write("--file-list", str(mixed), "--out", str(tmp_path / "o")) == 2
+    assert "label all lines or none" in capsys.readouterr().err
+    missing = tmp_path / "missing.txt"
+    missing.write_text(f"{paths[0]}\n{tmp_path / 'gone.jpg'}\n")
+    assert write("--file-list", str(missing), "--out", str(tmp_path / "o")) == 2
+    assert "gone.jpg" in capsys.readouterr().err
+
+
+def test_hf_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    datasets = pytest.importorskip("datasets")
+    images = [Image.fromarray(np.full((30, 40, 3), 40 * i, dtype=np.uint8)) for i in range(5)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 1, 0, 1]}, features=features)
+    ds.save_to_disk(str(tmp_path / "hf"))
+    out = tmp_path / "shards"
+    assert write("--hf-dataset", str(tmp_path / "hf"), "--out", str(out), "--samples-per-shard", "2") == 0
+
+    info = shards.read_info(out)
+    assert info["class_names"] == ["cat", "dog"] and len(info["shards"]) == 3
+    samples = read_back(out)
+    assert sorted(json.loads(s["json"])["source"] for s in samples) == list(range(5))
+    for sample in samples:
+        row = json.loads(sample["json"])["source"]
+        assert int(sample["cls"]) == [0, 1, 1, 0, 1][row]
+        with Image.open(io.BytesIO(image_member(sample)[1])) as img:
+            assert img.convert("RGB").getpixel((0, 0)) == (40 * row,) * 3
+    assert main(["verify", "--dir", str(out), "--no-progress"]) == 0
+
+    capsys.readouterr()
+    assert write("--hf-dataset", str(tmp_path / "hf"), "--image-column", "picture", "--out", str(tmp_path / "x")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no image column 'picture'" in err and err.count("\n") == 1
+
+
+def test_input_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert write("--folder", str(tmp_path / "nope"), "--out", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    assert write("--folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o")) == 2
+    assert "no images" in capsys.readouterr().err
+    assert main(["verify", "--dir", str(tmp_path / "nope")]) == 2
+
+
+def test_resume_with_different_arguments_is_refused(folder: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5") == 0
+    before = {p.name: identity(p) for p in out.iterdir()}
+    capsys.readouterr()
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "6") == 2
+    err = capsys.readouterr().err
+    assert "different arguments" in err and "samples_per_shard: 5 -> 6" in err and err.count("\n") == 1
+    assert {p.name: identity(p) for p in out.iterdir()} == before
+
+    (folder / "class_a" / "extra.png").write_bytes((folder / "class_a" / "000.png").read_bytes())
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5") == 2
+    assert "different set of input images" in capsys.readouterr().err
+
+
+def test_unreadable_image_is_skipped_and_recorded(folder: Path, tmp_path: Path) -> None:
+    bad = folder / "class_b" / "zz_broken.jpg"
+    bad.write_bytes(b"not an image at all")
+    out = tmp_path / "shards"
+    info = shards.write_shards(out, shards.folder_source(folder), samples_per_shard=5, progress=False)
+    assert info["total_samples"] == 23
+    assert [src for s in info["shards"] for src in s["skipped"]] == [str(bad)]
+    assert str(bad) not in {json.loads(s["json"])["source"] for s in read_back(out)}
+    assert shards.verify_shards(out, progress=False).ok
