@@ -38,7 +38,7 @@ def write_shards(root: Path, n_shards: int, per_shard: int, corrupt: set[int] = 
                 data = b"\xff\xd8\xff\xe0 broken jpeg" if i in corrupt else jpeg_bytes(i)
                 sink.write({"__key__": f"{i:09d}", "jpg": data, "cls": str(i % 3).encode()})
         paths.append(str(path))
-    info = {"shards": [{"name": Path(p).name, "samples": per_shard} for p in paths],
+    info = {"format": "selfdistill-shards/1", "shards": [{"name": Path(p).name, "samples": per_shard} for p in paths],
             "total_samples": n_shards * per_shard, "class_names": ["a", "b", "c"]}
     (root / "_info.json").write_text(json.dumps(info))
     return paths
@@ -167,3 +167,15 @@ def test_reduced_size_jpeg_decoding(tmp_path):
     assert decode_rgb(tmp_path / "x.jpg", draft_size=160).size == (250, 188)  # 1/2 scale: shorter side >= 160
     assert decode_rgb(tmp_path / "x.jpg", draft_size=90).size == (125, 94)  # 1/4
     assert decode_rgb(tmp_path / "x.png", draft_size=90).size == (500, 375)  # only JPEG has DCT scales
+
+
+def test_preprocessed_folder_streams_every_image_once(tmp_path):
+    from selfdistill.data.shards import folder_source, write_shards as preprocess
+
+    data = make_image_folder(tmp_path / "img", n_per_class=9)
+    preprocess(tmp_path / "shards", folder_source(data), samples_per_shard=4, progress=False)
+    urls = expand_urls(str(tmp_path / "shards"))
+    assert len(urls) == 5
+    samples = [s for rank in (0, 1) for s in read_all(ShardStream(urls, to_tensor, rank, 2, 0, resampled=False), 2)]
+    assert sorted(s["index"] for s in samples) == list(range(18))
+    assert sorted(s["label"] for s in samples) == [0] * 9 + [1] * 9

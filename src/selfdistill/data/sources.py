@@ -15,7 +15,6 @@ statistics but not the same samples as the uninterrupted one.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import random
@@ -31,10 +30,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from selfdistill.data.folder import ImageFolderDataset, decode_rgb, sample_seed, seeded_rng
+from selfdistill.data.shards import INFO_NAME as SHARD_INFO
+from selfdistill.data.shards import read_info, shard_urls
 
 log = logging.getLogger(__name__)
 
-SHARD_INFO = "_info.json"
 
 
 # -- map-style sources: folders and HF datasets ------------------------------------------------
@@ -153,12 +153,10 @@ def expand_urls(path: str) -> list[str]:
     if not path or not path.strip():
         raise ValueError("data.path: empty shard pattern")
     if os.path.isdir(path):
-        info = Path(path) / SHARD_INFO
-        if info.is_file():
-            names = [s["name"] for s in json.loads(info.read_text())["shards"]]
+        if (Path(path) / SHARD_INFO).is_file():
+            urls = shard_urls(path)
         else:
-            names = sorted(p.name for p in Path(path).glob("*.tar"))
-        urls = [str(Path(path) / n) for n in names]
+            urls = [str(p) for p in sorted(Path(path).glob("*.tar"))]
     else:
         urls = [u for part in path.split("::") for u in braceexpand(part)]
     urls = [_s3_to_pipe(u) for u in urls]
@@ -186,8 +184,8 @@ def _s3_to_pipe(url: str) -> str:
 
 
 def shard_info(path: str) -> dict[str, Any] | None:
-    info = Path(path) / SHARD_INFO
-    return json.loads(info.read_text()) if os.path.isdir(path) and info.is_file() else None
+    """``_info.json`` of a shard directory written by ``selfdistill-shards``, else None."""
+    return read_info(path) if os.path.isdir(path) and (Path(path) / SHARD_INFO).is_file() else None
 
 
 class ShardStream(IterableDataset):
