@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet -e '.[dev,deepspeed]'
+	$(PIP) install --quiet -e '.[dev,deepspeed,hf]'
 	@touch $(STAMP)
 
 # Fashion-MNIST arrives in a Debian package; fall back to scikit-learn digits if it cannot be installed.

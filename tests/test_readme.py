@@ -6,6 +6,7 @@ from pathlib import Path
 
 from selfdistill.cli.evaluate import build_parser as eval_parser
 from selfdistill.cli.pretrain import build_parser as pretrain_parser
+from selfdistill.cli.shards import build_parser as shards_parser
 from selfdistill.config import load_config
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -30,5 +31,5 @@ def _options(parser):
 
 
 def test_every_cli_option_is_documented():
-    for option in [*_options(pretrain_parser()), *_options(eval_parser())]:
+    for option in [*_options(pretrain_parser()), *_options(eval_parser()), *_options(shards_parser())]:
         assert option in README, option
