@@ -104,3 +104,20 @@ def test_two_machines_on_one_host_train_together(tmp_path):
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     _check_two_ranks(out)
+
+
+def test_two_ranks_stream_shards_with_two_workers_each(tmp_path):
+    """Resampled shards, 2 ranks x 2 workers: equal batches per rank, so no rank waits at an epoch end."""
+    from selfdistill.data.shards import folder_source, write_shards
+
+    data = make_image_folder(tmp_path / "img")
+    write_shards(tmp_path / "shards", folder_source(data), samples_per_shard=6, progress=False)  # 6 shards
+    out = tmp_path / "run"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    result = _launch([accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml")],
+                     tmp_path / "shards", out, "data.format=wds", "data.num_workers=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((out / f"rank_summary_{r}.json").read_text()) for r in (0, 1)]
+    assert [s["samples_seen"] for s in summaries] == [32, 32]  # 32 images / (8 x 2 ranks) x 2 epochs x 8
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
