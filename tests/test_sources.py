@@ -179,3 +179,23 @@ def test_preprocessed_folder_streams_every_image_once(tmp_path):
     samples = [s for rank in (0, 1) for s in read_all(ShardStream(urls, to_tensor, rank, 2, 0, resampled=False), 2)]
     assert sorted(s["index"] for s in samples) == list(range(18))
     assert sorted(s["label"] for s in samples) == [0] * 9 + [1] * 9
+
+
+def test_knn_from_shards_equals_knn_from_folders(tmp_path):
+    from selfdistill.config import load_config
+    from selfdistill.data.shards import folder_source, write_shards as preprocess
+    from selfdistill.eval.knn_eval import KnnSetup, pixel_features
+
+    train = make_image_folder(tmp_path / "train", n_per_class=6)
+    val = make_image_folder(tmp_path / "val", n_per_class=3, seed=1)
+    for name, folder in (("train", train), ("val", val)):
+        preprocess(tmp_path / f"{name}_shards", folder_source(folder), samples_per_shard=4, progress=False)
+
+    def results(train_path, val_path):
+        config = load_config(None, [f"data.path={train_path}", f"knn.val_path={val_path}", "knn.image_size=16",
+                                    "knn.k=[1, 3]", "data.num_workers=2"])
+        return KnnSetup.from_config(config).evaluate_features(pixel_features)
+
+    from_folders = results(train, val)
+    assert results(tmp_path / "train_shards", tmp_path / "val_shards") == from_folders
+    assert from_folders[1]["top1"] == 100.0

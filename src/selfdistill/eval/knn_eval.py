@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -12,8 +13,46 @@ from selfdistill.data import EvalTransform, ImageFolderDataset, collate_eval
 from selfdistill.eval.knn import ShardedEvalSampler, extract_features, knn_classify
 
 
-def labelled_folder(path: str, image_size: int, mean, std, role: str) -> ImageFolderDataset:
-    ds = ImageFolderDataset(path, transform=EvalTransform(size=image_size, mean=mean, std=std))
+@dataclass
+class EvalShards:
+    """Labelled webdataset shards for evaluation: each rank reads its own shards once, so every
+    sample is embedded exactly once over all ranks (``extract_features`` gathers them)."""
+
+    urls: list[str]
+    classes: list[str]
+    transform: Callable[[Any], Any]
+    n_samples: int = 0  # from _info.json; 0 when unknown (bare shard URLs)
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def loader(self, batch_size: int, num_workers: int, rank: int, world: int) -> DataLoader:
+        from selfdistill.data.sources import ShardStream
+
+        stream = ShardStream(self.urls, self.transform, rank, world, seed=0, resampled=False)
+        mine = len(self.urls[rank::world])
+        return DataLoader(stream, batch_size=batch_size, num_workers=min(num_workers, mine), collate_fn=collate_eval)
+
+
+def is_shards(path: str) -> bool:
+    from selfdistill.data.shards import INFO_NAME
+
+    return os.path.isfile(os.path.join(path, INFO_NAME)) or ".tar" in path or path.startswith(("pipe:", "s3://"))
+
+
+def labelled_images(path: str, image_size: int, mean, std, role: str) -> ImageFolderDataset | EvalShards:
+    """A labelled folder, or labelled shards (a ``selfdistill-shards`` directory or shard URLs)."""
+    transform = EvalTransform(size=image_size, mean=mean, std=std)
+    if is_shards(path):
+        from selfdistill.data.sources import expand_urls, shard_info
+
+        info = shard_info(path) or {}
+        classes = info.get("class_names")
+        if not classes:
+            raise ValueError(f"kNN {role} shards {path} have no class names (an _info.json from a labelled input); "
+                             "kNN needs labelled images")
+        return EvalShards(expand_urls(path), list(classes), transform, int(info.get("total_samples", 0)))
+    ds = ImageFolderDataset(path, transform=transform)
     if not ds.labelled:
         raise ValueError(f"kNN {role} folder {path} has no class sub-folders; kNN needs labelled images")
     return ds
@@ -21,8 +60,8 @@ def labelled_folder(path: str, image_size: int, mean, std, role: str) -> ImageFo
 
 @dataclass
 class KnnSetup:
-    train_set: Dataset
-    val_set: Dataset
+    train_set: Dataset | EvalShards
+    val_set: Dataset | EvalShards
     k: list[int]
     temperature: float
     batch_size: int
@@ -32,21 +71,25 @@ class KnnSetup:
     @classmethod
     def from_config(cls, config: Any, accelerator: Any = None) -> "KnnSetup":
         k, d = config.knn, config.data
-        train = labelled_folder(k.train_path or d.path, k.image_size, d.mean, d.std, "train (feature bank)")
-        val = labelled_folder(k.val_path, k.image_size, d.mean, d.std, "validation")
+        train = labelled_images(k.train_path or d.path, k.image_size, d.mean, d.std, "train (feature bank)")
+        val = labelled_images(k.val_path, k.image_size, d.mean, d.std, "validation")
         if train.classes != val.classes:
             raise ValueError(f"kNN train and validation folders have different classes: {train.classes[:5]}... vs "
                              f"{val.classes[:5]}...")
-        train_set: Dataset = train
+        train_set: Dataset | EvalShards = train
+        if k.max_train_samples and isinstance(train, EvalShards):
+            raise ValueError("knn.max_train_samples needs a folder feature bank (shards are read whole)")
         if k.max_train_samples and k.max_train_samples < len(train):
             g = torch.Generator().manual_seed(config.train.seed)
             idx = torch.randperm(len(train), generator=g)[: k.max_train_samples].sort().values
             train_set = Subset(train, idx.tolist())
         return cls(train_set, val, list(k.k), k.temperature, k.batch_size, min(d.num_workers, 4), accelerator)
 
-    def _loader(self, ds: Dataset) -> DataLoader:
+    def _loader(self, ds: Dataset | EvalShards) -> DataLoader:
         rank = self.accelerator.process_index if self.accelerator else 0
         world = self.accelerator.num_processes if self.accelerator else 1
+        if isinstance(ds, EvalShards):
+            return ds.loader(self.batch_size, self.num_workers, rank, world)
         return DataLoader(ds, batch_size=self.batch_size, sampler=ShardedEvalSampler(len(ds), rank, world),
                           num_workers=self.num_workers, collate_fn=collate_eval)
 
