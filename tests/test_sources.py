@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import json
 from pathlib import Path
 
@@ -199,3 +200,19 @@ def test_knn_from_shards_equals_knn_from_folders(tmp_path):
     from_folders = results(train, val)
     assert results(tmp_path / "train_shards", tmp_path / "val_shards") == from_folders
     assert from_folders[1]["top1"] == 100.0
+
+
+def test_s3_urls_stream_through_s5cmd(tmp_path, monkeypatch):
+    """s3:// shards are read through `s5cmd cat` (here a stand-in script serving a local copy)."""
+    urls = write_shards(tmp_path / "bucket" / "train", n_shards=2, per_shard=3)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "s5cmd"
+    fake.write_text(f'#!/bin/sh\n[ "$1" = cat ] || exit 2\nexec cat "{tmp_path}/bucket/${{2#s3://}}"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    remote = expand_urls("s3://train/shard-{000000..000001}.tar")
+    assert remote == ["pipe:s5cmd cat s3://train/shard-000000.tar", "pipe:s5cmd cat s3://train/shard-000001.tar"]
+    got = read_all(ShardStream(remote, to_tensor, 0, 1, 0, resampled=False), 0)
+    want = read_all(ShardStream(urls, to_tensor, 0, 1, 0, resampled=False), 0)
+    assert [s["index"] for s in got] == [s["index"] for s in want] == list(range(6))
