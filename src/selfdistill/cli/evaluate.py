@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from selfdistill.cli import dispatch
 from selfdistill.config import ModelConfig
 
 
@@ -96,11 +97,7 @@ def run_export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        return {"knn": run_knn, "export": run_export}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return dispatch({"knn": run_knn, "export": run_export}, args)
 
 
 if __name__ == "__main__":

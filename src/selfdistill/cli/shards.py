@@ -14,6 +14,8 @@ import logging
 import sys
 from typing import Any
 
+from selfdistill.cli import dispatch
+
 
 def _positive_bytes(text: str) -> int:
     """Byte counts as ints or floats (``1e9``), so large limits are easy to type."""
@@ -113,11 +115,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return {"write": run_write, "verify": run_verify}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return dispatch({"write": run_write, "verify": run_verify}, args)
 
 
 if __name__ == "__main__":
