@@ -49,20 +49,11 @@ def make_images(root: Path, n: int, seed: int = 0) -> Path:
 
 
 def make_shards(folder: Path, out: Path, per_shard: int) -> Path:
-    import webdataset as wds
+    """The project's preprocessor, as a user would run it (original JPEG bytes kept)."""
+    from selfdistill.data.shards import folder_source, write_shards
 
-    if (out / "_info.json").is_file():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    files = sorted((folder / "photos").iterdir())
-    shards = []
-    for s in range(0, len(files), per_shard):
-        name = f"shard-{s // per_shard:06d}.tar"
-        with wds.TarWriter(str(out / name)) as sink:
-            for i, f in enumerate(files[s:s + per_shard], start=s):
-                sink.write({"__key__": f"{i:09d}", "jpg": f.read_bytes(), "cls": b"0"})
-        shards.append({"name": name, "samples": len(files[s:s + per_shard])})
-    (out / "_info.json").write_text(json.dumps({"shards": shards, "total_samples": len(files)}))
+    if not (out / "_info.json").is_file():
+        write_shards(out, folder_source(folder), samples_per_shard=per_shard, progress=False)
     return out
 
 
@@ -94,18 +85,21 @@ def loader_images_per_s(fmt: str, path: Path, workers: int, decode_size: int, ar
     return n / (time.perf_counter() - t0)
 
 
-def decode_images_per_s(folder: Path, decode_size: int, repeats: int = 3) -> float:
-    """JPEG decoding alone (``decode_rgb``), one process, best of ``repeats`` passes."""
+def decode_images_per_s(folder: Path, decode_size: int, repeats: int = 5) -> float:
+    """JPEG decoding alone (``decode_rgb`` on bytes already in memory), one process, best of
+    ``repeats`` passes."""
+    import io
+
     from selfdistill.data.folder import decode_rgb
 
-    files = sorted((folder / "photos").iterdir())
+    blobs = [f.read_bytes() for f in sorted((folder / "photos").iterdir())]
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for f in files:
-            decode_rgb(f, decode_size)
+        for blob in blobs:
+            decode_rgb(io.BytesIO(blob), decode_size)
         best = min(best, time.perf_counter() - t0)
-    return len(files) / best
+    return len(blobs) / best
 
 
 def training_images_per_s(args: argparse.Namespace) -> float:
@@ -152,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--batches", type=int, default=6, help="timed batches per configuration")
+    p.add_argument("--batches", type=int, default=10, help="timed batches per configuration and repeat")
+    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats; the median is reported")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--decode-size", type=int, default=160, help="reduced-size decoding (data.decode_size) to compare")
     p.add_argument("--formats", nargs="+", default=["folder", "wds", "hf"])
@@ -166,16 +161,20 @@ def main(argv: list[str] | None = None) -> int:
     if "hf" in args.formats:
         paths["hf"] = make_hf(folder, args.workdir / "hf")
 
+    decode = {str(size): decode_images_per_s(folder, size) for size in (0, args.decode_size)}  # idle machine first
+    configs = [(fmt, workers, decode) for fmt in args.formats for workers in args.workers
+               for decode in (0, args.decode_size)]
+    runs: dict[tuple, list[float]] = {c: [] for c in configs}
+    for _ in range(args.repeats):  # round-robin, so slow phases of the machine hit every configuration
+        for fmt, workers, decode in configs:
+            runs[(fmt, workers, decode)].append(loader_images_per_s(fmt, paths[fmt], workers, decode, args))
     rows = []
-    for fmt in args.formats:
-        for workers in args.workers:
-            for decode in (0, args.decode_size):
-                ips = loader_images_per_s(fmt, paths[fmt], workers, decode, args)
-                row = {"format": fmt, "workers": workers, "decode_size": decode, "images_per_s": ips,
-                       "images_per_s_per_worker": ips / workers}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    decode = {str(size): decode_images_per_s(folder, size) for size in (0, args.decode_size)}
+    for (fmt, workers, decode), values in runs.items():
+        ips = float(np.median(values))
+        row = {"format": fmt, "workers": workers, "decode_size": decode, "images_per_s": ips,
+               "images_per_s_per_worker": ips / workers, "runs": values}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     train_ips = training_images_per_s(args)
     report = {"command": " ".join(["benchmarks/data_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%d"),

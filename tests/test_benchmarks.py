@@ -27,3 +27,18 @@ def test_memory_benchmark_runs_and_reports(tmp_path):
         assert row["state_gib"] * 2**30 >= 16 * row["student_parameters"]
         assert row["peak_gib"] > row["resident_gib"] > 0
     assert "| vit_tiny_patch16_224 | ddp | off |" in r.stdout
+
+
+@pytest.mark.slow
+def test_data_throughput_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "data.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/data_throughput.py"), "--images", "16", "--batch", "4",
+                        "--batches", "1", "--workers", "1", "--formats", "folder", "wds", "--train-batch", "1",
+                        "--train-steps", "1", "--workdir", str(tmp_path / "w"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {(row["format"], row["decode_size"]) for row in report["rows"]} == {
+        ("folder", 0), ("folder", 160), ("wds", 0), ("wds", 160)}
+    assert all(row["images_per_s"] > 0 for row in report["rows"]) and report["train_vit_s16_images_per_s"] > 0
+    assert "| wds | 1 | full |" in r.stdout
