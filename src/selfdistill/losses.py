@@ -7,6 +7,9 @@ a softmax at temperature 0.04 over 65k prototypes is not safe in half precision.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,3 +61,212 @@ def dino_loss(
 def ema_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> torch.Tensor:
     """DINO's center update: ``c <- m * c + (1 - m) * mean of teacher logits``."""
     return center * momentum + batch_mean.to(center.dtype) * (1.0 - momentum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense (token-level) matching: EsViT / GLSD region loss and Patch-Wise DINO correspondences.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def match_by_similarity(s_feat: torch.Tensor, t_feat: torch.Tensor) -> torch.Tensor:
+    """Each student token's most similar teacher token, by cosine similarity (EsViT, GLSD "similarity").
+
+    Matching uses the *backbone* token features, not head logits, and no gradient flows through
+    the argmax (ties go to the first teacher token, as ``max(dim)`` does in the reference).
+
+    Args:
+        s_feat: ``[B, Ts, C]`` student backbone tokens.
+        t_feat: ``[B, Tt, C]`` teacher backbone tokens of the same images.
+
+    Returns:
+        int64 ``[B, Ts]`` teacher token index per student token.
+    """
+    if s_feat.ndim != 3 or t_feat.ndim != 3 or s_feat.shape[0] != t_feat.shape[0] \
+            or s_feat.shape[2] != t_feat.shape[2]:
+        raise ValueError(f"expected [B, Ts, C] and [B, Tt, C], got {tuple(s_feat.shape)} and {tuple(t_feat.shape)}")
+    sim = F.normalize(s_feat.float(), dim=-1) @ F.normalize(t_feat.float(), dim=-1).transpose(1, 2)
+    return sim.argmax(dim=-1)
+
+
+def _half_cell_diagonal_sq(pos: torch.Tensor) -> torch.Tensor:
+    """GLSD's squared half-diagonal of one cell, ``[B]``, from the top-left cell's neighbours.
+
+    Half the x step to the right-hand neighbour and half the y step to the neighbour below,
+    squared and summed; a flipped crop's negative x step squares away.
+    """
+    if pos.shape[2] < 2 or pos.shape[3] < 2:
+        raise ValueError(f"the hinge needs at least a 2x2 token grid to measure a cell, got {tuple(pos.shape[2:])}")
+    half_w = (pos[:, 0, 0, 0] - pos[:, 0, 0, 1]) / 2
+    half_h = (pos[:, 1, 0, 0] - pos[:, 1, 1, 0]) / 2
+    return half_w**2 + half_h**2
+
+
+@torch.no_grad()
+def match_by_distance(
+    s_pos: torch.Tensor, t_pos: torch.Tensor, hinge: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each student token's teacher token with the nearest cell centre in the source image (GLSD "distance").
+
+    Distances are squared Euclidean in source pixels, tokens in row-major order, ties to the
+    first teacher token. The hinge drops a match unless its squared distance is strictly below
+    the larger of the two grids' squared half cell diagonals (measured per sample from
+    neighbouring centres, as GLSD does), so a student token outside the teacher crop teaches
+    nothing instead of being pulled to the nearest border token.
+
+    Args:
+        s_pos: ``[B, 2, Hs, Ws]`` student token centres (channel 0 = x, 1 = y), e.g. from
+            :func:`selfdistill.data.multicrop.token_centres`.
+        t_pos: ``[B, 2, Ht, Wt]`` teacher token centres of the same images.
+        hinge: apply GLSD's hinge; without it every match is kept.
+
+    Returns:
+        ``(idx, keep)``: int64 ``[B, Hs*Ws]`` teacher token index and bool ``[B, Hs*Ws]``.
+    """
+    if s_pos.ndim != 4 or t_pos.ndim != 4 or s_pos.shape[1] != 2 or t_pos.shape[1] != 2 \
+            or s_pos.shape[0] != t_pos.shape[0]:
+        raise ValueError(f"expected [B, 2, Hs, Ws] and [B, 2, Ht, Wt], got {tuple(s_pos.shape)} and {tuple(t_pos.shape)}")
+    s_pos, t_pos = s_pos.float(), t_pos.float()
+    s_flat = s_pos.flatten(2).transpose(1, 2)  # [B, Ts, 2]
+    t_flat = t_pos.flatten(2).transpose(1, 2)  # [B, Tt, 2]
+    dist2 = (t_flat[:, None, :, :] - s_flat[:, :, None, :]).pow(2).sum(-1)  # [B, Ts, Tt]
+    nearest, idx = dist2.min(dim=2)
+    if not hinge:
+        return idx, torch.ones_like(idx, dtype=torch.bool)
+    threshold = torch.maximum(_half_cell_diagonal_sq(t_pos), _half_cell_diagonal_sq(s_pos))  # [B]
+    return idx, nearest < threshold[:, None]
+
+
+def region_loss(
+    s_region: torch.Tensor,
+    t_region: torch.Tensor,
+    center_grid: torch.Tensor,
+    idx: torch.Tensor,
+    keep: torch.Tensor | None,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
+    """EsViT / GLSD region-level cross-entropy of one (teacher crop, student crop) pair.
+
+    Each student token is taught by the teacher token ``idx`` points at. Dropped tokens
+    (``keep`` False) contribute zero but still count in the mean over *all* student tokens, which
+    is GLSD's normalisation (a crop with few valid matches gets a smaller loss, not a louder one).
+    The 0.5 pair weight of EsViT/GLSD belongs to the caller.
+
+    Args:
+        s_region: ``[B, Ts, K]`` student dense-head logits.
+        t_region: ``[B, Tt, K]`` teacher dense-head logits (no gradient is taken through them).
+        center_grid: ``[1, K]`` (or ``[K]``) running mean of teacher dense logits.
+        idx: int64 ``[B, Ts]`` matched teacher token per student token.
+        keep: bool ``[B, Ts]``, or None to keep every token.
+
+    Returns:
+        ``mean_b mean_s keep[b,s] * sum_k -softmax((t[b,idx[b,s]] - c)/T_t)_k * log_softmax(s[b,s]/T_s)_k``.
+    """
+    if s_region.ndim != 3 or t_region.ndim != 3 or s_region.shape[0] != t_region.shape[0] \
+            or s_region.shape[2] != t_region.shape[2]:
+        raise ValueError(f"expected [B, Ts, K] and [B, Tt, K], got {tuple(s_region.shape)} and {tuple(t_region.shape)}")
+    if idx.shape != s_region.shape[:2]:
+        raise ValueError(f"idx must be [B, Ts] = {list(s_region.shape[:2])}, got {tuple(idx.shape)}")
+    if keep is not None and keep.shape != s_region.shape[:2]:
+        raise ValueError(f"keep must be [B, Ts] = {list(s_region.shape[:2])}, got {tuple(keep.shape)}")
+    # Gather the matched teacher rows before the softmax: the softmax is per row, so this is the
+    # same value and needs [B, Ts, K] memory instead of [B, Tt, K].
+    t_matched = torch.gather(t_region.detach().float(), 1, idx[..., None].expand(-1, -1, t_region.shape[2]))
+    teacher_p = F.softmax((t_matched - center_grid.detach().float()) / teacher_temp, dim=-1)
+    student_logp = F.log_softmax(s_region.float() / student_temp, dim=-1)
+    per_token = torch.sum(-teacher_p * student_logp, dim=-1)  # [B, Ts]
+    if keep is not None:
+        per_token = per_token * keep.to(per_token.dtype)
+    return per_token.mean(dim=-1).mean()
+
+
+def _grid_shape(grid: int | Sequence[int]) -> tuple[int, int]:
+    rows, cols = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+    if rows < 1 or cols < 1:
+        raise ValueError(f"grid must be positive, got {(rows, cols)}")
+    return rows, cols
+
+
+def _overlap_patch_ids(
+    box: tuple[float, float, float, float], flip: bool, grid: tuple[int, int],
+    inter: tuple[float, float, float, float],
+) -> np.ndarray:
+    """Token ids (1-based patches) of one crop that cover the intersection, as a 2-D array.
+
+    Patch-Wise DINO's ``find_intersection_ids_in_crops``: the intersection's extent and offset
+    as fractions of the crop, times patches per side, rounded with Python's (banker's) ``round``.
+    A flipped crop mirrors the column range and the column order.
+    """
+    top, left, height, width = box
+    i_top, i_bottom, i_left, i_right = inter
+    rows, cols = grid
+    ids = np.arange(1, rows * cols + 1).reshape(rows, cols)
+    width_quote = round(cols * ((i_right - i_left) / width))
+    height_quote = round(rows * ((i_bottom - i_top) / height))
+    start_w = int(round(cols * ((i_left - left) / width)))
+    start_h = int(round(rows * ((i_top - top) / height)))
+    end_w, end_h = start_w + width_quote, start_h + height_quote
+    if flip:
+        # Clamped at 0: with an odd patch count both roundings can go up and the reference would
+        # slice from -1 (the last column); even counts (14, 6, 28, 12) never get there.
+        start_w, end_w = max(cols - end_w, 0), cols - start_w
+    view = ids[start_h:end_h, start_w:end_w]
+    return np.fliplr(view) if flip else view
+
+
+def _subsample(n_big: int, n_small: int) -> np.ndarray:
+    """Patch-Wise DINO's ``floor(linspace(0, n_big - 1, n_small))`` (numpy, for identical rounding)."""
+    return np.floor(np.linspace(0, n_big - 1, n_small)).astype(np.int64)
+
+
+def patch_correspondences(
+    box1: Sequence[float] | torch.Tensor,
+    flip1: bool | torch.Tensor,
+    grid1: int | Sequence[int],
+    box2: Sequence[float] | torch.Tensor,
+    flip2: bool | torch.Tensor,
+    grid2: int | Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch-Wise DINO's token correspondences between two crops of one image (``augment.correspondences``).
+
+    The intersection rectangle of the boxes is mapped onto each crop's patch grid, the larger
+    of the two index blocks is subsampled per axis with ``floor(linspace(0, n_big-1, n_small))``
+    so both have ``min(r1, r2) x min(c1, c2)`` patches, and the pairs are listed row-major after
+    the CLS pair. CLS always matches CLS, so crops that do not overlap give ``[0], [0]``.
+
+    Args:
+        box1, box2: ``(top, left, height, width)`` in source pixels.
+        flip1, flip2: whether each crop was mirrored.
+        grid1, grid2: patches per side (or ``(rows, cols)``) of each crop's token grid.
+
+    Returns:
+        ``(idx1, idx2)``: int64 ``[1 + M]`` token indices into each crop's sequence, 0 = CLS and
+        ``k`` = patch ``k - 1`` (row-major); ``idx1[m]`` and ``idx2[m]`` are matched.
+    """
+    b1 = tuple(float(v) for v in torch.as_tensor(box1).reshape(-1).tolist())
+    b2 = tuple(float(v) for v in torch.as_tensor(box2).reshape(-1).tolist())
+    if len(b1) != 4 or len(b2) != 4 or min(b1[2], b1[3], b2[2], b2[3]) <= 0:
+        raise ValueError(f"boxes must be (top, left, height, width) with positive sizes, got {b1} and {b2}")
+    g1, g2 = _grid_shape(grid1), _grid_shape(grid2)
+    cls = [0]
+    i_top, i_left = max(b1[0], b2[0]), max(b1[1], b2[1])
+    i_bottom, i_right = min(b1[0] + b1[2], b2[0] + b2[2]), min(b1[1] + b1[3], b2[1] + b2[3])
+    if i_top >= i_bottom or i_left >= i_right:
+        return torch.tensor(cls, dtype=torch.long), torch.tensor(cls, dtype=torch.long)
+
+    inter = (i_top, i_bottom, i_left, i_right)
+    view1 = _overlap_patch_ids(b1, bool(flip1), g1, inter)
+    view2 = _overlap_patch_ids(b2, bool(flip2), g2, inter)
+    (r1, c1), (r2, c2) = view1.shape, view2.shape
+    if r1 >= r2:
+        view1 = view1[_subsample(r1, r2), :]
+    else:
+        view2 = view2[_subsample(r2, r1), :]
+    if c1 >= c2:
+        view1 = view1[:, _subsample(c1, c2)]
+    else:
+        view2 = view2[:, _subsample(c2, c1)]
+    idx1 = torch.tensor(cls + view1.reshape(-1).tolist(), dtype=torch.long)
+    idx2 = torch.tensor(cls + view2.reshape(-1).tolist(), dtype=torch.long)
+    return idx1, idx2

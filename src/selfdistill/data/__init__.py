@@ -13,6 +13,7 @@ from selfdistill.data.multicrop import (
     MultiCropAugmentation,
     crop_pixel_centres,
     sample_crop_box,
+    token_centres,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "sample_crop_box",
     "sample_seed",
     "seeded_rng",
+    "token_centres",
 ]

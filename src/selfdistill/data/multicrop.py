@@ -4,7 +4,8 @@ The photometric recipe is DINO's ``DataAugmentationDINO`` (Caron et al., 2021): 
 and ``n_local_crops`` small local crops, each flipped, colour-jittered, converted to grayscale,
 blurred and (second global crop only) solarized with DINO's probabilities. On top of that every
 crop's box and flip are returned, so dense methods can match patches across views without
-re-deriving the geometry: :func:`crop_pixel_centres` maps each crop pixel back to the source image.
+re-deriving the geometry: :func:`crop_pixel_centres` maps each crop pixel back to the source image
+and :func:`token_centres` each backbone token's cell.
 
 All randomness comes from Python's :mod:`random` and torch's global CPU generator, in the same
 order as the original torchvision pipeline, so seeding both (as ``ImageFolderDataset`` does per
@@ -24,7 +25,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["MultiCropAugmentation", "EvalTransform", "crop_pixel_centres", "sample_crop_box"]
+__all__ = ["MultiCropAugmentation", "EvalTransform", "crop_pixel_centres", "sample_crop_box", "token_centres"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,6 +87,40 @@ def crop_pixel_centres(
     y = top + (rows + 0.5) * (height / size_h) - 0.5
     x, y = torch.broadcast_tensors(x, y)
     return torch.stack([x, y], dim=-3)
+
+
+def token_centres(
+    boxes: torch.Tensor | Sequence[Sequence[float]], flips: torch.Tensor | Sequence[bool], grid: int | Sequence[int]
+) -> torch.Tensor:
+    """Source-pixel ``(x, y)`` centre of every backbone token's cell, shape ``[B, 2, rows, cols]``.
+
+    GLSD's distance matching needs, per token, the mean source coordinate of the crop pixels the
+    token covers (``AvgPool2d(stride)`` of the position map). The crop-to-source map is affine per
+    axis, so that mean is the centre of the cell and equals :func:`crop_pixel_centres` evaluated
+    on a ``rows x cols`` grid over the same box; this holds for any stride as long as the grid
+    tiles the crop (crop side = grid x stride: 224/32, 96/32, 224/16, 96/16). A flipped crop's
+    first token column sits at the right of its box. Every sample keeps its own box and flip
+    (the Patch-Wise DINO repo shares one geometry per batch; we do not).
+
+    Args:
+        boxes: ``[B, 4]`` crop boxes ``(top, left, height, width)`` in source pixels.
+        flips: ``[B]`` bool, whether each crop was mirrored after resizing.
+        grid: ``(rows, cols)`` of the backbone's token grid (an int for a square grid).
+
+    Returns:
+        float32 ``[B, 2, rows, cols]``; channel 0 is x (column), channel 1 is y (row), tokens in
+        the backbone's row-major order.
+    """
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be [B, 4] (top, left, height, width), got {tuple(boxes.shape)}")
+    flips = torch.as_tensor(flips, dtype=torch.bool, device=boxes.device)
+    if flips.shape != boxes.shape[:1]:
+        raise ValueError(f"flips must be [B] = [{boxes.shape[0]}], got {tuple(flips.shape)}")
+    rows, cols = (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+    if rows < 1 or cols < 1:
+        raise ValueError(f"grid must be positive, got {(rows, cols)}")
+    return crop_pixel_centres(boxes, flips, (rows, cols))
 
 
 class _GaussianBlur:
