@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(os.environ.get("MEMORY_WORKER", ROOT / "benchmarks" / "memory_worker.py"))
+WORKER = ROOT / "benchmarks" / "memory_worker.py"
 STRATEGIES = ["ddp", "zero1", "zero2", "zero3", "zero3_offload"]
 GIB = 2**30
 
@@ -81,8 +81,6 @@ def run(args: argparse.Namespace, model: str, strategy: str, ranks: int, batch: 
     cmd = [*launcher(strategy, ranks), str(WORKER), str(result_dir), *overrides]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if os.environ.get("MEMORY_DEBUG"):
-        print(r.stdout[-5000:])
     if r.returncode != 0:
         raise RuntimeError(f"{tag} failed:\n{r.stderr[-3000:]}")
     ranks_out = [json.loads((result_dir / f"rank{i}.json").read_text()) for i in range(ranks)]
