@@ -60,3 +60,34 @@ def tiny_overrides(data_path: Path, output_dir: Path, **extra) -> list[str]:
     }
     cfg.update({k: v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in cfg.items()]
+
+
+# One global batch with epoch 0's augmentation every step, a constant teacher temperature and a fixed
+# center: the student fits a slowly moving EMA teacher, so the loss must fall (train.epochs sets steps).
+REPEATED_BATCH = ["train.overfit_batches=1", "method.teacher_temp=0.04", "method.warmup_teacher_temp=0.04",
+                  "method.center_momentum=1.0", "model.drop_path_rate=0.0", "optim.warmup_epochs=0"]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """In-process training builds Accelerate singletons; reset them so each test starts clean."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_training(data: Path, out: Path, *extra: str, resume: str | None = None, **overrides):
+    """Train the tiny recipe in this process (``extra``: more dotted overrides, applied last)."""
+    from selfdistill.config import load_config
+    from selfdistill.engine.trainer import Trainer
+
+    return Trainer(load_config(None, [*tiny_overrides(data, out, **overrides), *extra]), resume=resume).fit()
+
+
+def logged_losses(out: Path) -> list[float]:
+    import json
+
+    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]

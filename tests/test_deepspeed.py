@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_image_folder, tiny_overrides
+from conftest import REPEATED_BATCH, make_image_folder, tiny_overrides
 from selfdistill.engine import checkpoint as ckpt
 
 pytest.importorskip("deepspeed")
@@ -22,11 +22,9 @@ pytestmark = pytest.mark.slow
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 LAST_LAYER = "head.last_layer.parametrizations.weight.original1"
 
-# One global batch (8 per rank x 2 ranks) with the same augmentation every step, a constant teacher
-# temperature and a fixed center: the student fits a slowly moving EMA teacher, so the loss must fall.
-# 4 epochs = 4 optimizer steps; the last layer is frozen for the first epoch (= step).
-REPEATED_BATCH = ["train.overfit_batches=1", "train.epochs=4", "method.teacher_temp=0.04",
-                  "method.center_momentum=1.0", "model.drop_path_rate=0.0", "optim.warmup_epochs=0"]
+# The repeated batch of conftest for 4 epochs = 4 optimizer steps (8 per rank x 2 ranks = one global
+# batch); the last layer is frozen for the first epoch (= step).
+REPEATED_4 = [*REPEATED_BATCH, "train.epochs=4"]
 
 
 def launch(launcher: list[str], data: Path, out: Path, *extra: str, script: Path = ROOT / "run_pretrain.py",
@@ -70,7 +68,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(data) -> Path:
     out = data.parent / "ddp"
-    launch(DDP, data, out, *REPEATED_BATCH)
+    launch(DDP, data, out, *REPEATED_4)
     return out
 
 
@@ -83,7 +81,7 @@ def initial_student(data) -> dict[str, torch.Tensor]:
     from selfdistill.methods import build_method
 
     set_seed(0)
-    config = load_config(None, [*tiny_overrides(data, data.parent / "unused"), *REPEATED_BATCH])
+    config = load_config(None, [*tiny_overrides(data, data.parent / "unused"), *REPEATED_4])
     return {k: v.clone() for k, v in build_method(config).student.state_dict().items()}
 
 
@@ -91,7 +89,7 @@ def initial_student(data) -> dict[str, torch.Tensor]:
 def test_zero_stage_trains_like_ddp_and_resumes_exactly(stage, data, ddp_run, initial_student):
     """With activation checkpointing on (DDP's run has it off): the same losses, teacher, export."""
     out = data.parent / f"zero{stage}"
-    launch(zero(stage), data, out, *REPEATED_BATCH, "model.grad_checkpointing=true")
+    launch(zero(stage), data, out, *REPEATED_4, "model.grad_checkpointing=true")
     summaries = [json.loads((out / f"rank_summary_{r}.json").read_text()) for r in (0, 1)]
     assert [s["world_size"] for s in summaries] == [2, 2]
     assert summaries[0]["student_sha256"] == summaries[1]["student_sha256"]
@@ -121,12 +119,12 @@ def test_zero_stage_trains_like_ddp_and_resumes_exactly(stage, data, ddp_run, in
 
     # Stop after 1 step (the frozen epoch), resume: the same end state as the uninterrupted run.
     part = data.parent / f"zero{stage}_part"
-    launch(zero(stage), data, part, *REPEATED_BATCH, "model.grad_checkpointing=true", "train.max_steps=1")
+    launch(zero(stage), data, part, *REPEATED_4, "model.grad_checkpointing=true", "train.max_steps=1")
     after_one = student(ckpt.latest_checkpoint(part))
     assert torch.equal(after_one[LAST_LAYER], initial_student[LAST_LAYER])  # frozen: lr=0 group
     assert not torch.equal(after_one["head.mlp.0.weight"], initial_student["head.mlp.0.weight"])
     assert not torch.equal(s[LAST_LAYER], initial_student[LAST_LAYER])  # and it trains afterwards
-    launch(zero(stage), data, part, *REPEATED_BATCH, "model.grad_checkpointing=true", "--resume", "auto")
+    launch(zero(stage), data, part, *REPEATED_4, "model.grad_checkpointing=true", "--resume", "auto")
     assert losses(part) == pytest.approx(got, rel=1e-6)
     for k, v in teacher(part).items():
         assert torch.allclose(v, t[k], atol=1e-6), k
@@ -135,7 +133,7 @@ def test_zero_stage_trains_like_ddp_and_resumes_exactly(stage, data, ddp_run, in
 @pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
 def test_offload_configs_match_ddp(config, data, ddp_run):
     out = data.parent / config
-    launch(zero(config), data, out, *REPEATED_BATCH, "train.max_steps=2")
+    launch(zero(config), data, out, *REPEATED_4, "train.max_steps=2")
     assert losses(out) == pytest.approx(losses(ddp_run)[:2], rel=1e-4, abs=1e-5)
 
 

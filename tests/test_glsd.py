@@ -1,51 +1,38 @@
 """GLSD: view + region self-distillation on tiny ViT and Swin, both matchings; resume; region loss."""
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import REPEATED_BATCH, logged_losses, run_training
 from safetensors.torch import load_file
 
 from selfdistill.config import load_config
 from selfdistill.engine import checkpoint as ckpt
-from selfdistill.engine.trainer import Trainer
 from selfdistill.losses import region_loss
 
 GLSD = ["method.name=glsd"]
 SWIN = ["model.name=swin_tiny_patch4_window7_224", "model.img_size=64", "model.patch_size=null",
         "model.kwargs={depths: [1, 1, 1, 1], embed_dim: 24, num_heads: [1, 1, 1, 1], window_size: 2}",
         "data.global_crop_size=64", "data.local_crop_size=64", "knn.image_size=64"]
-REPEATED_BATCH = ["train.overfit_batches=1", "train.epochs=5", "method.teacher_temp=0.04",
-                  "method.warmup_teacher_temp=0.04", "method.center_momentum=1.0", "model.drop_path_rate=0.0",
-                  "optim.warmup_epochs=0"]
+REPEATED = [*REPEATED_BATCH, "train.epochs=5"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def train(data: Path, out: Path, extra: list[str], resume: str | None = None, **overrides):
-    config = load_config(None, tiny_overrides(data, out, **overrides) + GLSD + extra)
-    return Trainer(config, resume=resume).fit()
+    return run_training(data, out, *GLSD, *extra, resume=resume, **overrides)
 
 
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+losses = logged_losses
 
 
 @pytest.mark.parametrize("matching", ["distance", "similarity"])
 @pytest.mark.parametrize("arch", ["vit", "swin"])
 def test_trains_finite_and_falls_on_repeated_batch(image_folder, tmp_path, arch, matching):
-    extra = [f"method.dense_matching={matching}", *REPEATED_BATCH] + (SWIN if arch == "swin" else [])
+    extra = [f"method.dense_matching={matching}", *REPEATED] + (SWIN if arch == "swin" else [])
     out = tmp_path / "run"
     train(image_folder, out, extra)
     got = losses(out)

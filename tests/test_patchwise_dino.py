@@ -1,46 +1,33 @@
 """Patch-Wise DINO: trains on a tiny ViT, loss falls on a repeated batch, resume, matched-token loss."""
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import REPEATED_BATCH, logged_losses, run_training
 
 from selfdistill.config import ConfigError, load_config
 from selfdistill.engine import checkpoint as ckpt
-from selfdistill.engine.trainer import Trainer
 from selfdistill.methods.patchwise_dino import matched_token_loss
 
 PW = ["method.name=patchwise_dino"]
-REPEATED_BATCH = ["train.overfit_batches=1", "train.epochs=5", "method.teacher_temp=0.04",
-                  "method.warmup_teacher_temp=0.04", "method.center_momentum=1.0", "model.drop_path_rate=0.0",
-                  "optim.warmup_epochs=0"]
+REPEATED = [*REPEATED_BATCH, "train.epochs=5"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def train(data: Path, out: Path, extra: list[str], resume: str | None = None, **overrides):
-    config = load_config(None, tiny_overrides(data, out, **overrides) + PW + extra)
-    return Trainer(config, resume=resume).fit()
+    return run_training(data, out, *PW, *extra, resume=resume, **overrides)
 
 
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+losses = logged_losses
 
 
 def test_trains_finite_and_falls_on_repeated_batch(image_folder, tmp_path):
     out = tmp_path / "run"
-    train(image_folder, out, REPEATED_BATCH)
+    train(image_folder, out, REPEATED)
     got = losses(out)
     assert len(got) == 5 and all(math.isfinite(x) for x in got), got
     assert got[-1] < got[0], got

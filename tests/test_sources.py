@@ -14,7 +14,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import make_image_folder, tiny_overrides
-from selfdistill.data import collate_multicrop
 from selfdistill.data.sources import ShardSource, ShardStream, expand_urls
 
 wds = pytest.importorskip("webdataset")

@@ -9,25 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_image_folder, tiny_overrides
+from conftest import make_image_folder, run_training, tiny_overrides
 from selfdistill.config import load_config
 from selfdistill.engine import checkpoint as ckpt
-from selfdistill.engine.trainer import NonFiniteLossError, Trainer
+from selfdistill.engine.trainer import NonFiniteLossError
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def train(data: Path, out: Path, resume: str | None = None, **overrides):
-    config = load_config(None, tiny_overrides(data, out, **overrides))
-    return Trainer(config, resume=resume).fit()
+    return run_training(data, out, resume=resume, **overrides)
 
 
 def rows(out: Path) -> list[dict]:

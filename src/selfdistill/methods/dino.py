@@ -7,13 +7,13 @@ predict the teacher's centred, sharpened distribution over prototypes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfdistill.config import Config, MethodConfig, _fail
+from selfdistill.config import Config, MethodConfig, ModelConfig, _fail
 from selfdistill.data import MultiCropAugmentation, collate_multicrop
 from selfdistill.losses import dino_loss, ema_center
 from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, register_method
@@ -59,6 +59,17 @@ class DinoConfig(MethodConfig):
             _fail(f"{prefix}.freeze_last_layer_epochs", "must be >= 0")
 
 
+def same_size_runs(crops: list[torch.Tensor]) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each run of consecutive crops with one resolution: one backbone call each."""
+    start = 0
+    while start < len(crops):
+        end = start + 1
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        yield start, end
+        start = end
+
+
 class MultiCropNetwork(nn.Module):
     """Backbone + head over a list of crops, one backbone call per run of same-size crops."""
 
@@ -68,14 +79,7 @@ class MultiCropNetwork(nn.Module):
         self.head = head
 
     def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = []
-        start = 0
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            pooled.append(self.backbone(torch.cat(crops[start:end])).pooled)
-            start = end
+        pooled = [self.backbone(torch.cat(crops[start:end])).pooled for start, end in same_size_runs(crops)]
         embedding = torch.cat(pooled)
         return self.head(embedding), embedding
 
@@ -84,29 +88,41 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
+def build_backbones(m: ModelConfig) -> tuple[Backbone, Backbone]:
+    """The student backbone (drop path, checkpointing, start weights) and the teacher's (neither)."""
+    student = Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
+                       pretrained=m.pretrained, **m.kwargs)
+    teacher = Backbone(m.name, m.img_size, m.patch_size, 0.0, False, **m.kwargs)
+    return student, teacher
+
+
+def dino_head(cfg: DinoConfig, embed_dim: int, norm_last_layer: bool) -> DINOHead:
+    return DINOHead(embed_dim, cfg.out_dim, cfg.use_bn_in_head, norm_last_layer, cfg.head_nlayers,
+                    cfg.head_hidden_dim, cfg.head_bottleneck_dim)
+
+
+def init_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
+    """The EMA teacher starts as a frozen copy of the student. A BatchNorm teacher normalises with
+    its own batch statistics, as in DINO; otherwise it runs in eval mode."""
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    teacher.train(_has_batchnorm(teacher))
+    return teacher
+
+
 @register_method("dino")
 class Dino(Method):
     config_class = DinoConfig
+    last_layer_prefixes: tuple[str, ...] = ("head.last_layer.",)  # frozen for the first epoch(s)
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         cfg: DinoConfig = config.method  # type: ignore[assignment]
         self.cfg = cfg
-        m = config.model
-        student_backbone = Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
-                                    pretrained=m.pretrained, **m.kwargs)
-        teacher_backbone = Backbone(m.name, m.img_size, m.patch_size, 0.0, False, **m.kwargs)
-
-        def head(norm_last_layer: bool) -> DINOHead:
-            return DINOHead(student_backbone.embed_dim, cfg.out_dim, cfg.use_bn_in_head, norm_last_layer,
-                            cfg.head_nlayers, cfg.head_hidden_dim, cfg.head_bottleneck_dim)
-
-        self.student = MultiCropNetwork(student_backbone, head(cfg.norm_last_layer))
-        self.teacher = MultiCropNetwork(teacher_backbone, head(True))
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
-        # A BatchNorm teacher normalises with its own batch statistics, as in DINO; otherwise eval mode.
-        self.teacher.train(_has_batchnorm(self.teacher))
+        student_backbone, teacher_backbone = build_backbones(config.model)
+        self.student = MultiCropNetwork(student_backbone, dino_head(cfg, student_backbone.embed_dim, cfg.norm_last_layer))
+        self.teacher = init_teacher(MultiCropNetwork(teacher_backbone, dino_head(cfg, student_backbone.embed_dim, True)),
+                                    self.student)
         self.center = torch.zeros(1, cfg.out_dim)
         self._center_sum = torch.zeros(1, cfg.out_dim)
         self._center_rows = 0
@@ -118,7 +134,7 @@ class Dino(Method):
         for name, p in self.student.named_parameters():
             if not p.requires_grad:
                 continue
-            if "head.last_layer" in name:
+            if name.startswith(self.last_layer_prefixes):
                 last_layer.append(p)
             elif name.endswith(".bias") or p.ndim <= 1:
                 not_regularized.append(p)

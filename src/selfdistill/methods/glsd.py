@@ -20,9 +20,9 @@ from torch import nn
 from selfdistill.config import Config, _fail
 from selfdistill.data.multicrop import token_centres
 from selfdistill.losses import ema_center, match_by_distance, match_by_similarity, region_loss
-from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, register_method
-from selfdistill.methods.dino import Dino, DinoConfig, _has_batchnorm
-from selfdistill.models import Backbone, DINOHead
+from selfdistill.methods.base import Method, Progress, StepOutput, register_method
+from selfdistill.methods.dino import Dino, DinoConfig, build_backbones, dino_head, init_teacher, same_size_runs
+from selfdistill.models import Backbone
 
 
 @dataclass
@@ -51,15 +51,7 @@ class DenseMultiCropNetwork(nn.Module):
         self.head_dense = head_dense
 
     def forward(self, crops: list[torch.Tensor]):
-        groups = []
-        start = 0
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            out = self.backbone(torch.cat(crops[start:end]))
-            groups.append((end - start, out))
-            start = end
+        groups = [(end - start, self.backbone(torch.cat(crops[start:end]))) for start, end in same_size_runs(crops)]
         pooled = torch.cat([out.pooled for _, out in groups])
         view = self.head(pooled)
         b = crops[0].shape[0]
@@ -77,25 +69,18 @@ class DenseMultiCropNetwork(nn.Module):
 @register_method("glsd")
 class Glsd(Dino):
     config_class = GlsdConfig
+    last_layer_prefixes = ("head.last_layer.", "head_dense.last_layer.")
 
     def __init__(self, config: Config) -> None:
         Method.__init__(self, config)
         cfg: GlsdConfig = config.method  # type: ignore[assignment]
         self.cfg = cfg
-        m = config.model
-        student_backbone = Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
-                                    pretrained=m.pretrained, **m.kwargs)
-        teacher_backbone = Backbone(m.name, m.img_size, m.patch_size, 0.0, False, **m.kwargs)
-
-        def head(norm_last_layer: bool) -> DINOHead:
-            return DINOHead(student_backbone.embed_dim, cfg.out_dim, cfg.use_bn_in_head, norm_last_layer,
-                            cfg.head_nlayers, cfg.head_hidden_dim, cfg.head_bottleneck_dim)
-
-        self.student = DenseMultiCropNetwork(student_backbone, head(cfg.norm_last_layer), head(cfg.norm_last_layer))
-        self.teacher = DenseMultiCropNetwork(teacher_backbone, head(True), head(True))
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
-        self.teacher.train(_has_batchnorm(self.teacher))
+        student_backbone, teacher_backbone = build_backbones(config.model)
+        dim = student_backbone.embed_dim
+        self.student = DenseMultiCropNetwork(student_backbone, dino_head(cfg, dim, cfg.norm_last_layer),
+                                             dino_head(cfg, dim, cfg.norm_last_layer))
+        self.teacher = init_teacher(
+            DenseMultiCropNetwork(teacher_backbone, dino_head(cfg, dim, True), dino_head(cfg, dim, True)), self.student)
         k = cfg.out_dim
         self.center = torch.zeros(1, k)
         self.center_grid = torch.zeros(1, k)
@@ -104,23 +89,6 @@ class Glsd(Dino):
         self._grid_sum = torch.zeros(1, k)
         self._grid_rows = 0
         self._accelerator: Any = None
-
-    def param_groups(self) -> list[ParamGroup]:
-        regularized, not_regularized, last_layer = [], [], []
-        for name, p in self.student.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name.startswith(("head.last_layer.", "head_dense.last_layer.")):
-                last_layer.append(p)
-            elif name.endswith(".bias") or p.ndim <= 1:
-                not_regularized.append(p)
-            else:
-                regularized.append(p)
-        return [
-            ParamGroup("regularized", regularized, weight_decay=True),
-            ParamGroup("not_regularized", not_regularized, weight_decay=False),
-            ParamGroup("last_layer", last_layer, weight_decay=True, frozen_epochs=self.cfg.freeze_last_layer_epochs),
-        ]
 
     def setup(self, accelerator: Any, steps_per_epoch: int, total_steps: int) -> None:
         super().setup(accelerator, steps_per_epoch, total_steps)

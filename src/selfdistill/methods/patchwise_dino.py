@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfdistill.config import Config, _fail
-from selfdistill.losses import ema_center, patch_correspondences
+from selfdistill.losses import patch_correspondences
 from selfdistill.methods.base import Method, Progress, StepOutput, register_method
-from selfdistill.methods.dino import Dino, DinoConfig, _has_batchnorm
-from selfdistill.models import Backbone, DINOHead
+from selfdistill.methods.dino import Dino, DinoConfig, build_backbones, dino_head, init_teacher, same_size_runs
+from selfdistill.models import Backbone
 
 
 @dataclass
@@ -46,17 +46,12 @@ class AllTokensMultiCropNetwork(nn.Module):
     def forward(self, crops: list[torch.Tensor]):
         b = crops[0].shape[0]
         per_crop, pooled = [], []
-        start = 0
-        while start < len(crops):
-            end = start + 1
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
+        for start, end in same_size_runs(crops):
             out = self.backbone(torch.cat(crops[start:end]))
             logits = self.head(torch.cat([out.pooled[:, None], out.tokens], dim=1))  # [n*B, 1+T, K]
             pooled.append(out.pooled)
             for k in range(end - start):
                 per_crop.append((logits[k * b:(k + 1) * b], out.grid))
-            start = end
         return per_crop, torch.cat(pooled)
 
 
@@ -98,25 +93,15 @@ class PatchwiseDino(Dino):
         Method.__init__(self, config)
         cfg: PatchwiseDinoConfig = config.method  # type: ignore[assignment]
         self.cfg = cfg
-        m = config.model
-        student_backbone = Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
-                                    pretrained=m.pretrained, **m.kwargs)
+        student_backbone, teacher_backbone = build_backbones(config.model)
         vit = student_backbone.model
         if not (hasattr(vit, "patch_embed") and getattr(vit, "cls_token", None) is not None
                 and getattr(vit, "global_pool", None) == "token" and student_backbone.num_prefix_tokens == 1):
             _fail("model.name", f"patchwise_dino needs a ViT with a CLS token (no register tokens, "
-                                f"global_pool 'token'), got {m.name!r}")
-        teacher_backbone = Backbone(m.name, m.img_size, m.patch_size, 0.0, False, **m.kwargs)
-
-        def head(norm_last_layer: bool) -> DINOHead:
-            return DINOHead(student_backbone.embed_dim, cfg.out_dim, cfg.use_bn_in_head, norm_last_layer,
-                            cfg.head_nlayers, cfg.head_hidden_dim, cfg.head_bottleneck_dim)
-
-        self.student = AllTokensMultiCropNetwork(student_backbone, head(cfg.norm_last_layer))
-        self.teacher = AllTokensMultiCropNetwork(teacher_backbone, head(True))
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
-        self.teacher.train(_has_batchnorm(self.teacher))
+                                f"global_pool 'token'), got {config.model.name!r}")
+        dim = student_backbone.embed_dim
+        self.student = AllTokensMultiCropNetwork(student_backbone, dino_head(cfg, dim, cfg.norm_last_layer))
+        self.teacher = init_teacher(AllTokensMultiCropNetwork(teacher_backbone, dino_head(cfg, dim, True)), self.student)
         patch = vit.patch_embed.patch_size
         patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
         side = config.data.global_crop_size // patch
@@ -160,11 +145,3 @@ class PatchwiseDino(Dino):
         metrics = {"teacher_entropy": entropy, "teacher_kl_to_center": kl_center, "embedding_std": emb_std}
         return StepOutput(loss=loss, metrics=metrics, batch_size=crops[0].shape[0])
 
-    def _update_center(self) -> None:
-        stats = torch.cat([self._center_sum.flatten(),
-                           torch.tensor([float(self._center_rows)], device=self._center_sum.device)])
-        if self._accelerator is not None and self._accelerator.num_processes > 1:
-            stats = self._accelerator.reduce(stats, reduction="sum")
-        batch_mean = (stats[:-1] / stats[-1].clamp_min(1)).view_as(self.center)
-        self.center = ema_center(self.center, batch_mean, self.cfg.center_momentum)
-        self._reset_center_stats()
