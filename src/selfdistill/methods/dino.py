@@ -194,15 +194,17 @@ class Dino(Method):
         metrics = self._collapse_signals(teacher_logits, student_embedding.detach(), temp)
         return StepOutput(loss=loss, metrics=metrics, batch_size=crops[0].shape[0])
 
-    def _collapse_signals(self, teacher_logits: torch.Tensor, embedding: torch.Tensor,
-                          temp: float) -> dict[str, torch.Tensor]:
+    def _collapse_signals(self, teacher_logits: torch.Tensor, embedding: torch.Tensor, temp: float,
+                          center: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Two failure modes of DINO: uniform teacher outputs (entropy -> log K) and one dominant
-        prototype / constant outputs (KL to the center -> 0, embedding std -> 0)."""
+        prototype / constant outputs (KL to the center -> 0, embedding std -> 0). ``center``: the
+        center matching ``teacher_logits`` (default: the view center)."""
+        center = self.center if center is None else center
         with torch.no_grad():
-            logp = F.log_softmax((teacher_logits - self.center) / temp, dim=-1)
+            logp = F.log_softmax((teacher_logits - center) / temp, dim=-1)
             entropy = -(logp.exp() * logp).sum(-1).mean()
             logp_raw = F.log_softmax(teacher_logits / temp, dim=-1)
-            logp_center = F.log_softmax(self.center / temp, dim=-1)
+            logp_center = F.log_softmax(center / temp, dim=-1)
             kl_center = (logp_raw.exp() * (logp_raw - logp_center)).sum(-1).mean()
             emb_std = F.normalize(embedding.float(), dim=-1).std(dim=0).mean()
         return {"teacher_entropy": entropy, "teacher_kl_to_center": kl_center, "embedding_std": emb_std}

@@ -134,14 +134,7 @@ class PatchwiseDino(Dino):
         t_all = torch.cat([o[0] for o in teacher_out]).detach().float()  # [2B, 1+N, K]
         self._center_sum += t_all.sum(dim=0, keepdim=True)
         self._center_rows += t_all.shape[0]
-        with torch.no_grad():
-            cls = t_all[:, 0]
-            logp = F.log_softmax((cls - self.center[:, 0]) / temp, dim=-1)
-            entropy = -(logp.exp() * logp).sum(-1).mean()
-            logp_raw = F.log_softmax(cls / temp, dim=-1)
-            logp_center = F.log_softmax(self.center[:, 0] / temp, dim=-1)
-            kl_center = (logp_raw.exp() * (logp_raw - logp_center)).sum(-1).mean()
-            emb_std = F.normalize(student_embedding.detach().float(), dim=-1).std(dim=0).mean()
-        metrics = {"teacher_entropy": entropy, "teacher_kl_to_center": kl_center, "embedding_std": emb_std}
+        # Collapse signals on the CLS token, against its own center position.
+        metrics = self._collapse_signals(t_all[:, 0], student_embedding.detach(), temp, center=self.center[:, 0])
         return StepOutput(loss=loss, metrics=metrics, batch_size=crops[0].shape[0])
 
