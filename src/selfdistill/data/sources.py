@@ -76,9 +76,12 @@ class HFImageDataset(Dataset):
             return [-1] * len(self)
         return [int(x) for x in self.data[self.label_column]]
 
-    def _decode(self, index: int) -> Image.Image:
-        value = self.data[index][self.image_column]
-        return decode_rgb(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"], self.draft_size)
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        """One Arrow row read: the decoded image and its label."""
+        row = self.data[index]
+        value = row[self.image_column]
+        img = decode_rgb(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"], self.draft_size)
+        return img, int(row[self.label_column]) if self.label_column else -1
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -86,7 +89,7 @@ class HFImageDataset(Dataset):
         for offset in range(len(self)):
             current = (index + offset) % len(self)
             try:
-                img = self._decode(current)
+                img, label = self._read(current)
                 break
             except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
                 log.warning("skipping unreadable image %s[%d] (%s)", self.image_column, current, err)
@@ -96,7 +99,6 @@ class HFImageDataset(Dataset):
         if self.transform is not None:
             with seeded_rng(sample_seed(self.seed, epoch, index)):
                 img = self.transform(img)
-        label = int(self.data[current][self.label_column]) if self.label_column else -1
         return {"image": img, "label": label, "index": current, "bad": bad}
 
 
