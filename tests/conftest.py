@@ -91,3 +91,31 @@ def logged_losses(out: Path) -> list[float]:
     import json
 
     return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# -- two gloo ranks through `accelerate launch` (slow tests) --------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+DDP_2PROC = ["--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml")]
+
+
+def zero_launcher(stage: int | str) -> list[str]:
+    """`accelerate launch` arguments for 2 ranks under ``ds_configs/zero{stage}.json`` (or a named config)."""
+    name = f"zero{stage}" if isinstance(stage, int) else stage
+    return ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / f"ds_configs/{name}.json"), "--num_processes", "2"]
+
+
+def accelerate_launch(launcher: list[str], data: Path, out: Path, *extra: str, script: Path | None = None,
+                      check: bool = True):
+    """Run ``run_pretrain.py`` (or ``script``) on the tiny recipe under ``accelerate launch``."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    r = subprocess.run([accelerate, "launch", *launcher, str(script or ROOT / "run_pretrain.py"),
+                        *tiny_overrides(data, out), *extra],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
+    if check:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return r

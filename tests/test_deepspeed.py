@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPEATED_BATCH, make_image_folder, tiny_overrides
+from conftest import DDP_2PROC, REPEATED_BATCH, accelerate_launch, make_image_folder, tiny_overrides, zero_launcher
 from selfdistill.engine import checkpoint as ckpt
 
 pytest.importorskip("deepspeed")
@@ -27,23 +27,9 @@ LAST_LAYER = "head.last_layer.parametrizations.weight.original1"
 REPEATED_4 = [*REPEATED_BATCH, "train.epochs=4"]
 
 
-def launch(launcher: list[str], data: Path, out: Path, *extra: str, script: Path = ROOT / "run_pretrain.py",
-           check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    r = subprocess.run([ACCELERATE, "launch", *launcher, str(script), *tiny_overrides(data, out), *extra],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
-    if check:
-        assert r.returncode == 0, r.stderr[-4000:]
-    return r
-
-
-def zero(stage: int | str) -> list[str]:
-    name = f"zero{stage}" if isinstance(stage, int) else stage
-    return ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / f"ds_configs/{name}.json"), "--num_processes", "2"]
-
-
-DDP = ["--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml")]
+launch = accelerate_launch
+zero = zero_launcher
+DDP = DDP_2PROC
 
 
 def losses(out: Path) -> list[float]:

@@ -115,3 +115,14 @@ def test_pretrained_file_initialises_the_backbone(tmp_path):
         Backbone(cfg.name, pretrained=str(tmp_path / "missing.safetensors"), **kw)
     with pytest.raises(ValueError, match=r"model.pretrained: .* does not fit .*missing \['blocks.2"):
         Backbone(cfg.name, pretrained=str(path), img_size=32, patch_size=8, depth=3)
+
+
+def test_dino_head_with_batchnorm_is_token_wise_on_token_maps():
+    """Dense heads (GLSD, Patch-Wise DINO) take [B, T, D]: with BatchNorm each token's output must
+    equal the head applied to all tokens as one flat batch (BN over features, not positions)."""
+    torch.manual_seed(0)
+    head = DINOHead(8, out_dim=10, use_bn=True, hidden_dim=16, bottleneck_dim=4).train()
+    tokens = torch.randn(3, 5, 8)
+    out = head(tokens)
+    assert out.shape == (3, 5, 10)
+    assert torch.allclose(out, head(tokens.reshape(15, 8)).reshape(3, 5, 10), atol=1e-6)

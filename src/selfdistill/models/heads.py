@@ -48,6 +48,9 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(x)
+        """``[..., in_dim] -> [..., out_dim]``: token maps ``[B, T, D]`` are flattened first, so that
+        BatchNorm (``use_bn``) normalises features over all tokens, not token positions as channels."""
+        lead = x.shape[:-1]
+        x = self.mlp(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
         x = F.normalize(x.float(), dim=-1, p=2).to(x.dtype)
         return self.last_layer(x)
