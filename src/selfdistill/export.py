@@ -56,14 +56,15 @@ def read_export_info(path: str | Path) -> dict[str, Any]:
 
 def load_backbone(weights: str, model_cfg: ModelConfig | None = None) -> tuple[Backbone, ModelConfig]:
     """A frozen backbone from ``weights``: an exported ``.safetensors``, a checkpoint or run
-    directory of this project (its evaluation backbone, i.e. the DINO teacher), or ``random``
-    (needs ``model_cfg``) for the random-initialisation baseline."""
+    directory of this project (its evaluation backbone, i.e. the DINO teacher), a local timm
+    weights file (``.pth``/``.bin``/``.safetensors``, needs ``model_cfg``), or ``random`` (needs
+    ``model_cfg``) for the random-initialisation baseline."""
     if weights == "random":
         if model_cfg is None:
             raise ValueError("--weights random needs the model (e.g. --model.name vit_small_patch16_224)")
         return _build(model_cfg), model_cfg
     path = Path(weights)
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_file() and (path.suffix == ".safetensors" or model_cfg is not None):  # ours, or a timm file
         if model_cfg is None:
             info = read_export_info(path)
             model_cfg = ModelConfig(name=info["timm_name"], img_size=info.get("img_size"),
@@ -74,6 +75,8 @@ def load_backbone(weights: str, model_cfg: ModelConfig | None = None) -> tuple[B
         return backbone, model_cfg
     if path.is_dir():
         return _from_checkpoint(path)
+    if path.is_file():
+        raise ValueError(f"--weights {weights}: a weights file without selfdistill metadata needs --model.name")
     raise FileNotFoundError(f"--weights {weights}: expected a .safetensors file, a checkpoint/run directory or 'random'")
 
 

@@ -17,7 +17,9 @@ def plot_training_curves(log_path: str | Path, out_path: str | Path) -> Path | N
     """Loss (and online kNN top-1, teacher entropy when logged) against optimizer steps."""
     rows = read_log(log_path)
     train = [r for r in rows if "loss" in r]
-    knn = [r for r in rows if "knn/top1_k20" in r]
+    knn_keys = sorted({k for r in rows for k in r if k.startswith("knn/top1_k")}, key=lambda k: int(k[10:]))
+    knn_key = "knn/top1_k20" if "knn/top1_k20" in knn_keys else (knn_keys[0] if knn_keys else "")
+    knn = [r for r in rows if knn_key in r]
     if not train:
         return None
     import matplotlib
@@ -42,8 +44,8 @@ def plot_training_curves(log_path: str | Path, out_path: str | Path) -> Path | N
         ax.grid(alpha=0.3)
     if knn:
         ax = axes[0][i]
-        ax.plot([r["step"] for r in knn], [r["knn/top1_k20"] for r in knn], marker="o")
-        ax.set(xlabel="optimizer step", ylabel="top-1 (%)", title="online kNN (k=20)")
+        ax.plot([r["step"] for r in knn], [r[knn_key] for r in knn], marker="o")
+        ax.set(xlabel="optimizer step", ylabel="top-1 (%)", title=f"online kNN (k={knn_key[10:]})")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out_path = Path(out_path)

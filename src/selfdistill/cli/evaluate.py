@@ -3,6 +3,7 @@
     python run_eval.py knn --weights runs/dino/export/teacher_backbone.safetensors \\
         --data.path /data/imagenet/train --data.val_path /data/imagenet/val
     python run_eval.py export --checkpoint runs/dino --out teacher.safetensors
+    python run_eval.py pictures --weights runs/dino --images photo.jpg   (see selfdistill.cli.pictures)
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="eval: the evaluation backbone (DINO: the EMA teacher); student: the student, "
                           "consolidated from ZeRO partitions for a DeepSpeed checkpoint")
     exp.add_argument("--out", required=True, help="output .safetensors path")
+
+    from selfdistill.cli import pictures  # attention, matching, attn-diagnostics, curves, pictures
+
+    pictures.add_parsers(sub)
     return p
 
 
@@ -97,7 +102,9 @@ def run_export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return dispatch({"knn": run_knn, "export": run_export}, args)
+    from selfdistill.cli.pictures import HANDLERS as picture_handlers
+
+    return dispatch({"knn": run_knn, "export": run_export, **picture_handlers}, args)
 
 
 if __name__ == "__main__":
