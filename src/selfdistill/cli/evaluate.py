@@ -3,6 +3,7 @@
     python run_eval.py knn --weights runs/dino/export/teacher_backbone.safetensors \\
         --data.path /data/imagenet/train --data.val_path /data/imagenet/val
     python run_eval.py export --checkpoint runs/dino --out teacher.safetensors
+    python run_eval.py finetune --config configs/finetune_fd_vit_base16.yaml model.weights=W data.path=T data.val_path=V
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="eval: the evaluation backbone (DINO: the EMA teacher); student: the student, "
                           "consolidated from ZeRO partitions for a DeepSpeed checkpoint")
     exp.add_argument("--out", required=True, help="output .safetensors path")
+
+    from selfdistill.eval.finetune import add_arguments as finetune_arguments
+
+    finetune_arguments(sub.add_parser("finetune", help="full fine-tuning with a fresh classifier (BEiT / FD recipe: "
+                                                       "layer decay, RandAugment, mixup/cutmix, drop path)"))
     return p
 
 
@@ -97,7 +103,9 @@ def run_export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return dispatch({"knn": run_knn, "export": run_export}, args)
+    from selfdistill.eval.finetune import run_command as run_finetune
+
+    return dispatch({"knn": run_knn, "export": run_export, "finetune": run_finetune}, args)
 
 
 if __name__ == "__main__":
