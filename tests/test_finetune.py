@@ -229,6 +229,18 @@ def test_resume_after_one_epoch_matches_uninterrupted_run(folders, tmp_path):
     assert json.loads((full / "finetune_results.json").read_text())["history"] == resumed["history"]
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_labelled_shards_train_and_validate(folders, tmp_path):
+    from selfdistill.data.shards import folder_source, write_shards
+
+    train, val = folders
+    write_shards(tmp_path / "train", folder_source(train), samples_per_shard=8, progress=False)
+    write_shards(tmp_path / "val", folder_source(val), samples_per_shard=6, progress=False)
+    results = finetune(tmp_path / "train", tmp_path / "val", tmp_path / "run", *TINY_VIT, "model.weights=random",
+                       "data.format=wds", "train.epochs=1")
+    assert results["classes"] == ["a", "b"] and results["steps"] == 4 and results["final"]["n"] == 12
+
+
 def test_config_errors_and_recipes():
     with pytest.raises(ConfigError, match="model.weights: required"):
         load_finetune_config(None, ["data.path=/x", "data.val_path=/y"])

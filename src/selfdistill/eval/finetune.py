@@ -349,9 +349,9 @@ def read_weights(weights: str) -> tuple[dict[str, torch.Tensor] | None, dict[str
         from selfdistill.export import load_backbone
 
         backbone, model_cfg = load_backbone(str(path))  # the checkpoint's evaluation backbone
-        info = {"timm_name": model_cfg.name, "img_size": model_cfg.img_size, "patch_size": model_cfg.patch_size,
-                "kwargs": dict(model_cfg.kwargs)}
-        return {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}, info
+        recorded = {"timm_name": model_cfg.name, "img_size": model_cfg.img_size, "patch_size": model_cfg.patch_size,
+                    "kwargs": dict(model_cfg.kwargs)}
+        return {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}, recorded
     if not path.is_file():
         raise FileNotFoundError(f"model.weights: {weights!r} is neither a file, a checkpoint/run directory nor 'random'")
     from timm.models import load_state_dict
@@ -451,8 +451,9 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> d
     """Load the pretrained tensors strictly, except what fine-tuning replaces on purpose.
 
     New (not in the file): the classifier and final norms (``fc_norm`` for mean pooling, or ``norm``).
-    Unused (in the file, not in the model): a classifier, and ``norm``/``fc_norm`` the chosen pooling
-    does not have (FD: the final ``norm`` is unused under mean pooling). Anything else is an error.
+    Unused (in the file, not in the model): a classifier, ``norm``/``fc_norm`` the chosen pooling
+    does not have (FD: the final ``norm`` is unused under mean pooling), a masked-image-modelling
+    ``mask_token``. Anything else is an error.
     """
     import sys
 
@@ -468,7 +469,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> d
     unexpected = sorted(set(state) - set(own))
     replaceable = (head + ".", "fc_norm.", "norm.")
     bad_missing = [k for k in missing if not k.startswith(replaceable)]
-    bad_unexpected = [k for k in unexpected if not k.startswith(replaceable)]
+    bad_unexpected = [k for k in unexpected if not k.startswith(replaceable) and k != "mask_token"]  # BEiT/SimMIM
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
              if k in state and state[k].shape != own[k].shape]
     if bad_missing or bad_unexpected or wrong:
