@@ -358,6 +358,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe, apply dotted overrides, type-check and validate everything."""
+    return config_from_dict(read_recipe(path, overrides))
+
+
+def read_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The plain tree of a YAML recipe with dotted overrides applied (not yet type-checked)."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -372,7 +377,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
-    return config_from_dict(tree)
+    return tree
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

@@ -4,6 +4,7 @@
         --data.path /data/imagenet/train --data.val_path /data/imagenet/val
     python run_eval.py export --checkpoint runs/dino --out teacher.safetensors
     python run_eval.py pictures --weights runs/dino --images photo.jpg   (see selfdistill.cli.pictures)
+    python run_eval.py finetune --config configs/finetune_fd_vit_base16.yaml model.weights=W data.path=T data.val_path=V
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     from selfdistill.cli import pictures  # attention, matching, attn-diagnostics, curves, pictures
 
     pictures.add_parsers(sub)
+
+    from selfdistill.eval.finetune import add_arguments as finetune_arguments
+
+    finetune_arguments(sub.add_parser("finetune", help="full fine-tuning with a fresh classifier (BEiT / FD recipe: "
+                                                       "layer decay, RandAugment, mixup/cutmix, drop path)"))
     return p
 
 
@@ -103,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from selfdistill.cli.pictures import HANDLERS as picture_handlers
+    from selfdistill.eval.finetune import run_command as run_finetune
 
-    return dispatch({"knn": run_knn, "export": run_export, **picture_handlers}, args)
+    return dispatch({"knn": run_knn, "export": run_export, "finetune": run_finetune, **picture_handlers}, args)
 
 
 if __name__ == "__main__":
