@@ -110,3 +110,28 @@ def test_plan_errors_name_the_key(tmp_path):
     assert tree["protocols"] == {"knn": {}, "copydetect": {}}
     with pytest.raises(ValueError, match="copydetect.path"):
         build_plan(list(tree["protocols"]), tree["protocols"], tree["data"])
+
+
+def test_weights_from_a_bare_timm_file(tmp_path):
+    """A timm state dict without selfdistill metadata (with its classifier) loads given --model.name."""
+    import timm
+
+    from selfdistill.config import ModelConfig
+    from selfdistill.eval.protocols import Weights
+
+    kw = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, num_classes=5, **kw).eval()
+    path = tmp_path / "timm_vit.pth"
+    torch.save({"state_dict": ref.state_dict()}, path)
+    with pytest.raises(ValueError, match="--model.name"):
+        Weights(str(path)).backbone()
+    cfg = ModelConfig(name="vit_tiny_patch16_224", img_size=16, patch_size=4, drop_path_rate=0.0, kwargs=kw)
+    x = torch.randn(2, 3, 16, 16)
+    for fmt in ("timm", "selfdistill"):
+        backbone = Weights(str(path), cfg, fmt).backbone()
+        assert not any(p.requires_grad for p in backbone.parameters())
+        with torch.no_grad():
+            assert torch.allclose(backbone(x).pooled, ref.forward_head(ref.forward_features(x), pre_logits=True))
+    with pytest.raises(ValueError, match="unknown"):
+        Weights(str(path), cfg, "nope").backbone()

@@ -363,7 +363,7 @@ def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) 
     features = LinearFeatures(backbone, options.n_last_blocks, options.avgpool_patchtokens)
     with torch.no_grad():
         dim = features(torch.zeros(1, 3, options.image_size, options.image_size, device=ctx.device)).shape[-1]
-    settings = {"weights": weights.spec, "train_path": options.train_path, "val_path": options.val_path,
+    settings = {"weights": weights.spec, "weights_hash": weights.fingerprint(), "train_path": options.train_path, "val_path": options.val_path,
                 "image_size": options.image_size, "feature": features.describe()}
     out = train_linear_classifier(
         features, dim, num_classes, source,

@@ -118,6 +118,19 @@ class Weights:
             self._loaded = backbone.eval().requires_grad_(False)
         return self._loaded
 
+    def fingerprint(self) -> str:
+        """A hash of the backbone's tensors: a checkpoint of a protocol run on other weights that
+        happen to sit at the same path is not mistaken for this one."""
+        import hashlib
+
+        import torch
+
+        h = hashlib.blake2b(digest_size=12)
+        for key, value in sorted(self.backbone().state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"weights": self.spec}
         if self.model is not None:
