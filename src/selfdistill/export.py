@@ -54,30 +54,44 @@ def read_export_info(path: str | Path) -> dict[str, Any]:
     return json.loads(meta[METADATA_KEY])
 
 
-def load_backbone(weights: str, model_cfg: ModelConfig | None = None) -> tuple[Backbone, ModelConfig]:
-    """A frozen backbone from ``weights``: an exported ``.safetensors``, a checkpoint or run
-    directory of this project (its evaluation backbone, i.e. the DINO teacher), a local timm
-    weights file (``.pth``/``.bin``/``.safetensors``, needs ``model_cfg``), or ``random`` (needs
-    ``model_cfg``) for the random-initialisation baseline."""
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".tar")
+
+
+def load_backbone(weights: str, model_cfg: ModelConfig | None = None, fmt: str = "timm") -> tuple[Backbone, ModelConfig]:
+    """A frozen backbone from ``weights``: an exported ``.safetensors``, a bare weights file
+    (timm keys, or another ``fmt`` of ``selfdistill.models.teachers``; needs ``model_cfg``), a
+    checkpoint or run directory of this project (its evaluation backbone, i.e. the DINO teacher),
+    or ``random`` (needs ``model_cfg``) for the random-initialisation baseline."""
     if weights == "random":
         if model_cfg is None:
             raise ValueError("--weights random needs the model (e.g. --model.name vit_small_patch16_224)")
         return _build(model_cfg), model_cfg
     path = Path(weights)
-    if path.is_file() and (path.suffix == ".safetensors" or model_cfg is not None):  # ours, or a timm file
+    if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
         if model_cfg is None:
+            if path.suffix != ".safetensors":
+                raise ValueError(f"--weights {weights}: a bare weights file; name its timm model with --model.name "
+                                 "(and --model.img_size / --model.patch_size where they differ from timm's)")
             info = read_export_info(path)
             model_cfg = ModelConfig(name=info["timm_name"], img_size=info.get("img_size"),
                                     patch_size=info.get("patch_size"), drop_path_rate=0.0,
                                     kwargs=info.get("kwargs") or {})
         backbone = _build(model_cfg)
-        load_timm_weights(backbone.model, str(path), what=f"--weights ({model_cfg.name})")
+        if fmt == "timm":
+            load_timm_weights(backbone.model, str(path), what=f"--weights ({model_cfg.name})")
+        else:
+            from selfdistill.models.teachers import load_converted, read_tensors, teacher_formats
+            from selfdistill.models.teachers import _FORMATS as formats
+
+            if fmt not in formats:
+                raise ValueError(f"--weights-format {fmt!r} is unknown (available: {', '.join(teacher_formats())})")
+            state, _ = formats[fmt](read_tensors(path), backbone.model)
+            load_converted(backbone.model, state, f"--weights {path} ({fmt} format)")
         return backbone, model_cfg
     if path.is_dir():
         return _from_checkpoint(path)
-    if path.is_file():
-        raise ValueError(f"--weights {weights}: a weights file without selfdistill metadata needs --model.name")
-    raise FileNotFoundError(f"--weights {weights}: expected a .safetensors file, a checkpoint/run directory or 'random'")
+    raise FileNotFoundError(f"--weights {weights}: expected a weights file ({', '.join(WEIGHT_SUFFIXES)}), a "
+                            "checkpoint/run directory or 'random'")
 
 
 def _build(model_cfg: ModelConfig) -> Backbone:

@@ -5,6 +5,10 @@
     python run_eval.py export --checkpoint runs/dino --out teacher.safetensors
     python run_eval.py pictures --weights runs/dino --images photo.jpg   (see selfdistill.cli.pictures)
     python run_eval.py finetune --config configs/finetune_fd_vit_base16.yaml model.weights=W data.path=T data.val_path=V
+    python run_eval.py linear --weights W --data.path TRAIN --data.val_path VAL [--recipe dino|smd]
+    python run_eval.py retrieval --weights W --gnd /data/roxford5k/gnd_roxford5k.pkl
+    python run_eval.py copydetect --weights W --data.path /data/copydays [--whitening-path DIR]
+    python run_eval.py summary --weights W --protocols knn,linear --data.path TRAIN --data.val_path VAL
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 
 from selfdistill.cli import dispatch
 from selfdistill.config import ModelConfig
+
+PROTOCOL_COMMANDS = ("linear", "retrieval", "copydetect")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="eval: the evaluation backbone (DINO: the EMA teacher); student: the student, "
                           "consolidated from ZeRO partitions for a DeepSpeed checkpoint")
     exp.add_argument("--out", required=True, help="output .safetensors path")
+
+    # Registered protocols (selfdistill.eval.protocols): their options dataclasses give the arguments.
+    from selfdistill.cli.eval_protocols import add_protocol_command, add_summary_command
+
+    for name in PROTOCOL_COMMANDS:
+        add_protocol_command(sub, name)
+    add_summary_command(sub)
 
     from selfdistill.cli import pictures  # attention, matching, attn-diagnostics, curves, pictures
 
@@ -108,10 +121,12 @@ def run_export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from selfdistill.cli.eval_protocols import protocol_handlers, run_summary_command
     from selfdistill.cli.pictures import HANDLERS as picture_handlers
     from selfdistill.eval.finetune import run_command as run_finetune
 
-    return dispatch({"knn": run_knn, "export": run_export, "finetune": run_finetune, **picture_handlers}, args)
+    return dispatch({"knn": run_knn, "export": run_export, **protocol_handlers(PROTOCOL_COMMANDS),
+                     "summary": run_summary_command, "finetune": run_finetune, **picture_handlers}, args)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from selfdistill.data import EvalTransform, ImageFolderDataset, collate_eval
 from selfdistill.eval.knn import ShardedEvalSampler, extract_features, knn_classify
+from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
 
 
 @dataclass
@@ -40,22 +42,52 @@ def is_shards(path: str) -> bool:
     return os.path.isfile(os.path.join(path, INFO_NAME)) or ".tar" in path or path.startswith(("pipe:", "s3://"))
 
 
-def labelled_images(path: str, image_size: int, mean, std, role: str) -> ImageFolderDataset | EvalShards:
-    """A labelled folder, or labelled shards (a ``selfdistill-shards`` directory or shard URLs)."""
-    transform = EvalTransform(size=image_size, mean=mean, std=std)
+def is_hf_dataset(path: str) -> bool:
+    """An HF ``datasets`` directory (``save_to_disk`` output, or parquet / arrow files)."""
+    root = Path(path)
+    if not root.is_dir():
+        return False
+    if any((root / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        return True
+    return any(root.glob("*.parquet")) or any(root.glob("*.arrow")) or any(root.glob("*/*.parquet"))
+
+
+def labelled_images(path: str, image_size: int, mean, std, role: str,
+                    transform: Callable[[Any], Any] | None = None) -> Dataset | EvalShards:
+    """A labelled folder, labelled shards (a ``selfdistill-shards`` directory or shard URLs), or an
+    HF ``datasets`` directory (``DIR@split`` picks a split; default ``train``). ``transform``
+    defaults to DINO's evaluation transform at ``image_size``."""
+    transform = transform or EvalTransform(size=image_size, mean=mean, std=std)
     if is_shards(path):
         from selfdistill.data.sources import expand_urls, shard_info
 
         info = shard_info(path) or {}
         classes = info.get("class_names")
         if not classes:
-            raise ValueError(f"kNN {role} shards {path} have no class names (an _info.json from a labelled input); "
-                             "kNN needs labelled images")
+            raise ValueError(f"{role} shards {path} have no class names (an _info.json from a labelled input); "
+                             "this evaluation needs labelled images")
         return EvalShards(expand_urls(path), list(classes), transform, int(info.get("total_samples", 0)))
+    hf_path, _, split = path.rpartition("@") if "@" in path and not os.path.exists(path) else (path, "", "train")
+    if is_hf_dataset(hf_path):
+        from selfdistill.data.sources import HFImageDataset
+
+        hf = HFImageDataset(hf_path, transform=transform, split=split)
+        if not hf.labelled:
+            raise ValueError(f"{role} HF dataset {path} has no label column; this evaluation needs labelled images")
+        return hf
     ds = ImageFolderDataset(path, transform=transform)
     if not ds.labelled:
-        raise ValueError(f"kNN {role} folder {path} has no class sub-folders; kNN needs labelled images")
+        raise ValueError(f"{role} folder {path} has no class sub-folders; this evaluation needs labelled images")
     return ds
+
+
+def eval_loader(ds: Dataset | EvalShards, batch_size: int, num_workers: int, rank: int = 0, world: int = 1,
+                collate_fn: Callable = collate_eval) -> DataLoader:
+    """Every sample exactly once over all ranks (no padding), for feature extraction / validation."""
+    if isinstance(ds, EvalShards):
+        return ds.loader(batch_size, num_workers, rank, world)
+    return DataLoader(ds, batch_size=batch_size, sampler=ShardedEvalSampler(len(ds), rank, world),
+                      num_workers=num_workers, collate_fn=collate_fn)
 
 
 @dataclass
@@ -71,8 +103,8 @@ class KnnSetup:
     @classmethod
     def from_config(cls, config: Any, accelerator: Any = None) -> "KnnSetup":
         k, d = config.knn, config.data
-        train = labelled_images(k.train_path or d.path, k.image_size, d.mean, d.std, "train (feature bank)")
-        val = labelled_images(k.val_path, k.image_size, d.mean, d.std, "validation")
+        train = labelled_images(k.train_path or d.path, k.image_size, d.mean, d.std, "kNN train (feature bank)")
+        val = labelled_images(k.val_path, k.image_size, d.mean, d.std, "kNN validation")
         if train.classes != val.classes:
             raise ValueError(f"kNN train and validation folders have different classes: {train.classes[:5]}... vs "
                              f"{val.classes[:5]}...")
@@ -88,10 +120,7 @@ class KnnSetup:
     def _loader(self, ds: Dataset | EvalShards) -> DataLoader:
         rank = self.accelerator.process_index if self.accelerator else 0
         world = self.accelerator.num_processes if self.accelerator else 1
-        if isinstance(ds, EvalShards):
-            return ds.loader(self.batch_size, self.num_workers, rank, world)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=ShardedEvalSampler(len(ds), rank, world),
-                          num_workers=self.num_workers, collate_fn=collate_eval)
+        return eval_loader(ds, self.batch_size, self.num_workers, rank, world)
 
     def features(self, feature_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None):
         kw = dict(accelerator=self.accelerator) if self.accelerator else dict(device=device)
@@ -122,3 +151,45 @@ def flatten_results(results: dict[int, dict[str, float]]) -> dict[str, float]:
 def pixel_features(images: torch.Tensor) -> torch.Tensor:
     """Raw pixels as features: the floor every learned representation should beat."""
     return images.flatten(1)
+
+
+# -- the kNN protocol for run_eval.py summary (run_eval.py knn keeps its own command) ----------------
+
+@dataclass
+class KnnOptions:
+    train_path: str = field(metadata={"help": "labelled feature bank", "flags": ["--data.path"]})
+    val_path: str = field(metadata={"help": "labelled queries", "flags": ["--data.val_path"]})
+    k: list[int] = field(default_factory=lambda: [10, 20, 100, 200], metadata={"help": "neighbours"})
+    temperature: float = field(default=0.07, metadata={"help": "vote temperature"})
+    image_size: int = field(default=224, metadata={"help": "center-crop size"})
+    batch_size: int = field(default=128, metadata={"help": "feature-extraction batch per process"})
+    num_workers: int = field(default=4, metadata={"help": "data loading workers per process"})
+    max_train_samples: int = field(default=0, metadata={"help": "random subset of the bank (0: all)"})
+
+
+@register_protocol("knn", KnnOptions, help="weighted kNN (DINO eval_knn) on the pooled embedding")
+def knn_protocol(weights: Weights, options: KnnOptions, ctx: EvalContext) -> dict[str, Any]:
+    """Weighted kNN top-1 / top-5 for every k; ``--weights pixels`` scores raw pixels."""
+    from selfdistill.config import Config, KnnConfig
+    from selfdistill.eval.knn import KNN_METHOD
+
+    config = Config(knn=KnnConfig(train_path=options.train_path, val_path=options.val_path, k=list(options.k),
+                                  temperature=options.temperature, image_size=options.image_size,
+                                  batch_size=options.batch_size, max_train_samples=options.max_train_samples))
+    config.data.num_workers = options.num_workers
+    setup = KnnSetup.from_config(config, ctx.accelerator)
+    if weights.spec == "pixels":
+        feature, fn = "raw pixels", pixel_features
+    else:
+        backbone = weights.backbone().to(ctx.device)
+        feature = "pooled embedding (CLS for ViT, average pool otherwise), L2-normalised"
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            return backbone(x).pooled
+    results = setup.evaluate_features(fn)
+    protocol = {"description": f"{KNN_METHOD}: Resize(size*256/224, bicubic)+CenterCrop, cosine similarity, "
+                               "votes exp(s/T)", "feature": feature, "k": list(options.k),
+                "temperature": options.temperature, "image_size": options.image_size,
+                "n_train": len(setup.train_set), "n_test": len(setup.val_set),
+                "train_path": options.train_path, "val_path": options.val_path, "units": "percent"}
+    return {"metrics": flatten_results(results), "protocol": protocol}

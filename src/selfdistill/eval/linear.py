@@ -1,0 +1,388 @@
+"""Linear probe: a linear classifier trained on frozen features (DINO ``eval_linear.py``; SMD's
+``main_lincls.py --lars``).
+
+Features (no batch norm, as DINO): for a ViT, the final-norm CLS tokens of the last
+``n_last_blocks`` blocks concatenated (DINO: 4 for ViT-S, 1 for ViT-B), optionally followed by the
+average of the last block's patch tokens; for Swin / ResNet, the backbone's average pool. The
+classifier is ``nn.Linear`` with weights ~ N(0, 0.01) and zero bias, trained with cross-entropy on
+RandomResizedCrop + flip views (recomputed every epoch, since the crops change), validated on
+Resize(size·256/224) + CenterCrop(size). The reported top-1 is the best over the validations, as
+DINO reports it.
+
+Recipes (``RECIPES``): ``dino`` = SGD, momentum 0.9, wd 0, lr 0.001·batch/256, batch 1024, 100
+epochs, cosine per epoch to 0; ``smd`` = LARS (LARC with trust 0.001, no clipping, via
+``timm.optim.Lars(always_adapt=True)``) over SGD momentum 0.9, wd 0, lr 0.1·batch/256, batch 4096,
+90 epochs, cosine per epoch.
+
+One difference from DINO: with ``avgpool_patchtokens`` DINO interleaves the CLS and average
+vectors element by element (and so only works with ``n_last_blocks=1``); here they are
+concatenated, which is the same features in another order (a linear layer learns the same
+function) and also works with ``n_last_blocks > 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "linear_checkpoint.pt"
+HEAD_FILE = "linear_head.safetensors"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    optimizer: str  # "sgd" or "lars"
+    lr: float  # per 256 images (linear scaling rule)
+    batch_size: int  # global
+    epochs: int
+    momentum: float
+    weight_decay: float
+    val_interpolation: str  # of the validation resize
+    reference: str
+
+
+RECIPES = {
+    "dino": Recipe("sgd", 0.001, 1024, 100, 0.9, 0.0, "bicubic",
+                   "DINO eval_linear.py: SGD momentum 0.9, wd 0, lr 0.001*batch/256, CosineAnnealingLR per epoch "
+                   "(eta_min 0); RandomResizedCrop(scale 0.08-1)+flip; val Resize(256, bicubic)+CenterCrop(224)"),
+    "smd": Recipe("lars", 0.1, 4096, 90, 0.9, 0.0, "bilinear",
+                  "SMD/SimSiam main_lincls.py --lars: LARC(trust 0.001, no clip) over SGD momentum 0.9, wd 0, "
+                  "lr 0.1*batch/256, cosine per epoch; RandomResizedCrop+flip; val Resize(256)+CenterCrop(224)"),
+}
+
+
+@dataclass
+class LinearOptions:
+    train_path: str = field(metadata={"help": "labelled training images (folder, shard directory or HF directory)",
+                                      "flags": ["--data.path"]})
+    val_path: str = field(metadata={"help": "labelled validation images", "flags": ["--data.val_path"]})
+    recipe: str = field(default="dino", metadata={"help": "dino (SGD) or smd (LARS)", "choices": sorted(RECIPES)})
+    epochs: int | None = field(default=None, metadata={"help": "epochs (default: the recipe's, 100 / 90)"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "global batch over all processes (default: the recipe's, 1024 / 4096)"})
+    lr: float | None = field(default=None, metadata={
+        "help": "learning rate per 256 images, scaled by batch/256 (default: the recipe's, 0.001 / 0.1)"})
+    n_last_blocks: int = field(default=4, metadata={
+        "help": "ViT: concatenate the CLS tokens of the last n blocks (DINO: 4 for ViT-S, 1 for ViT-B)"})
+    avgpool_patchtokens: bool = field(default=False, metadata={
+        "help": "ViT: also concatenate the average of the last block's patch tokens (DINO: on for ViT-B)"})
+    image_size: int = field(default=224, metadata={"help": "crop size"})
+    num_workers: int = field(default=4, metadata={"help": "data loading workers per process"})
+    val_every: int = field(default=1, metadata={"help": "validate every N epochs (and after the last)"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order, the augmentation and the head"})
+    resume: bool = field(default=True, metadata={
+        "help": "continue from the checkpoint in the output directory when its settings match"})
+
+    def validate(self, prefix: str) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"{prefix}.recipe: {self.recipe!r} is not one of {sorted(RECIPES)}")
+        for name in ("epochs", "batch_size", "lr"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{prefix}.{name}: must be positive, got {v}")
+        for name in ("n_last_blocks", "image_size", "val_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{prefix}.{name}: must be positive, got {getattr(self, name)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Features and head
+# --------------------------------------------------------------------------------------------
+
+
+def has_cls_token(model: nn.Module) -> bool:
+    return getattr(model, "cls_token", None) is not None and hasattr(model, "forward_intermediates")
+
+
+class LinearFeatures:
+    """The frozen features the classifier sees (call under ``torch.no_grad``)."""
+
+    def __init__(self, backbone: nn.Module, n_last_blocks: int = 4, avgpool_patchtokens: bool = False) -> None:
+        self.backbone = backbone
+        self.vit = has_cls_token(backbone.model)
+        depth = len(getattr(backbone.model, "blocks", [])) if self.vit else 0
+        if self.vit and n_last_blocks > depth:
+            raise ValueError(f"--n-last-blocks {n_last_blocks}: the model has only {depth} blocks")
+        self.n, self.avgpool = n_last_blocks, avgpool_patchtokens
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.vit:
+            return self.backbone(x).pooled
+        outs = self.backbone.model.forward_intermediates(
+            x, indices=self.n, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+        feats = [prefix[:, 0] for _, prefix in outs]
+        if self.avgpool:
+            feats.append(outs[-1][0].mean(dim=1))
+        return torch.cat(feats, dim=-1)
+
+    def describe(self) -> str:
+        if not self.vit:
+            return "average-pooled final features (no CLS token)"
+        s = f"final-norm CLS tokens of the last {self.n} block(s), concatenated"
+        return s + (" + average of the last block's patch tokens" if self.avgpool else "")
+
+
+def linear_head(dim: int, num_classes: int, seed: int = 0) -> nn.Linear:
+    """DINO's LinearClassifier: weights ~ N(0, 0.01), bias 0, no batch norm."""
+    head = nn.Linear(dim, num_classes)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+        head.bias.zero_()
+    return head
+
+
+def build_optimizer(params: Iterable[torch.Tensor], recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "lars":
+        from timm.optim import Lars
+
+        # always_adapt: the trust ratio applies with wd 0 too, as apex LARC(clip=False) does.
+        return Lars(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                    trust_coeff=0.001, trust_clip=False, always_adapt=True)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _topk_hits(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
+    top = logits.topk(max(ks), dim=1).indices
+    hit = top == target[:, None]
+    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
+
+
+def evaluate_head(head: nn.Module, feature_fn: Callable, batches: Iterable[dict], num_classes: int,
+                  accelerator: Any, show_progress: bool = True) -> dict[str, float]:
+    """Top-1 / top-5 (percent) over every validation sample of every rank."""
+    ks = (1, 5) if num_classes >= 5 else (1,)
+    counts = torch.zeros(len(ks) + 1, dtype=torch.float64)
+    head.eval()
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="linear val", disable=not (show_progress and accelerator.is_main_process),
+                          dynamic_ncols=True, leave=False):
+            x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
+            hits = _topk_hits(head(feature_fn(x)).float(), y, ks)
+            counts += torch.tensor([*hits, y.numel()], dtype=torch.float64)
+    counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+    if counts[-1] == 0:
+        raise ValueError("the validation set is empty")
+    return {f"top{k}": 100.0 * float(counts[i] / counts[-1]) for i, k in enumerate(ks)}
+
+
+def train_linear_classifier(
+    feature_fn: Callable[[torch.Tensor], torch.Tensor],
+    dim: int,
+    num_classes: int,
+    train_source: Any,
+    val_batches: Callable[[], Iterable[dict]],
+    recipe: Recipe,
+    accelerator: Any,
+    out_dir: str | os.PathLike,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    base_lr: float | None = None,
+    val_every: int = 1,
+    seed: int = 0,
+    resume: bool = True,
+    settings: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train a linear head on ``feature_fn`` features and validate it; returns metrics and history.
+
+    ``train_source`` has ``batches_per_epoch`` and ``loader(epoch)`` (a ``MapSource`` or
+    ``ShardSource`` built with the per-process batch); ``val_batches()`` yields this process's
+    share of the validation set. A checkpoint is written to ``out_dir`` after every epoch and
+    picked up when ``resume`` and its ``settings`` match; the trained head goes to
+    ``out_dir/linear_head.safetensors``.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    epochs = epochs or recipe.epochs
+    batch_size = batch_size or recipe.batch_size
+    lr = (base_lr or recipe.lr) * batch_size / 256
+    settings = {**(settings or {}), "recipe": asdict(recipe), "epochs": epochs, "batch_size": batch_size,
+                "lr": lr, "seed": seed, "dim": dim, "num_classes": num_classes}
+
+    head = linear_head(dim, num_classes, seed).to(accelerator.device)
+    optimizer = build_optimizer(head.parameters(), recipe, lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.0)
+    state = {"epoch": 0, "history": []}
+    ckpt_path = out_dir / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if json.loads(ckpt["settings"]) != json.loads(json.dumps(settings)):
+            raise ValueError(f"{ckpt_path} was written with other settings ({ckpt['settings']}); remove it, "
+                             "pass --no-resume, or choose another output directory")
+        head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = {"epoch": int(ckpt["epoch"]), "history": json.loads(ckpt["history"])}
+        log.info("linear: resuming from %s at epoch %d", ckpt_path, state["epoch"])
+    model = accelerator.prepare(head)  # DDP over the processes; the optimizer holds the same tensors
+
+    for epoch in range(state["epoch"], epochs):
+        model.train()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        n_steps = 0
+        bar = tqdm(train_source.loader(epoch), total=train_source.batches_per_epoch, dynamic_ncols=True,
+                   desc=f"linear epoch {epoch + 1}/{epochs}", disable=not (show_progress and accelerator.is_main_process))
+        for batch in bar:
+            x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
+            if (y < 0).any():
+                raise ValueError("the linear probe needs labelled training images (got label -1)")
+            with torch.no_grad():
+                feats = feature_fn(x)
+            loss = F.cross_entropy(model(feats.float()), y)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            loss_sum += loss.detach()
+            n_steps += 1
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": epoch_lr,
+                               "train_loss": float(accelerator.reduce(loss_sum, "mean")) / max(n_steps, 1)}
+        if (epoch + 1) % val_every == 0 or epoch + 1 == epochs:
+            row.update(evaluate_head(accelerator.unwrap_model(model), feature_fn, val_batches(), num_classes,
+                                     accelerator, show_progress))
+            log.info("linear epoch %d: %s", epoch + 1, {k: round(v, 3) for k, v in row.items()})
+        state = {"epoch": epoch + 1, "history": [*state["history"], row]}
+        if accelerator.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp")
+            torch.save({"epoch": epoch + 1, "history": json.dumps(state["history"]),
+                        "settings": json.dumps(settings),
+                        "head": {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()},
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
+            os.replace(tmp, ckpt_path)
+        accelerator.wait_for_everyone()
+
+    validated = [r for r in state["history"] if "top1" in r]
+    if not validated:
+        raise ValueError("no validation ran (epochs must be >= 1)")
+    best = max(validated, key=lambda r: r["top1"])
+    last = validated[-1]
+    metrics = {"top1": best["top1"], "best_epoch": best["epoch"], "top1_last": last["top1"]}
+    if "top5" in best:
+        metrics.update(top5=best["top5"], top5_last=last["top5"])
+    head_path = out_dir / HEAD_FILE
+    if accelerator.is_main_process:
+        weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        tmp = head_path.with_name(f".{head_path.name}.tmp")
+        save_file(weights, str(tmp), metadata={"selfdistill_linear": json.dumps(settings)})
+        os.replace(tmp, head_path)
+    accelerator.wait_for_everyone()
+    return {"metrics": metrics, "history": state["history"], "head": str(head_path), "lr": lr,
+            "epochs": epochs, "batch_size": batch_size}
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol: images -> features -> head
+# --------------------------------------------------------------------------------------------
+
+
+def linear_transforms(image_size: int, val_interpolation: str, mean, std):
+    """(train, val): RandomResizedCrop(scale 0.08-1, bilinear) + flip; Resize(size·256/224) + CenterCrop."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    from selfdistill.data.multicrop import _to_normalized_tensor
+
+    def rgb(img):
+        return img.convert("RGB")
+
+    train = v2.Compose([rgb, v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True),
+                        v2.RandomHorizontalFlip(), _to_normalized_tensor(mean, std)])
+    val = v2.Compose([rgb, v2.Resize(int(image_size * 256 / 224 + 1e-6), antialias=True,
+                                     interpolation=InterpolationMode(val_interpolation)),
+                      v2.CenterCrop(image_size), _to_normalized_tensor(mean, std)])
+    return train, val
+
+
+def _num_classes(ds: Any) -> tuple[int, list[str]]:
+    classes = list(getattr(ds, "classes", []) or [])
+    if classes:
+        return len(classes), classes
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        raise ValueError("cannot tell the number of classes of the training set")
+    return max(targets) + 1, []
+
+
+@register_protocol("linear", LinearOptions,
+                   help="linear classifier on frozen features (DINO eval_linear SGD, or SMD's LARS)")
+def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) -> dict[str, Any]:
+    """Linear probe of the frozen backbone; writes the head (safetensors) and a checkpoint to ctx.out_dir."""
+    from selfdistill.config import DataConfig
+    from selfdistill.data import collate_eval
+    from selfdistill.data.sources import MapSource, ShardSource
+    from selfdistill.eval.knn_eval import EvalShards, eval_loader, labelled_images
+
+    acc = ctx.accelerator
+    recipe = RECIPES[options.recipe]
+    batch_size = options.batch_size or recipe.batch_size
+    if batch_size % acc.num_processes:
+        raise ValueError(f"linear: the global batch {batch_size} must divide by the {acc.num_processes} processes")
+    per_device = batch_size // acc.num_processes
+    d = DataConfig()
+    train_tf, val_tf = linear_transforms(options.image_size, recipe.val_interpolation, d.mean, d.std)
+    train = labelled_images(options.train_path, options.image_size, d.mean, d.std, "linear train", train_tf)
+    val = labelled_images(options.val_path, options.image_size, d.mean, d.std, "linear validation", val_tf)
+    if train.classes != val.classes:
+        raise ValueError(f"linear: train and validation sets have different classes: {train.classes[:5]}... vs "
+                         f"{val.classes[:5]}...")
+    num_classes, classes = _num_classes(train)
+    workers = options.num_workers
+    if isinstance(train, EvalShards):
+        source: Any = ShardSource(options.train_path, train_tf, per_device, acc.process_index, acc.num_processes,
+                                  options.seed, workers, collate_eval)
+    else:
+        if batch_size > len(train):
+            raise ValueError(f"linear: --batch-size {batch_size} is larger than the {len(train)} training images")
+        source = MapSource(train, per_device, acc.process_index, acc.num_processes, options.seed, workers,
+                           collate_eval)
+
+    backbone = weights.backbone().to(ctx.device)
+    features = LinearFeatures(backbone, options.n_last_blocks, options.avgpool_patchtokens)
+    with torch.no_grad():
+        dim = features(torch.zeros(1, 3, options.image_size, options.image_size, device=ctx.device)).shape[-1]
+    settings = {"weights": weights.spec, "weights_hash": weights.fingerprint(), "train_path": options.train_path, "val_path": options.val_path,
+                "image_size": options.image_size, "feature": features.describe()}
+    out = train_linear_classifier(
+        features, dim, num_classes, source,
+        lambda: eval_loader(val, per_device, workers, acc.process_index, acc.num_processes),
+        recipe, acc, ctx.out_dir, options.epochs, batch_size, options.lr, options.val_every, options.seed,
+        options.resume, settings)
+    protocol = {
+        "description": f"linear probe ({options.recipe} recipe): {recipe.reference}",
+        "recipe": options.recipe, "optimizer": recipe.optimizer, "epochs": out["epochs"],
+        "batch_size": out["batch_size"], "lr": out["lr"], "momentum": recipe.momentum,
+        "weight_decay": recipe.weight_decay, "schedule": "cosine per epoch to 0",
+        "feature": features.describe(), "feature_dim": int(dim), "n_last_blocks": options.n_last_blocks,
+        "avgpool_patchtokens": options.avgpool_patchtokens, "image_size": options.image_size,
+        "num_classes": num_classes, "n_train": len(train), "n_val": len(val), "reported": "best top-1 over epochs",
+        "train_path": options.train_path, "val_path": options.val_path, "processes": acc.num_processes,
+    }
+    return {"metrics": out["metrics"], "protocol": protocol, "history": out["history"], "head": out["head"],
+            "classes": classes}
+
+
+__all__ = ["LinearFeatures", "LinearOptions", "RECIPES", "Recipe", "build_optimizer", "evaluate_head",
+           "linear_head", "linear_protocol", "linear_transforms", "train_linear_classifier"]
