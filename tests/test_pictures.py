@@ -121,7 +121,7 @@ def test_a_local_timm_weights_file_loads_with_its_model_name(tmp_path):
     torch.save(ref.model.state_dict(), tmp_path / "vit.pth")
     backbone, _ = load_backbone(str(tmp_path / "vit.pth"), TINY)
     assert all(torch.equal(a, b) for a, b in zip(backbone.state_dict().values(), ref.state_dict().values()))
-    with pytest.raises(ValueError, match="needs --model.name"):
+    with pytest.raises(ValueError, match="name its timm model with --model.name"):
         load_backbone(str(tmp_path / "vit.pth"))
 
 
