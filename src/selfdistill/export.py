@@ -117,6 +117,8 @@ def _from_checkpoint(path: Path, part: str = "eval") -> tuple[Backbone, ModelCon
     if part != "eval":
         raise ValueError(f"unknown part {part!r}: use 'eval' or 'student'")
     method.load_state_dict(load_method_state(ckpt))
+    if method.eval_backbone() is method.student_backbone():  # the student is what is evaluated (FD)
+        method.student.load_state_dict(student_state_from_checkpoint(ckpt))
     return method.eval_backbone().eval(), config.model
 
 

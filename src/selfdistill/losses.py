@@ -270,3 +270,31 @@ def patch_correspondences(
     idx1 = torch.tensor(cls + view1.reshape(-1).tolist(), dtype=torch.long)
     idx2 = torch.tensor(cls + view2.reshape(-1).tolist(), dtype=torch.long)
     return idx1, idx2
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature Distillation (FD, Wei et al. 2022): regress the teacher's whitened feature map.
+# ---------------------------------------------------------------------------------------------
+
+
+def fd_loss(student_tokens_projected: torch.Tensor, teacher_tokens: torch.Tensor, beta: float = 2.0,
+            eps: float = 1e-5) -> torch.Tensor:
+    """FD's loss: Smooth-L1 (``beta``) between the projected student tokens and the teacher's
+    tokens "whitened" by a LayerNorm without affine parameters, averaged over every element.
+
+    Args:
+        student_tokens_projected: ``[B, L, C_t]`` student tokens (CLS included for ViTs) after the
+            method's 1x1 projector.
+        teacher_tokens: ``[B, L, C_t]`` teacher tokens after the teacher's own final norm. They are
+            normalised again per token over channels (mean 0, variance 1, ``eps``), with no gain or
+            bias: a fixed target scale whatever the teacher, which is the point of FD's whitening.
+
+    Returns:
+        ``mean`` over ``B x L x C_t`` of ``0.5 d^2 / beta`` where ``|d| < beta``, else ``|d| - beta / 2``.
+    """
+    if student_tokens_projected.shape != teacher_tokens.shape:
+        raise ValueError(f"student tokens {tuple(student_tokens_projected.shape)} and teacher tokens "
+                         f"{tuple(teacher_tokens.shape)} must have the same shape [B, L, C]")
+    dtype = torch.promote_types(student_tokens_projected.dtype, torch.float32)  # fp32 at least
+    target = F.layer_norm(teacher_tokens.detach().to(dtype), teacher_tokens.shape[-1:], eps=eps)
+    return F.smooth_l1_loss(student_tokens_projected.to(dtype), target, beta=beta)

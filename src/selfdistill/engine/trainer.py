@@ -23,7 +23,7 @@ from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine.distributed import configure_deepspeed, make_accelerator
 from selfdistill.engine.logger import RunLogger
 from selfdistill.methods import Method, Progress, build_method
-from selfdistill.params import full_parameters
+from selfdistill.params import full_parameters, is_zero3_partitioned
 from selfdistill.schedules import cosine_schedule
 
 log = logging.getLogger("selfdistill")
@@ -297,10 +297,14 @@ class Trainer:
             from selfdistill.plots import plot_training_curves
 
             export = self.run_dir / "export"
-            export_backbone(self.method.eval_backbone(), self.config.model, export / "teacher_backbone.safetensors")
+            final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
+            evaluated = self.method.eval_backbone()
+            if is_zero3_partitioned(list(evaluated.parameters())):  # the student itself (FD) under ZeRO-3
+                export_from_checkpoint(final, export / "teacher_backbone.safetensors", part="eval")
+            else:
+                export_backbone(evaluated, self.config.model, export / "teacher_backbone.safetensors")
             # From the final checkpoint, so ZeRO partitions are consolidated to full fp32 weights.
-            export_from_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.state.step),
-                                   export / "student_backbone.safetensors", part="student")
+            export_from_checkpoint(final, export / "student_backbone.safetensors", part="student")
             plot_training_curves(self.run_dir / "log.jsonl", self.run_dir / "loss_curve.png")
         acc.wait_for_everyone()
         return summary

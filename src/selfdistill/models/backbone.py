@@ -79,6 +79,21 @@ def load_timm_weights(model: nn.Module, path: str, what: str = "model.pretrained
     model.load_state_dict(state)
 
 
+def feature_tokens(model: nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], int]:
+    """A timm ``forward_features`` output as tokens ``[B, P + T, D]`` (the ``P`` prefix tokens
+    first, then the grid row-major), the ``(rows, cols)`` grid and ``P``, for any family."""
+    if feats.ndim == 3:  # ViT-like: [B, prefix + T, D]
+        n_prefix = int(getattr(model, "num_prefix_tokens", 0))
+        n = feats.shape[1] - n_prefix
+        side = int(round(n ** 0.5))
+        return feats, (side, n // max(side, 1)), n_prefix
+    if feats.ndim == 4 and getattr(model, "output_fmt", "NCHW") == "NHWC":  # Swin
+        return feats.flatten(1, 2), (feats.shape[1], feats.shape[2]), 0
+    if feats.ndim == 4:  # NCHW (ResNet)
+        return feats.flatten(2).transpose(1, 2), (feats.shape[2], feats.shape[3]), 0
+    raise RuntimeError(f"unexpected feature shape {tuple(feats.shape)} from {type(model).__name__}")
+
+
 class Backbone(nn.Module):
     """A timm model returning ``BackboneOutput`` for any input resolution it supports."""
 
@@ -98,19 +113,13 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         feats = self.model.forward_features(x)
         pooled = self.model.forward_head(feats, pre_logits=True)
-        if feats.ndim == 3:  # ViT-like: [B, prefix + T, D]
-            tokens = feats[:, self.num_prefix_tokens:]
-            side = int(round(tokens.shape[1] ** 0.5))
-            grid = (side, tokens.shape[1] // max(side, 1))
-        elif feats.ndim == 4 and getattr(self.model, "output_fmt", "NCHW") == "NHWC":
-            grid = (feats.shape[1], feats.shape[2])  # Swin
-            tokens = feats.flatten(1, 2)
-        elif feats.ndim == 4:
-            grid = (feats.shape[2], feats.shape[3])  # NCHW (ResNet)
-            tokens = feats.flatten(2).transpose(1, 2)
-        else:  # pragma: no cover - unknown family
-            raise RuntimeError(f"unexpected feature shape {tuple(feats.shape)} from {self.name}")
-        return BackboneOutput(pooled, tokens, grid)
+        tokens, grid, n_prefix = feature_tokens(self.model, feats)
+        return BackboneOutput(pooled, tokens[:, n_prefix:], grid)
+
+    def all_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], int]:
+        """Every output token after the final norm, prefix (CLS) tokens included: ``[B, P + T, D]``,
+        the grid and ``P`` (Feature Distillation regresses the CLS token too)."""
+        return feature_tokens(self.model, self.model.forward_features(x))
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding used by kNN / linear evaluation."""

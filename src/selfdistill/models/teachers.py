@@ -62,7 +62,17 @@ def read_tensors(path: str | Path) -> dict[str, Any]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    import argparse
+
+    try:  # DINO / EsViT checkpoints carry their argparse ``args``: plain values, safe to rebuild
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except RuntimeError as e:
+        if "TorchScript" not in str(e):
+            raise
+        raise ValueError(f"teacher weights: {path} is a TorchScript archive (e.g. OpenAI's CLIP release), which "
+                         f"cannot be read without running its code; save its state dict once and pass that file: "
+                         f"torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'clip.pt')") from None
 
 
 def unwrap(obj: dict[str, Any], *candidates: str) -> dict[str, Any]:
@@ -112,6 +122,107 @@ def _timm(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor
 def _selfdistill(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """An export of this project (``run_eval.py export``): timm keys already."""
     return _timm(obj, model)
+
+
+
+# -- Feature Distillation teachers: CLIP, DINO, DeiT, EsViT ------------------------------------------
+
+
+def _drop_classifier(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    own = model.state_dict()
+    dropped = [k for k in state if k not in own and k.split(".")[0] in ("head", "fc", "classifier")]
+    return {k: v for k, v in state.items() if k not in dropped}, dropped
+
+
+def _network_backbone(obj: dict[str, Any], network: str) -> tuple[dict[str, Any], list[str]]:
+    """The backbone of one network of a DINO-style training checkpoint (``{"student": ...,
+    "teacher": ..., "optimizer": ..., "args": ...}``): its keys under ``module.backbone.`` or
+    ``backbone.``, unprefixed. Everything else (heads, the other network, optimizer) is dropped."""
+    state = obj[network]
+    prefix = next((p for p in ("module.backbone.", "backbone.") if any(k.startswith(p) for k in state)), None)
+    if prefix is None:
+        raise ValueError(f"the {network!r} network of this checkpoint has no 'backbone.' keys "
+                         f"(first keys: {', '.join(list(state)[:4])})")
+    kept, rest = strip_prefix(state, prefix)
+    return kept, [f"{network}.{k}" for k in rest] + [k for k in obj if k != network]
+
+
+def _clip_visual(state: dict[str, Any], model: nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """OpenAI-layout CLIP image tower (``visual.conv1``, ``visual.transformer.resblocks``...) to timm's
+    ``vit_*_clip_*`` keys with timm's own converter. The projection to the joint embedding space
+    (``visual.proj``, after ``ln_post``) and the text tower are left out: FD's target is ``ln_post``'s output."""
+    from timm.models.vision_transformer import _convert_openai_clip
+
+    if not any(k.startswith(prefix) for k in state):
+        raise ValueError(f"no {prefix!r} keys: not a CLIP state dict (first keys: {', '.join(list(state)[:4])})")
+    converted = _convert_openai_clip(state, model, prefix=prefix)
+    own = model.state_dict()
+    for key in [k for k in converted if k.startswith("head.") and k not in own]:
+        del converted[key]
+    dropped = [k for k in state if not k.startswith(prefix) or k == f"{prefix}proj"]
+    return converted, dropped
+
+
+@register_teacher_format("openai_clip")
+def _openai_clip(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """OpenAI CLIP (``clip.load(name, jit=False)[0].state_dict()``, or the JIT release's state dict):
+    the ViT visual tower for timm ``vit_base_patch16_clip_quickgelu_224`` (OpenAI trained with QuickGELU)."""
+    return _clip_visual(unwrap(obj, "state_dict"), model, "visual.")
+
+
+@register_teacher_format("open_clip")
+def _open_clip(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """OpenCLIP: a released ``open_clip_pytorch_model.bin`` or a training ``epoch_N.pt`` (``state_dict``
+    with ``module.`` keys). Native towers use OpenAI's key layout (timm ``vit_base_patch16_clip_224``,
+    GELU); a timm-trunk tower (``visual.trunk.``) holds timm keys already."""
+    state = unwrap(obj, "state_dict")
+    dropped_outer = [k for k in obj if k != "state_dict"] if state is not obj else []
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any(k.startswith("visual.trunk.") for k in state):
+        kept, rest = strip_prefix(state, "visual.trunk.")
+        kept, head = _drop_classifier(kept, model)
+        return kept, rest + [f"visual.trunk.{k}" for k in head] + dropped_outer
+    converted, dropped = _clip_visual(state, model, "visual.")
+    return converted, dropped + dropped_outer
+
+
+@register_teacher_format("dino")
+def _dino(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """DINO ViT: the released backbone file (``dino_vitbase16_pretrain.pth``: timm keys already), or
+    a training ``checkpoint.pth`` whose ``teacher`` (the EMA network DINO evaluates) is used."""
+    if isinstance(obj.get("teacher"), dict):
+        state, dropped = _network_backbone(obj, "teacher")
+    else:
+        state, dropped = unwrap(obj, "state_dict", "model"), []
+    state, head = _drop_classifier(state, model)
+    return state, dropped + head
+
+
+@register_teacher_format("deit")
+def _deit(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """DeiT ViT (``deit_base_patch16_224-b5f2ef4d.pth``: timm keys under ``model``); the classifier
+    is left out. A distilled DeiT (``dist_token``, ``head_dist``) needs timm's ``*_distilled_*`` model."""
+    if not isinstance(obj.get("model"), dict):
+        raise ValueError(f"not a DeiT checkpoint: no 'model' dict (top-level keys: {', '.join(list(obj)[:4])})")
+    state, head = _drop_classifier(obj["model"], model)
+    return state, head + [k for k in obj if k != "model"]
+
+
+@register_teacher_format("esvit")
+def _esvit(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """EsViT Swin (``checkpoint_best.pth``): the ``teacher`` network's backbone in the original
+    Microsoft Swin layout (downsampling at the end of a stage, persistent index / mask buffers),
+    converted by timm's Swin checkpoint filter; the view and dense heads are left out. Build the
+    teacher with EsViT's window (``window_size: 14`` for its Swin-B)."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    if not isinstance(obj.get("teacher"), dict):
+        raise ValueError(f"not an EsViT checkpoint: no 'teacher' dict (top-level keys: {', '.join(list(obj)[:4])})")
+    state, dropped = _network_backbone(obj, "teacher")
+    buffers = [k for k in state if k.endswith(("relative_position_index", "attn_mask"))]
+    state, head = _drop_classifier(checkpoint_filter_fn(state, model), model)
+    return state, dropped + buffers + head
 
 
 def load_teacher(model_name: str, path: str | Path, fmt: str = "timm", **timm_kwargs: Any

@@ -1,0 +1,236 @@
+"""FD: Feature Distillation (Wei et al., 2022, "Contrastive Learning Rivals Masked Image Modeling in
+Fine-tuning via Feature Distillation"; SwinTransformer/Feature-Distillation).
+
+A frozen, already-trained teacher (CLIP, DINO, DeiT, EsViT) and a fresh student see the same
+augmented view. The student's output tokens (CLS included for ViTs) go through a 1x1 projector
+(a linear map over channels) and regress the teacher's output tokens, taken after the teacher's
+own final norm and "whitened" by a LayerNorm without affine parameters (``losses.fd_loss``,
+Smooth-L1 with beta 2). The projector is discarded afterwards: the student backbone is what is
+evaluated, exported and fine-tuned.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.transforms import InterpolationMode, v2
+
+from selfdistill.config import Config, MethodConfig, _fail
+from selfdistill.data import collate_eval
+from selfdistill.data.multicrop import _to_normalized_tensor
+from selfdistill.losses import fd_loss
+from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, register_method
+from selfdistill.models import Backbone, create_timm_model
+from selfdistill.models.backbone import feature_tokens
+
+log = logging.getLogger("selfdistill")
+
+# The input normalisation CLIP was trained with (FD re-normalises the ImageNet-normalised view for it).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class FdConfig(MethodConfig):
+    name: str = "fd"
+    teacher_model: str = ""  # timm name of the teacher network, e.g. vit_base_patch16_clip_quickgelu_224
+    teacher_weights: str = ""  # local weights file of the teacher
+    teacher_format: str = "timm"  # how the file is laid out: models.teachers.teacher_formats()
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model keywords (window_size)
+    # The normalisation the teacher expects, when it differs from data.mean/std (CLIP's own constants).
+    teacher_mean: tuple[float, float, float] | None = None
+    teacher_std: tuple[float, float, float] | None = None
+    smooth_l1_beta: float = 2.0
+    # Student parameters (name substrings) without weight decay, besides 1-D tensors, biases,
+    # pos_embed, cls_token and absolute_pos_embed; FD's Swin recipe adds relative_position_bias_table.
+    no_decay_keywords: list[str] = field(default_factory=list)
+
+    def validate(self, prefix: str) -> None:
+        from selfdistill.models.teachers import teacher_formats
+
+        if not self.teacher_model:
+            _fail(f"{prefix}.teacher_model", "FD needs the timm name of its frozen teacher network")
+        if not self.teacher_weights:
+            _fail(f"{prefix}.teacher_weights", "FD needs a local weights file for its frozen teacher")
+        if self.teacher_format not in teacher_formats():
+            _fail(f"{prefix}.teacher_format", f"unknown format {self.teacher_format!r} "
+                                              f"(available: {', '.join(teacher_formats())})")
+        if (self.teacher_mean is None) != (self.teacher_std is None):
+            _fail(f"{prefix}.teacher_mean", "set teacher_mean and teacher_std together (or neither)")
+        if self.teacher_std is not None and any(s <= 0 for s in self.teacher_std):
+            _fail(f"{prefix}.teacher_std", f"must be positive, got {self.teacher_std}")
+        if self.smooth_l1_beta <= 0:
+            _fail(f"{prefix}.smooth_l1_beta", f"must be positive, got {self.smooth_l1_beta}")
+        for key, value in self.teacher_kwargs.items():
+            if value is None:
+                _fail(f"{prefix}.teacher_kwargs", f"{key!r} has no value (write {{window_size: 14}}, with a space)")
+
+
+class FDTransform:
+    """FD's single view: RandomResizedCrop (bilinear, torchvision's default, as FD) + horizontal
+    flip + normalise. Teacher and student see this same tensor."""
+
+    def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), mean=(0.485, 0.456, 0.406),
+                 std=(0.229, 0.224, 0.225)) -> None:
+        self.size = size
+        self.transform = v2.Compose([
+            v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
+                                 interpolation=InterpolationMode.BILINEAR, antialias=True),
+            v2.RandomHorizontalFlip(),
+            _to_normalized_tensor(mean, std),
+        ])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.transform(img.convert("RGB"))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, {self.transform.transforms[0]})"
+
+
+class FDStudent(nn.Module):
+    """Student backbone + FD's projector (``Conv1d(C_s, C_t, 1)`` = a linear map over channels)."""
+
+    def __init__(self, backbone: Backbone, teacher_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = nn.Linear(backbone.embed_dim, teacher_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, _, _ = self.backbone.all_tokens(x)
+        return self.projector(tokens)
+
+
+class TeacherTokens(nn.Module):
+    """A timm teacher returning all its output tokens after its own final norm ``[B, P + T, C]``
+    (CLIP: ``ln_post`` = timm ``norm``; DINO/DeiT: ``norm``; Swin: ``norm`` of the last stage)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return feature_tokens(self.model, self.model.forward_features(x))[0]
+
+
+def _token_layout(model: nn.Module, size: int) -> tuple[int, tuple[int, int], int]:
+    """``(prefix tokens, grid, channels)`` of a model (on the meta device: no memory, no compute)."""
+    with torch.device("meta"):
+        _, grid, n_prefix = feature_tokens(model, model.forward_features(torch.zeros(1, 3, size, size)))
+    return n_prefix, grid, int(model.num_features)
+
+
+def _check_final_norm(backbone: Backbone) -> None:
+    """FD regresses tokens after the student's final norm: a timm model that normalises only the
+    pooled vector (BEiT with average pooling: ``norm`` = Identity, ``fc_norm``) would skip it."""
+    model = backbone.model
+    pooled_norm_only = not isinstance(getattr(model, "fc_norm", nn.Identity()), nn.Identity)
+    if isinstance(getattr(model, "norm", None), nn.Identity) and pooled_norm_only:
+        raise ValueError(f"FD regresses the student's tokens after its final norm, but {backbone.name} normalises only "
+                         f"the pooled vector (fc_norm); add global_pool: token (or use_fc_norm: false) to model.kwargs")
+
+
+@register_method("fd")
+class Fd(Method):
+    config_class = FdConfig
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        cfg: FdConfig = config.method  # type: ignore[assignment]
+        m = config.model
+        self.cfg = cfg
+        backbone = Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
+                            pretrained=m.pretrained, **m.kwargs)
+        _check_final_norm(backbone)
+        size = config.data.global_crop_size
+        with torch.device("meta"):
+            student_meta = create_timm_model(m.name, m.img_size, m.patch_size, 0.0, **m.kwargs)
+            teacher_meta = create_timm_model(cfg.teacher_model, **cfg.teacher_kwargs)
+        s_prefix, s_grid, _ = _token_layout(student_meta, size)
+        t_prefix, t_grid, self.teacher_dim = _token_layout(teacher_meta, size)
+        if (s_prefix, s_grid) != (t_prefix, t_grid):
+            raise ValueError(
+                f"FD regresses the teacher's tokens one to one, so both token grids must be equal: at "
+                f"data.global_crop_size={size} the student {m.name} gives {s_prefix} prefix + {s_grid[0]}x{s_grid[1]} "
+                f"tokens, the teacher {cfg.teacher_model} {t_prefix} prefix + {t_grid[0]}x{t_grid[1]}; change "
+                f"model.patch_size / model.img_size or method.teacher_kwargs")
+        self.student = FDStudent(backbone, self.teacher_dim)
+        self.teacher: nn.Module | None = None  # loaded in setup(): exports and evaluation never need it
+        self._input_scale: torch.Tensor | None = None
+        self._input_shift: torch.Tensor | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def param_groups(self) -> list[ParamGroup]:
+        """FD's AdamW groups: no decay for 1-D tensors (norms, layer scale), biases, position
+        embeddings, the CLS token and ``method.no_decay_keywords``; decay for the rest, including
+        the projector and a ViT's shared relative position bias table (2-D)."""
+        plain = ("pos_embed", "cls_token", "absolute_pos_embed")
+        decay, no_decay = [], []
+        for name, p in self.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            if (p.ndim <= 1 or name.endswith(".bias") or name.rsplit(".", 1)[-1] in plain
+                    or any(k in name for k in self.cfg.no_decay_keywords)):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [ParamGroup("decay", decay, weight_decay=True), ParamGroup("no_decay", no_decay, weight_decay=False)]
+
+    def train_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        d = self.config.data
+        return FDTransform(d.global_crop_size, d.global_crop_scale, mean=d.mean, std=d.std)
+
+    def collate_fn(self):
+        return collate_eval
+
+    def setup(self, accelerator: Any, steps_per_epoch: int, total_steps: int) -> None:
+        from selfdistill.models.frozen import FrozenTeacher
+        from selfdistill.models.teachers import load_teacher
+
+        cfg = self.cfg
+        model, report = load_teacher(cfg.teacher_model, cfg.teacher_weights, cfg.teacher_format, **cfg.teacher_kwargs)
+        if model.num_features != self.teacher_dim:  # pragma: no cover - the meta build said otherwise
+            raise RuntimeError(f"teacher has {model.num_features} channels, expected {self.teacher_dim}")
+        total = sum(p.numel() for p in model.parameters())
+        self.teacher = FrozenTeacher(TeacherTokens(model), accelerator)
+        log.info("%s; %d of %d teacher parameters on rank %d", report, self.teacher.parameters_per_rank(), total,
+                 accelerator.process_index)
+        if cfg.teacher_mean is not None:
+            # x_t = (x * std_d + mean_d - mean_t) / std_t: undo the data normalisation, apply the teacher's.
+            d = self.config.data
+            std_d, mean_d = torch.tensor(d.std), torch.tensor(d.mean)
+            std_t, mean_t = torch.tensor(cfg.teacher_std), torch.tensor(cfg.teacher_mean)
+            self._input_scale = (std_d / std_t).view(1, 3, 1, 1).to(accelerator.device)
+            self._input_shift = ((mean_d - mean_t) / std_t).view(1, 3, 1, 1).to(accelerator.device)
+
+    # -- per step -------------------------------------------------------------------------------
+    def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self._input_scale is None:
+            return x
+        return x * self._input_scale + self._input_shift
+
+    def training_step(self, student: nn.Module, batch: dict[str, Any], progress: Progress) -> StepOutput:
+        if self.teacher is None:
+            raise RuntimeError("FD's teacher is loaded in setup(); call method.setup(accelerator, ...) first")
+        x = batch["image"]
+        with torch.no_grad():
+            target = self.teacher(self.teacher_input(x))
+        pred = student(x)
+        if pred.shape[:2] != target.shape[:2]:
+            raise ValueError(f"FD: the student gives {pred.shape[1]} tokens but the teacher {target.shape[1]} for "
+                             f"{tuple(x.shape[-2:])} px inputs; both token grids must be equal")
+        loss = fd_loss(pred, target, self.cfg.smooth_l1_beta)
+        with torch.no_grad():
+            whitened = F.layer_norm(target.float(), target.shape[-1:], eps=1e-5)
+            cos = F.cosine_similarity(pred.detach().float(), whitened, dim=-1).mean()
+        return StepOutput(loss=loss, metrics={"cos_to_target": cos}, batch_size=x.shape[0])
+
+    # -- state ----------------------------------------------------------------------------------
+    def eval_backbone(self) -> Backbone:
+        return self.student.backbone
