@@ -452,3 +452,28 @@ def test_two_ranks_ddp_and_zero3_with_a_partitioned_teacher(setup_files):
     student = load_file(str(export / "student_backbone.safetensors"))
     assert evaluated.keys() == student.keys() and all(torch.equal(evaluated[k], student[k]) for k in student)
     assert evaluated["cls_token"].shape == (1, 1, 32)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fd_run_fine_tunes_through_run_eval(setup_files, tmp_path):
+    """The seed's two stages end to end: an FD pretraining run, then `run_eval.py finetune` on its
+    run directory (shared relative position bias copied into every block, mean pooling + new fc_norm)."""
+    from selfdistill.eval.finetune import FineTuner, load_finetune_config
+
+    pre = tmp_path / "fd"
+    train(setup_files, pre, "train.max_steps=2")
+    out = tmp_path / "ft"
+    data = setup_files["data"]
+    config = load_finetune_config(ROOT / "configs/finetune_fd_vit_base16.yaml", [
+        f"model.weights={pre}", f"data.path={data}", f"data.val_path={data}", "data.input_size=16",
+        "data.num_workers=0", f"train.output_dir={out}", "train.epochs=1", "train.batch_size_per_device=8",
+        "train.trackers=[]", "train.progress_bar=false", "train.precision=fp32", "eval.batch_size=8",
+        "optim.warmup_epochs=0"])
+    results = FineTuner(config, resume=None).fit()
+    assert results["model"]["timm_name"] == "beit_base_patch16_224"
+    assert results["load"]["rel_pos_bias_unshared"]
+    assert set(results["load"]["new"]) >= {"head.weight", "head.bias"}
+    assert math.isfinite(results["final"]["top1"])
+    weights = load_file(str(out / "finetuned.safetensors"))
+    assert "rel_pos_bias.relative_position_bias_table" not in weights
+    assert all(f"blocks.{i}.attn.relative_position_bias_table" in weights for i in range(2))
