@@ -80,13 +80,9 @@ def load_backbone(weights: str, model_cfg: ModelConfig | None = None, fmt: str =
         if fmt == "timm":
             load_timm_weights(backbone.model, str(path), what=f"--weights ({model_cfg.name})")
         else:
-            from selfdistill.models.teachers import load_converted, read_tensors, teacher_formats
-            from selfdistill.models.teachers import _FORMATS as formats
+            from selfdistill.models.teachers import load_weights_in_format
 
-            if fmt not in formats:
-                raise ValueError(f"--weights-format {fmt!r} is unknown (available: {', '.join(teacher_formats())})")
-            state, _ = formats[fmt](read_tensors(path), backbone.model)
-            load_converted(backbone.model, state, f"--weights {path} ({fmt} format)")
+            load_weights_in_format(backbone.model, path, fmt, what="--weights")
         return backbone, model_cfg
     if path.is_dir():
         return _from_checkpoint(path)

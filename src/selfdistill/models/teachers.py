@@ -245,7 +245,16 @@ def load_teacher(model_name: str, path: str | Path, fmt: str = "timm", **timm_kw
         tmp = Path(tempfile.mkdtemp(prefix="teacher_")) / "teacher.safetensors"
         path = export_from_checkpoint(path, tmp, part="eval")
     model = create_timm_model(model_name, **timm_kwargs)
-    state, dropped = _FORMATS[fmt](read_tensors(path), model)
-    load_converted(model, state, f"teacher weights {path} ({fmt} format)")
+    used, dropped = load_weights_in_format(model, path, fmt, what="teacher weights")
     model.eval().requires_grad_(False)
-    return model, TeacherReport(str(path), fmt, model_name, used=len(state), dropped=sorted(dropped))
+    return model, TeacherReport(str(path), fmt, model_name, used=used, dropped=dropped)
+
+
+def load_weights_in_format(model: nn.Module, path: str | Path, fmt: str, what: str = "weights") -> tuple[int, list[str]]:
+    """Convert the file's tensors from ``fmt`` to ``model``'s timm keys and load them strictly;
+    returns how many tensors were loaded and the sorted keys of the file that were left out."""
+    if fmt not in _FORMATS:
+        raise ValueError(f"weights format {fmt!r} is unknown (available: {', '.join(teacher_formats())})")
+    state, dropped = _FORMATS[fmt](read_tensors(path), model)
+    load_converted(model, state, f"{what} {path} ({fmt} format)")
+    return len(state), sorted(dropped)
