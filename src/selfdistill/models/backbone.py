@@ -79,12 +79,17 @@ def load_timm_weights(model: nn.Module, path: str, what: str = "model.pretrained
     model.load_state_dict(state)
 
 
+def is_convnet(model: nn.Module) -> bool:
+    """More than one 2-D convolution: a CNN, not a transformer with a convolutional patch embedding."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+
+
 class Backbone(nn.Module):
     """A timm model returning ``BackboneOutput`` for any input resolution it supports."""
 
     def __init__(self, name: str, img_size: int | None = None, patch_size: int | None = None,
                  drop_path_rate: float = 0.0, grad_checkpointing: bool = False, pretrained: str = "",
-                 **kwargs: Any) -> None:
+                 channels_last: bool = False, **kwargs: Any) -> None:
         super().__init__()
         self.model = create_timm_model(name, img_size, patch_size, drop_path_rate, **kwargs)
         if pretrained:
@@ -94,8 +99,15 @@ class Backbone(nn.Module):
         self.num_prefix_tokens: int = getattr(self.model, "num_prefix_tokens", 0)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        # Convolutional networks (more than a patch-embedding convolution) run faster with NHWC
+        # weights and inputs (oneDNN on CPU, cuDNN on GPU); parameter values and names are unchanged.
+        self.channels_last = channels_last and is_convnet(self.model)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.model.forward_features(x)
         pooled = self.model.forward_head(feats, pre_logits=True)
         if feats.ndim == 3:  # ViT-like: [B, prefix + T, D]
