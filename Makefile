@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install demo test test-fast fashion-mnist clean
+.PHONY: install demo test test-fast fashion-mnist bench-env bench-train clean
 
 install: $(STAMP)
 
@@ -36,5 +36,13 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
+# The lightly baseline of benchmarks/train_throughput.py, beside (not in) the venv, without dependencies:
+# torch stays the pinned one. The benchmark scripts put .bench-env/ on their path.
+bench-env: install
+	$(PIP) install --quiet --no-deps --upgrade --target .bench-env -r benchmarks/requirements.txt
+
+bench-train: bench-env
+	$(PY) benchmarks/train_throughput.py --suite --out benchmarks/results/train_cpu.json
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .bench-env runs

@@ -44,6 +44,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)  # any other timm.create_model keyword
     pretrained: str = ""  # a local timm-format weights file (e.g. a selfdistill export) to start from
+    channels_last: bool = True  # CNN backbones (ResNet...): NHWC weights and inputs, faster convolutions
 
     def validate(self, prefix: str) -> None:
         if not self.name:
@@ -123,6 +124,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 3.0  # global L2 norm; 0 disables
     scale_lr_with_batch: bool = True
+    fused: bool = True  # PyTorch's fused AdamW/SGD kernels (CPU and GPU); false: PyTorch's default loop
 
     def validate(self, prefix: str) -> None:
         if self.name not in ("adamw", "sgd"):
@@ -155,6 +157,8 @@ class TrainConfig:
     overfit_batches: int = 0  # >0: train on epoch 0's first N global batches, same augmentation, again and again
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress_bar: bool = True
+    compile: bool = False  # torch.compile the backbones (student and teacher) in place; slow first steps
+    keep_freed_memory: bool = True  # CPU: glibc keeps freed activations for the next step (no page faults)
 
     def validate(self, prefix: str) -> None:
         for name in ("epochs", "batch_size_per_device", "grad_accum_steps", "log_every",

@@ -2,6 +2,7 @@
 
     python run_pretrain.py --config configs/dino_vit_small16.yaml data.path=/data/imagenet/train
     accelerate launch --num_processes 2 run_pretrain.py --config configs/demo.yaml
+    python run_pretrain.py --config configs/dino_vit_small16.yaml train.batch_size_per_device=8 --benchmark 5
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' continues the latest checkpoint in train.output_dir; or a checkpoint/run directory")
     p.add_argument("--demo", action="store_true",
                    help="prepare the embedded Fashion-MNIST demo data first and compare kNN at the end")
+    b = p.add_argument_group("throughput benchmark (no checkpoints, no exports)")
+    b.add_argument("--benchmark", type=int, default=0, metavar="N",
+                   help="time N optimizer steps of the recipe through the trainer and print images/s, the step "
+                        "split (data/forward/backward/optimizer/EMA), peak memory and achieved FLOP/s")
+    b.add_argument("--benchmark-warmup", type=int, default=1, metavar="W", help="untimed steps first (default 1)")
+    b.add_argument("--benchmark-data", choices=["synthetic", "real"], default="synthetic",
+                   help="synthetic: one batch of random images through the recipe's augmentation, repeated "
+                        "(measures the model); real: data.path through the configured loader")
+    b.add_argument("--benchmark-json", default=None, metavar="PATH", help="also write the report as JSON")
     return p
 
 
@@ -38,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    if args.benchmark:
+        return _benchmark(config, args)
 
     from selfdistill.engine.distributed import relaunch_if_needed
 
@@ -73,6 +85,28 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.demo and summary["rank"] == 0:
         _report_demo(config)
+    return 0
+
+
+def _benchmark(config, args) -> int:
+    import os
+
+    from selfdistill.engine.throughput import format_report, run_benchmark
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        report = run_benchmark(config, args.benchmark, args.benchmark_warmup, args.benchmark_data)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_report(report))
+        if args.benchmark_json:
+            out = Path(args.benchmark_json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
+            os.replace(tmp, out)
     return 0
 
 

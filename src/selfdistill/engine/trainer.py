@@ -55,20 +55,24 @@ class Trainer:
         self.config = config
         self.resume = resume
         self.run_dir = Path(config.train.output_dir)
+        # Optional phase timer (benchmarks): anything with start() and mark(phase). None costs one
+        # attribute test per phase boundary.
+        self.step_timer: Any = None
 
     # ------------------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.config
         t = cfg.train
         self.accelerator = acc = make_accelerator(t.precision, t.grad_accum_steps, t.cpu, t.trackers, str(self.run_dir))
+        if acc.device.type == "cpu" and t.keep_freed_memory:
+            keep_freed_memory()
         from accelerate.utils import set_seed
 
         set_seed(t.seed)  # identical initialisation on every rank
         self.method: Method = build_method(cfg)
         set_seed(t.seed + acc.process_index)  # then per-rank randomness (drop path)
 
-        self.source = build_train_source(cfg, self.method.train_transform(), self.method.collate_fn(),
-                                         acc.process_index, acc.num_processes, acc.device.type == "cuda")
+        self.source = self._make_source()
         self.steps_per_epoch = self.source.batches_per_epoch // t.grad_accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"one epoch has {self.source.batches_per_epoch} batches per device, fewer than "
@@ -87,16 +91,21 @@ class Trainer:
             groups.append({"name": g.name, "params": g.params, "lr": 0.0, "weight_decay": 0.0,
                            "apply_wd": g.weight_decay,
                            "frozen_steps": int(round(g.frozen_epochs * self.steps_per_epoch))})
-        if o.name == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=0.0, betas=o.betas)
-        else:
-            optimizer = torch.optim.SGD(groups, lr=0.0, momentum=o.momentum)
+        optimizer = build_optimizer(o, groups, acc.device)
+        if t.compile:
+            compile_backbones(self.method)
         configure_deepspeed(acc, t.batch_size_per_device, o.clip_grad, t.precision)
         self.student, self.optimizer = acc.prepare(self.method.student, optimizer)
         self.deepspeed = getattr(acc.state, "deepspeed_plugin", None) is not None
         self.method.setup(acc, self.steps_per_epoch, self.total_steps)
         self.bad = BadSampleTracker()
         self.state = LoopState(world_size=acc.num_processes)
+
+    def _make_source(self) -> Any:
+        """The training data (a benchmark substitutes a synthetic source here)."""
+        acc = self.accelerator
+        return build_train_source(self.config, self.method.train_transform(), self.method.collate_fn(),
+                                  acc.process_index, acc.num_processes, acc.device.type == "cuda")
 
     # ------------------------------------------------------------------------------------------
     def _set_schedules(self, step: int) -> tuple[float, float]:
@@ -174,11 +183,17 @@ class Trainer:
         step_ok = True
         grad_norm = None
         data_iter = iter(self.source.loader(st.epoch, st.batch_in_epoch))
+        timer = self.step_timer
         while st.batch_in_epoch < micro_per_epoch and st.step < self.last_step:
             t0 = time.perf_counter()
+            if timer:
+                timer.start()
             batch = next(data_iter)
             t_data = time.perf_counter() - t0
+            indices = batch["index"]  # still on the host: the audit sample below needs no device sync
             batch = _to_device(batch, acc.device)
+            if timer:
+                timer.mark("data")
             lr, wd = self._set_schedules(st.step)
             progress = self._progress()
             with acc.accumulate(self.student):
@@ -186,11 +201,15 @@ class Trainer:
                     out = self.method.training_step(self.student, batch, progress)
                 finite = self._all_finite(out.loss)
                 step_ok &= finite
+                if timer:
+                    timer.mark("forward")
                 if self.deepspeed:
                     # DeepSpeed steps inside backward() at the window's end and keeps its own gradient
                     # accumulators, so a bad micro-batch cannot simply be left out: its non-finite
                     # gradients go in, and DeepSpeed's overflow check skips the step and clears them.
                     acc.backward(out.loss)
+                    if timer:
+                        timer.mark("backward")  # DeepSpeed's optimizer step included
                     if acc.sync_gradients and step_ok:
                         grad_norm = self.student.get_global_grad_norm()  # before clipping, as DDP logs it
                     elif acc.sync_gradients and self.student.was_step_applied():
@@ -199,15 +218,19 @@ class Trainer:
                 else:
                     if finite:
                         acc.backward(out.loss)
+                    if timer:
+                        timer.mark("backward")
                     if acc.sync_gradients and step_ok:
                         if self.config.optim.clip_grad > 0:
                             grad_norm = acc.clip_grad_norm_(self.student.parameters(), self.config.optim.clip_grad)
                         self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if timer:
+                        timer.mark("optimizer")
             st.batch_in_epoch += 1
             st.samples_seen += out.batch_size
             if len(seen_indices) < 10_000:  # an audit sample, not the whole epoch
-                seen_indices.extend(batch["index"].tolist())
+                seen_indices.extend(indices.tolist())
             self.bad.update(batch.get("bad", []), out.batch_size)
             self.logger.accumulate(out, t_data, time.perf_counter() - t0, finite)
             if not acc.sync_gradients:
@@ -215,6 +238,8 @@ class Trainer:
             stepped, step_ok = step_ok, True
             if stepped:
                 self.method.after_optimizer_step(self.student, progress)
+                if timer:
+                    timer.mark("ema")
                 st.nonfinite_in_a_row = 0
                 st.step += 1
                 bar.update(1)
@@ -332,3 +357,54 @@ def _flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[key] = str(v)
     return flat
+
+
+def build_optimizer(o: Any, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW or SGD over named groups. ``optim.fused`` uses PyTorch's fused kernels (one pass over
+    each tensor on CPU and GPU) instead of the default (a Python loop over tensors on CPU)."""
+    kw: dict[str, Any] = {"fused": True} if o.fused and device.type in ("cpu", "cuda") else {}
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, betas=o.betas, **kw)
+    return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, **kw)
+
+
+def compile_backbones(method: Method) -> int:
+    """``torch.compile`` every timm model inside the method's networks, in place (``Module.compile``:
+    parameter names, checkpoints and exports stay as they are). Returns how many were compiled."""
+    from selfdistill.models import Backbone
+
+    seen: set[int] = set()
+    for value in vars(method).values():
+        if not isinstance(value, torch.nn.Module):
+            continue
+        for module in value.modules():
+            if isinstance(module, Backbone) and id(module) not in seen:
+                seen.add(id(module))
+                module.compile()  # the Backbone's own call (forward_features + pooling), as methods call it
+    return len(seen)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process instead of returning it to the system.
+
+    Activations are freed and allocated again every step; by default glibc serves large blocks
+    with fresh ``mmap`` pages, so every step pays page faults and zeroing (5-8% of a CPU step
+    here). Not done when the user set any ``MALLOC_*`` variable (e.g. to measure live memory) or
+    the C library is not glibc. Returns whether the settings were applied.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = mallopt(m_mmap_threshold, 1 << 30)  # blocks up to 1 GiB come from the heap (reusable)
+    ok &= mallopt(m_trim_threshold, 1 << 62)  # never shrink the heap
+    ok &= mallopt(m_top_pad, 256 << 20)  # grow it in 256 MiB steps
+    return bool(ok)

@@ -91,8 +91,8 @@ def _has_batchnorm(module: nn.Module) -> bool:
 def build_backbones(m: ModelConfig) -> tuple[Backbone, Backbone]:
     """The student backbone (drop path, checkpointing, start weights) and the teacher's (neither)."""
     student = Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
-                       pretrained=m.pretrained, **m.kwargs)
-    teacher = Backbone(m.name, m.img_size, m.patch_size, 0.0, False, **m.kwargs)
+                       pretrained=m.pretrained, channels_last=m.channels_last, **m.kwargs)
+    teacher = Backbone(m.name, m.img_size, m.patch_size, 0.0, False, channels_last=m.channels_last, **m.kwargs)
     return student, teacher
 
 
@@ -216,8 +216,9 @@ class Dino(Method):
 
     def _update_center(self) -> None:
         """Center <- EMA of the mean teacher logit over the whole optimizer step and all ranks."""
+        # torch.full, not torch.tensor: a fill kernel, no host-to-device copy in the step
         stats = torch.cat([self._center_sum.flatten(),
-                           torch.tensor([float(self._center_rows)], device=self._center_sum.device)])
+                           torch.full((1,), float(self._center_rows), device=self._center_sum.device)])
         if self._accelerator is not None and self._accelerator.num_processes > 1:
             stats = self._accelerator.reduce(stats, reduction="sum")
         batch_mean = (stats[:-1] / stats[-1].clamp_min(1)).view_as(self.center)

@@ -141,7 +141,8 @@ class Glsd(Dino):
         optimizer step and all ranks, one reduction for both."""
         dev = self._center_sum.device
         stats = torch.cat([self._center_sum.flatten(), self._grid_sum.flatten(),
-                           torch.tensor([float(self._center_rows), float(self._grid_rows)], device=dev)])
+                           torch.full((1,), float(self._center_rows), device=dev),
+                           torch.full((1,), float(self._grid_rows), device=dev)])
         if self._accelerator is not None and self._accelerator.num_processes > 1:
             stats = self._accelerator.reduce(stats, reduction="sum")
         k = self.cfg.out_dim
