@@ -100,7 +100,10 @@ def _from_checkpoint(path: Path, part: str = "eval") -> tuple[Backbone, ModelCon
     if part != "eval":
         raise ValueError(f"unknown part {part!r}: use 'eval' or 'student'")
     method.load_state_dict(load_method_state(ckpt))
-    return method.eval_backbone().eval(), config.model
+    backbone = method.eval_backbone()
+    if backbone is method.student_backbone():  # SimSiam, SMD: the student itself is evaluated
+        method.student.load_state_dict(student_state_from_checkpoint(ckpt))
+    return backbone.eval(), config.model
 
 
 def student_state_from_checkpoint(ckpt: str | Path) -> dict[str, Any]:

@@ -85,7 +85,7 @@ class Trainer:
             if not g.params:
                 continue  # DeepSpeed drops empty groups; we never rely on positions anyway
             groups.append({"name": g.name, "params": g.params, "lr": 0.0, "weight_decay": 0.0,
-                           "apply_wd": g.weight_decay,
+                           "apply_wd": g.weight_decay, "fixed_lr": g.fixed_lr,
                            "frozen_steps": int(round(g.frozen_epochs * self.steps_per_epoch))})
         if o.name == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=0.0, betas=o.betas)
@@ -104,7 +104,8 @@ class Trainer:
         lr = cosine_schedule(step, self.total_steps, self.base_lr, o.min_lr, self.warmup_steps)
         wd = cosine_schedule(step, self.total_steps, o.weight_decay, o.weight_decay_end)
         for group in self.optimizer.param_groups:
-            group["lr"] = 0.0 if step < group.get("frozen_steps", 0) else lr
+            peak_or_lr = self.base_lr if group.get("fixed_lr") else lr
+            group["lr"] = 0.0 if step < group.get("frozen_steps", 0) else peak_or_lr
             group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
         return lr, wd
 
@@ -297,10 +298,13 @@ class Trainer:
             from selfdistill.plots import plot_training_curves
 
             export = self.run_dir / "export"
-            export_backbone(self.method.eval_backbone(), self.config.model, export / "teacher_backbone.safetensors")
+            final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
+            if self.method.eval_backbone() is self.method.student_backbone():  # SimSiam, SMD: the student
+                export_from_checkpoint(final, export / "teacher_backbone.safetensors", part="eval")
+            else:
+                export_backbone(self.method.eval_backbone(), self.config.model, export / "teacher_backbone.safetensors")
             # From the final checkpoint, so ZeRO partitions are consolidated to full fp32 weights.
-            export_from_checkpoint(ckpt.checkpoint_dir(self.run_dir, self.state.step),
-                                   export / "student_backbone.safetensors", part="student")
+            export_from_checkpoint(final, export / "student_backbone.safetensors", part="student")
             plot_training_curves(self.run_dir / "log.jsonl", self.run_dir / "loss_curve.png")
         acc.wait_for_everyone()
         return summary
