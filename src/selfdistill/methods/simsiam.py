@@ -70,8 +70,11 @@ def _contiguous_state(module: nn.Module, state: dict[str, Any], prefix: str, loc
 
 def use_channels_last(student: nn.Module, backbone: Backbone, setting: bool | None) -> bool:
     """Put a convolutional student in channels-last memory format (faster convolutions with cuDNN
-    and oneDNN). Its state dict stays packed (NCHW), so checkpoints and exports do not change."""
-    enabled = has_batchnorm2d(backbone) if setting is None else setting
+    and oneDNN). Its state dict stays packed (NCHW), so checkpoints and exports do not change.
+    Never under DeepSpeed: ZeRO flattens parameters into packed buffers and refuses strided ones."""
+    from selfdistill.engine.distributed import uses_deepspeed
+
+    enabled = (has_batchnorm2d(backbone) if setting is None else setting) and not uses_deepspeed()
     if enabled:
         student.to(memory_format=torch.channels_last)
         student.register_state_dict_post_hook(_contiguous_state)

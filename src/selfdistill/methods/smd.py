@@ -108,12 +108,13 @@ class Smd(TwoViewMethod):
         return [ParamGroup("student", [p for p in self.student.parameters() if p.requires_grad], weight_decay=True)]
 
     def setup(self, accelerator: Any, steps_per_epoch: int, total_steps: int) -> None:
+        from selfdistill.engine.distributed import uses_deepspeed
         from selfdistill.models.frozen import FrozenTeacher
         from selfdistill.models.teachers import load_teacher
 
         c = self.cfg
         network, report = load_teacher(c.teacher_model, c.teacher_weights, c.teacher_format, **c.teacher_kwargs)
-        if has_batchnorm2d(network):  # a ResNet teacher runs channels-last too, whatever the student
+        if has_batchnorm2d(network) and not uses_deepspeed():  # a ResNet teacher, whatever the student
             network.to(memory_format=torch.channels_last)
         total = sum(p.numel() for p in network.parameters())
         self.teacher = FrozenTeacher(network, accelerator)
