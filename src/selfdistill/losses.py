@@ -298,3 +298,65 @@ def fd_loss(student_tokens_projected: torch.Tensor, teacher_tokens: torch.Tensor
     dtype = torch.promote_types(student_tokens_projected.dtype, torch.float32)  # fp32 at least
     target = F.layer_norm(teacher_tokens.detach().to(dtype), teacher_tokens.shape[-1:], eps=eps)
     return F.smooth_l1_loss(student_tokens_projected.to(dtype), target, beta=beta)
+
+
+# ---------------------------------------------------------------------------------------------
+# SimSiam and SMD (hard-aware metric distillation): embedding losses of two-view methods.
+# ---------------------------------------------------------------------------------------------
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """SimSiam's symmetric negative cosine: ``-(cos(p1, sg z2) + cos(p2, sg z1)) / 2``.
+
+    ``p``: predictor outputs, ``z``: projector outputs of views 1 and 2 (``[B, D]``). The stop-gradient
+    on ``z`` is what keeps SimSiam from collapsing; it is applied here, not left to the caller.
+    """
+    cos1 = F.cosine_similarity(p1.float(), z2.detach().float(), dim=-1).mean()
+    cos2 = F.cosine_similarity(p2.float(), z1.detach().float(), dim=-1).mean()
+    return -(cos1 + cos2) / 2
+
+
+def _pairwise_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sqrt(clamp(|a_i|^2 + |b_j|^2 - 2 a_i.b_j, 1e-12))``: SMD's expanded form, whose clamp fixes
+    the self-distance at 1e-6 (not 0), which decides ties in the positive/negative split. One
+    ``addmm`` as in the reference: the ReLU weights are differences of nearly equal distances, so
+    float32 rounding shows in the loss and the operation order is kept for parity."""
+    sq = torch.addmm((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :], a, b.t(), beta=1, alpha=-2)
+    return sq.clamp(min=1e-12).sqrt()
+
+
+def smd_loss(teacher_emb: torch.Tensor, student_emb: torch.Tensor, tau: float = 0.04) -> torch.Tensor:
+    """SMD's hard-aware metric distillation loss (Liu & Ye, ECCV 2022), teacher first.
+
+    Both ``[N, D]`` embeddings are L2-normalised. For anchor ``i`` (a teacher row), a sample ``j``
+    is a *negative* when the teacher puts it farther from ``i`` than the student currently puts
+    ``i``'s own embedding (``Dtt[i,j] > Dts[i,i]``), else a positive (``i`` itself included). Per
+    anchor only the hardest negative (closest student embedding) and the hardest positive
+    (farthest) count, each weighted by how far the student distance strays from the teacher's
+    (ReLU, no gradient): ``mean_i softplus((w_ap d_ap - w_an d_an) / tau)``, i.e. a 2-way
+    cross-entropy with label "negative". Pairs the student already places like the teacher have
+    weight 0, so a student equal to the teacher scores the floor ``log 2``. An anchor with no
+    negative gets ``w_an = 0``. Mining is within the given (per-rank) batch: no gather, as in SMD.
+
+    Gradients flow only into ``student_emb``. Computed in float32 (float64 inputs stay float64).
+
+    Returns:
+        The scalar loss.
+    """
+    if teacher_emb.ndim != 2 or teacher_emb.shape != student_emb.shape:
+        raise ValueError(f"smd_loss needs teacher and student embeddings of one shape [N, D], got "
+                         f"{tuple(teacher_emb.shape)} and {tuple(student_emb.shape)}")
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    dtype = torch.promote_types(teacher_emb.dtype, torch.float32)
+    t = F.normalize(teacher_emb.detach().to(dtype), dim=1)
+    s = F.normalize(student_emb.to(dtype), dim=1)
+    d_tt = _pairwise_distance(t, t)  # teacher-teacher, no gradient
+    d_ts = _pairwise_distance(t, s)  # teacher row i vs student column j
+    with torch.no_grad():
+        negative = d_tt > d_ts.diagonal()[:, None]
+    d_an, a = torch.where(negative, d_ts, torch.full_like(d_ts, 1e5)).min(dim=1)
+    d_ap, p = torch.where(negative, torch.zeros_like(d_ts), d_ts).max(dim=1)
+    w_an = F.relu(d_tt.gather(1, a[:, None]).squeeze(1) - d_an).detach()
+    w_ap = F.relu(d_ap - d_tt.gather(1, p[:, None]).squeeze(1)).detach()
+    return F.softplus((w_ap * d_ap - w_an * d_an) / tau).mean()

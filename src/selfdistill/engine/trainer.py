@@ -23,7 +23,7 @@ from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine.distributed import configure_deepspeed, make_accelerator
 from selfdistill.engine.logger import RunLogger
 from selfdistill.methods import Method, Progress, build_method
-from selfdistill.params import full_parameters, is_zero3_partitioned
+from selfdistill.params import full_parameters
 from selfdistill.schedules import cosine_schedule
 
 log = logging.getLogger("selfdistill")
@@ -89,7 +89,7 @@ class Trainer:
             if not g.params:
                 continue  # DeepSpeed drops empty groups; we never rely on positions anyway
             groups.append({"name": g.name, "params": g.params, "lr": 0.0, "weight_decay": 0.0,
-                           "apply_wd": g.weight_decay,
+                           "apply_wd": g.weight_decay, "fixed_lr": g.fixed_lr,
                            "frozen_steps": int(round(g.frozen_epochs * self.steps_per_epoch))})
         optimizer = build_optimizer(o, groups, acc.device)
         if t.compile:
@@ -113,7 +113,8 @@ class Trainer:
         lr = cosine_schedule(step, self.total_steps, self.base_lr, o.min_lr, self.warmup_steps)
         wd = cosine_schedule(step, self.total_steps, o.weight_decay, o.weight_decay_end)
         for group in self.optimizer.param_groups:
-            group["lr"] = 0.0 if step < group.get("frozen_steps", 0) else lr
+            peak_or_lr = self.base_lr if group.get("fixed_lr") else lr
+            group["lr"] = 0.0 if step < group.get("frozen_steps", 0) else peak_or_lr
             group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
         return lr, wd
 
@@ -323,11 +324,10 @@ class Trainer:
 
             export = self.run_dir / "export"
             final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
-            evaluated = self.method.eval_backbone()
-            if is_zero3_partitioned(list(evaluated.parameters())):  # the student itself (FD) under ZeRO-3
+            if self.method.eval_backbone() is self.method.student_backbone():  # SimSiam, SMD: the student
                 export_from_checkpoint(final, export / "teacher_backbone.safetensors", part="eval")
             else:
-                export_backbone(evaluated, self.config.model, export / "teacher_backbone.safetensors")
+                export_backbone(self.method.eval_backbone(), self.config.model, export / "teacher_backbone.safetensors")
             # From the final checkpoint, so ZeRO partitions are consolidated to full fp32 weights.
             export_from_checkpoint(final, export / "student_backbone.safetensors", part="student")
             plot_training_curves(self.run_dir / "log.jsonl", self.run_dir / "loss_curve.png")

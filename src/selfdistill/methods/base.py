@@ -29,6 +29,7 @@ class ParamGroup:
     params: list[nn.Parameter]
     weight_decay: bool = True  # follows the weight-decay schedule, else 0
     frozen_epochs: float = 0  # learning rate is 0 for this many epochs (counted in optimizer steps)
+    fixed_lr: bool = False  # learning rate stays at the peak (no warm-up, no decay): SimSiam's predictor
 
 
 @dataclass

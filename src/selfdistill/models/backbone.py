@@ -54,6 +54,13 @@ def create_timm_model(
             raise
 
 
+def pooled_width(model: nn.Module) -> int:
+    """Width of a classifier-less timm model's output (``forward_head(pre_logits=True)``): the
+    hidden head width where the family has one (MobileNetV3: 1280 after ``conv_head``, while
+    ``num_features`` is 960), else ``num_features``."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def load_timm_weights(model: nn.Module, path: str, what: str = "model.pretrained") -> None:
     """Load a local timm-format state dict (safetensors, or a torch file read with
     ``weights_only=True``) strictly: every backbone tensor must be in the file. A classifier in the
@@ -110,7 +117,7 @@ class Backbone(nn.Module):
         if pretrained:
             load_timm_weights(self.model, str(pretrained))
         self.name = name
-        self.embed_dim: int = self.model.num_features
+        self.embed_dim: int = pooled_width(self.model)
         self.num_prefix_tokens: int = getattr(self.model, "num_prefix_tokens", 0)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)

@@ -225,6 +225,31 @@ def _esvit(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tenso
     return state, dropped + buffers + head
 
 
+# The encoder prefixes of SimSiam (``encoder``), MoCo v1/v2 (``encoder_q``) and MoCo v3
+# (``base_encoder``), with DDP's ``module.`` (official files) or without (single-process saves).
+_SIAMESE_ENCODERS = ("module.encoder.", "module.encoder_q.", "module.base_encoder.", "encoder.", "encoder_q.",
+                     "base_encoder.")
+
+
+@register_teacher_format("moco")
+@register_teacher_format("simsiam")
+def _simsiam(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A SimSiam / MoCo checkpoint (``{'state_dict': {'module.encoder.conv1.weight': ...}}``, e.g.
+    SimSiam's ``checkpoint_0099.pth.tar``): the encoder's torchvision ResNet keys, which are timm's
+    ResNet keys. The projector (the encoder's ``fc``), the predictor and MoCo's momentum encoder
+    and queue are left out, as SMD does."""
+    state = unwrap(obj, "state_dict")
+    prefix = next((p for p in _SIAMESE_ENCODERS if any(k.startswith(p) for k in state)), None)
+    if prefix is None:
+        raise ValueError(f"no encoder weights: expected keys starting with one of {', '.join(_SIAMESE_ENCODERS)}, "
+                         f"found e.g. {', '.join(list(state)[:4]) or 'no keys'}")
+    encoder, dropped = strip_prefix(state, prefix)
+    own = model.state_dict()
+    heads = [k for k in encoder if k not in own and k.split(".")[0] in ("fc", "head", "classifier")]
+    dropped += [prefix + k for k in heads]
+    return {k: v for k, v in encoder.items() if k not in heads}, dropped
+
+
 def load_teacher(model_name: str, path: str | Path, fmt: str = "timm", **timm_kwargs: Any
                  ) -> tuple[nn.Module, TeacherReport]:
     """A frozen timm ``model_name`` (no classifier, eval, no gradients) holding the weights in ``path``.

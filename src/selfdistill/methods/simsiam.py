@@ -1,0 +1,185 @@
+"""SimSiam: exploring simple Siamese representation learning (Chen & He, 2021; facebookresearch/simsiam).
+
+Two augmented views go through one network (backbone -> 3-layer BN projector -> 2-layer predictor);
+each view's prediction is pulled towards the other view's projection, which gets no gradient.
+No negatives, no momentum encoder: the stop-gradient and the predictor prevent collapse. Here it
+also trains the ResNet-50 teachers that SMD distils (``configs/simsiam_resnet50.yaml``).
+
+Differences from the reference, on purpose: the cosine learning rate is evaluated per optimizer
+step instead of per epoch, crops are resized bicubically (the project's crop sampler) instead of
+bilinearly, and SyncBatchNorm is applied only where PyTorch supports it (several GPU ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfdistill.config import Config, DataConfig, MethodConfig, _fail
+from selfdistill.data import MultiCropAugmentation, collate_multicrop
+from selfdistill.losses import simsiam_loss
+from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, register_method
+from selfdistill.models import Backbone
+
+
+@dataclass
+class SimSiamConfig(MethodConfig):
+    name: str = "simsiam"
+    proj_dim: int = 2048  # projector output (SimSiam's ``dim``)
+    proj_hidden_dim: int = 0  # projector hidden width; 0: the backbone's width, as SimSiam does
+    pred_dim: int = 512  # predictor bottleneck
+    fix_pred_lr: bool = True  # the predictor keeps the peak learning rate (SimSiam's --fix-pred-lr)
+    sync_bn: bool = True  # BatchNorm statistics over all GPU ranks (SyncBatchNorm)
+    channels_last: bool | None = None  # None: on for BatchNorm conv nets (ResNets), off otherwise
+
+    def validate(self, prefix: str) -> None:
+        for key in ("proj_dim", "pred_dim"):
+            if getattr(self, key) <= 0:
+                _fail(f"{prefix}.{key}", f"must be positive, got {getattr(self, key)}")
+        if self.proj_hidden_dim < 0:
+            _fail(f"{prefix}.proj_hidden_dim", f"must be >= 0 (0: the backbone width), got {self.proj_hidden_dim}")
+
+
+# -- pieces shared with SMD ------------------------------------------------------------------------
+
+
+def two_view_augmentation(d: DataConfig) -> MultiCropAugmentation:
+    """The SimSiam / MoCo-v2 augmentation, twice per image: random resized crop (``data.global_crop_size``,
+    scale ``data.global_crop_scale``, 0.2-1 in the recipes), colour jitter (0.4, 0.4, 0.4, 0.1) with
+    p 0.8, grayscale p 0.2, Gaussian blur p 0.5 (radius ``data.blur_radius``), flip p 0.5, no solarize.
+    Local crops (``data.n_local_crops``) are not used."""
+    return MultiCropAugmentation(
+        global_size=d.global_crop_size, n_local_crops=0, global_scale=d.global_crop_scale, mean=d.mean, std=d.std,
+        color_jitter=(0.4, 0.4, 0.4, 0.1), blur_p=(0.5, 0.5, 0.5), solarize_p=(0.0, 0.0, 0.0),
+        blur_radius=d.blur_radius)
+
+
+def has_batchnorm2d(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+
+def _contiguous_state(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and not value.is_contiguous():
+            state[key] = value.contiguous()  # safetensors (Accelerate's checkpoints) stores packed tensors only
+
+
+def use_channels_last(student: nn.Module, backbone: Backbone, setting: bool | None) -> bool:
+    """Put a convolutional student in channels-last memory format (faster convolutions with cuDNN
+    and oneDNN). Its state dict stays packed (NCHW), so checkpoints and exports do not change.
+    Never under DeepSpeed: ZeRO flattens parameters into packed buffers and refuses strided ones."""
+    from selfdistill.engine.distributed import uses_deepspeed
+
+    enabled = (has_batchnorm2d(backbone) if setting is None else setting) and not uses_deepspeed()
+    if enabled:
+        student.to(memory_format=torch.channels_last)
+        student.register_state_dict_post_hook(_contiguous_state)
+    return enabled
+
+
+def as_views(crops: list[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
+    if not channels_last:
+        return list(crops)
+    return [c.contiguous(memory_format=torch.channels_last) for c in crops]
+
+
+def maybe_sync_batchnorm(module: nn.Module, enabled: bool, config: Config) -> nn.Module:
+    """SyncBatchNorm when several GPU ranks train: SimSiam and SMD normalise over the global batch.
+    PyTorch's SyncBatchNorm has no CPU kernel, so gloo (CPU) ranks keep per-rank statistics."""
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if enabled and world > 1 and torch.cuda.is_available() and not config.train.cpu:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
+
+
+class TwoViewMethod(Method):
+    """What SimSiam and SMD share: a student backbone built from ``config.model``, the two-view
+    augmentation, a channels-last / SyncBatchNorm student, and the student as the evaluated backbone."""
+
+    def build_backbone(self) -> Backbone:
+        m = self.config.model
+        return Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
+                        pretrained=m.pretrained, **m.kwargs)
+
+    def set_student(self, student: nn.Module, sync_bn: bool, channels_last: bool | None) -> None:
+        self.channels_last = use_channels_last(student, student.backbone, channels_last)
+        self.student = maybe_sync_batchnorm(student, sync_bn, self.config)
+
+    def train_transform(self) -> MultiCropAugmentation:
+        return two_view_augmentation(self.config.data)
+
+    def collate_fn(self):
+        return collate_multicrop
+
+    def eval_backbone(self) -> Backbone:
+        return self.student.backbone
+
+
+# -- SimSiam ---------------------------------------------------------------------------------------
+
+
+def simsiam_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """SimSiam's 3-layer projector: (Linear-BN-ReLU) x 2, Linear, BN without affine. The last Linear
+    has no bias: SimSiam freezes it, and a constant shift is removed by the following BN anyway."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False))
+
+
+def simsiam_predictor(dim: int, pred_dim: int) -> nn.Sequential:
+    """SimSiam's bottleneck predictor: Linear-BN-ReLU to ``pred_dim``, Linear back to ``dim``."""
+    return nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
+                         nn.Linear(pred_dim, dim))
+
+
+class SimSiamNetwork(nn.Module):
+    """Backbone + projector + predictor over a list of views, one backbone call per view (so
+    BatchNorm normalises each view on its own, as SimSiam does). Returns ``[(p, z)]`` per view."""
+
+    def __init__(self, backbone: Backbone, cfg: SimSiamConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        hidden = cfg.proj_hidden_dim or backbone.embed_dim
+        self.projector = simsiam_projector(backbone.embed_dim, hidden, cfg.proj_dim)
+        self.predictor = simsiam_predictor(cfg.proj_dim, cfg.pred_dim)
+
+    def forward(self, views: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for view in views:
+            z = self.projector(self.backbone(view).pooled)
+            out.append((self.predictor(z), z))
+        return out
+
+
+@register_method("simsiam")
+class SimSiam(TwoViewMethod):
+    config_class = SimSiamConfig
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        cfg: SimSiamConfig = config.method  # type: ignore[assignment]
+        self.cfg = cfg
+        self.set_student(SimSiamNetwork(self.build_backbone(), cfg), cfg.sync_bn, cfg.channels_last)
+
+    def param_groups(self) -> list[ParamGroup]:
+        """Weight decay on every parameter (BN and biases included), as SimSiam's SGD applies it."""
+        encoder = [p for n, p in self.student.named_parameters() if not n.startswith("predictor.")]
+        predictor = list(self.student.predictor.parameters())
+        return [ParamGroup("encoder", encoder, weight_decay=True),
+                ParamGroup("predictor", predictor, weight_decay=True, fixed_lr=self.cfg.fix_pred_lr)]
+
+    def training_step(self, student: nn.Module, batch: dict[str, Any], progress: Progress) -> StepOutput:
+        (p1, z1), (p2, z2) = student(as_views(batch["crops"], self.channels_last))
+        loss = simsiam_loss(p1, p2, z1, z2)
+        with torch.no_grad():
+            # SimSiam's collapse signal: per-dimension std of the normalised projection, times
+            # sqrt(dim): about 1 for spread-out outputs, 0 when every image maps to one point.
+            z = F.normalize(z1.detach().float(), dim=-1)
+            output_std = z.std(dim=0).mean() * z.shape[1] ** 0.5
+        return StepOutput(loss=loss, metrics={"output_std": output_std}, batch_size=z1.shape[0])
