@@ -123,7 +123,10 @@ class Backbone(nn.Module):
             self.model.set_grad_checkpointing(True)
         # Convolutional networks (more than a patch-embedding convolution) run faster with NHWC
         # weights and inputs (oneDNN on CPU, cuDNN on GPU); parameter values and names are unchanged.
-        self.channels_last = channels_last and is_convnet(self.model)
+        # Not under DeepSpeed: ZeRO flattens parameters into packed buffers and refuses strided ones.
+        from selfdistill.engine.distributed import uses_deepspeed
+
+        self.channels_last = channels_last and is_convnet(self.model) and not uses_deepspeed()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
