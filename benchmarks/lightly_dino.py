@@ -129,8 +129,8 @@ def run(config, steps: int, warmup: int, data: str, style: str, flops: bool = Tr
     from lightly.models.utils import update_momentum
     from lightly.utils.scheduler import CosineWarmupScheduler, cosine_schedule
 
-    from selfdistill.engine.throughput import (StepTimer, count_flops, make_report, matmul_flops_per_s,
-                                               peak_memory_gib)
+    from selfdistill.engine.throughput import (StepTimer, count_flops, gate_from_env, make_report,
+                                               matmul_flops_per_s, peak_memory_gib)
 
     t = config.train
     device = torch.device("cuda" if torch.cuda.is_available() and not t.cpu else "cpu")
@@ -190,7 +190,7 @@ def run(config, steps: int, warmup: int, data: str, style: str, flops: bool = Tr
     for module in (student_backbone, student_head):
         module.train()
     teacher_backbone.eval()  # as the project's teacher: no drop path, and a ViT has no BatchNorm
-    timer = StepTimer(device, skip=warmup)
+    timer = StepTimer(device, skip=warmup, gate=gate_from_env())
     for i in range(warmup + steps):
         step(i, timer)
     timer.stop()

@@ -4,15 +4,18 @@
     python benchmarks/train_throughput.py --suite --out benchmarks/results/train_cpu.json
     python benchmarks/train_throughput.py --config configs/dino_vit_small16.yaml --batch 8 --precision fp32
 
-For each recipe and precision, every repeat runs the project (``run_pretrain.py --benchmark``, the
-real ``Trainer``) and the baseline (``benchmarks/lightly_dino.py``) in fresh processes, one after
-the other, alternating which goes first. Each process builds the recipe, runs ``--warmup`` untimed
-steps and ``--steps`` timed optimizer steps on one synthetic batch (random images through the
-implementation's own multi-crop augmentation, so data loading is excluded unless ``--data real``),
-counts the model FLOPs of one more step with ``torch.utils.flop_counter`` and measures this
-machine's dense matmul FLOP/s at the run's precision. Reported: images/s, the step split
-(data / forward / backward / optimizer / EMA), peak memory, achieved FLOP/s as a fraction of the
-matmul FLOP/s, and ours/baseline as the median over repeats of the ratio within each repeat.
+For each recipe and precision, every repeat starts the project (``run_pretrain.py --benchmark``,
+the real ``Trainer``) and the baselines (``benchmarks/lightly_dino.py``) as fresh processes, side
+by side, and drives them in lock-step: one optimizer step of one, then one of the next, the order
+alternating from step to step, so step k of every implementation ran under the same machine load
+(the others wait idle meanwhile). Each process runs ``--warmup`` untimed steps and ``--steps``
+timed ones on one synthetic batch (random images through the implementation's own multi-crop
+augmentation, so data loading is excluded unless ``--data real``), then, alone, counts the model
+FLOPs of one more step with ``torch.utils.flop_counter`` and measures this machine's dense matmul
+FLOP/s at the run's precision. Reported: images/s, the step split (data / forward / backward /
+optimizer / EMA), peak memory, achieved FLOP/s as a fraction of the matmul FLOP/s (medians over
+repeats), and ours/baseline as the median over all timed steps of the ratio of step times of
+back-to-back steps (by wall time, and by process CPU time).
 
 The baseline exists for DINO only (lightly has no GLSD, SMD, FD); other methods get our numbers alone.
 """
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import select
 import statistics
 import subprocess
 import sys
@@ -31,6 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's selfdistill, as the child processes get it
 
 # name, recipe, overrides, batch. Recipes that are not in this checkout (methods merged later) are skipped.
 SUITE = [
@@ -52,25 +57,99 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_child(impl: str, config: str, overrides: list[str], args: argparse.Namespace, workdir: Path) -> dict | None:
-    out = workdir / f"{impl}_{time.monotonic_ns()}.json"
-    common = ["--config", str(ROOT / config), *overrides]
-    if impl == "selfdistill":
-        cmd = [sys.executable, str(ROOT / "run_pretrain.py"), *common, "--benchmark", str(args.steps),
-               "--benchmark-warmup", str(args.warmup), "--benchmark-data", args.data, "--benchmark-json", str(out)]
-    else:
-        style = impl.split("-", 1)[1]
-        cmd = [sys.executable, str(ROOT / "benchmarks/lightly_dino.py"), *common, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--data", args.data, "--style", style, "--json", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.threads), cwd=str(workdir),
-                       timeout=args.timeout)
-    if r.returncode != 0:
-        print(f"  {impl} failed (exit {r.returncode}):\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
-        return None
-    report = json.loads(out.read_text())
-    print(f"  {impl}: {report['images_per_s']:.3f} images/s, {report['images_per_cpu_s']:.3f} images/CPU-s, "
-          f"{100 * report.get('flops_fraction', 0):.0f}% of matmul", flush=True)
-    return report
+class Child:
+    """One implementation in its own process, driven step by step through two pipes (the
+    ``SELFDISTILL_BENCH_GATE`` protocol of ``selfdistill.engine.throughput``)."""
+
+    def __init__(self, impl: str, config: str, overrides: list[str], args: argparse.Namespace, workdir: Path) -> None:
+        from selfdistill.engine.throughput import GATE_ENV
+
+        self.impl, self.timeout = impl, args.timeout
+        tag = f"{impl}_{time.monotonic_ns()}"
+        self.out, self.log = workdir / f"{tag}.json", workdir / f"{tag}.log"
+        common = ["--config", str(ROOT / config), *overrides]
+        if impl == "selfdistill":
+            cmd = [sys.executable, str(ROOT / "run_pretrain.py"), *common, "--benchmark", str(args.steps),
+                   "--benchmark-warmup", str(args.warmup), "--benchmark-data", args.data,
+                   "--benchmark-json", str(self.out)]
+        else:
+            cmd = [sys.executable, str(ROOT / "benchmarks/lightly_dino.py"), *common, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--data", args.data, "--style", impl.split("-", 1)[1],
+                   "--json", str(self.out)]
+        go_r, self.go_w = os.pipe()
+        self.ready_r, ready_w = os.pipe()
+        env = child_env(args.threads)
+        env[GATE_ENV] = f"{go_r},{ready_w}"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=str(workdir), stdout=log, stderr=subprocess.STDOUT,
+                                         pass_fds=(go_r, ready_w))
+        os.close(go_r)
+        os.close(ready_w)
+        self.alive = True
+
+    def wait_ready(self) -> bool:
+        """Block until the process is at its next gate (its previous step done)."""
+        if self.alive:
+            ready, _, _ = select.select([self.ready_r], [], [], self.timeout)
+            if not ready or os.read(self.ready_r, 1) != b"r":
+                self.fail("stopped" if ready else f"no step within {self.timeout} s")
+        return self.alive
+
+    def go(self) -> None:
+        if self.alive:
+            try:
+                os.write(self.go_w, b"g")
+            except BrokenPipeError:
+                self.fail("went away")
+
+    def finish(self) -> dict | None:
+        """Let it count FLOPs, measure the matmul rate and write its report."""
+        self.go()
+        try:
+            code = self.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = -9
+        for fd in (self.go_w, self.ready_r):
+            os.close(fd)
+        if self.alive and code != 0:
+            self.fail(f"exit {code}")
+        if not self.alive:
+            return None
+        report = json.loads(self.out.read_text())
+        print(f"  {self.impl}: {report['images_per_s']:.3f} images/s, {report['images_per_cpu_s']:.3f} images/CPU-s, "
+              f"{100 * report.get('flops_fraction', 0):.0f}% of matmul", flush=True)
+        return report
+
+    def fail(self, why: str) -> None:
+        if self.alive:
+            self.alive = False
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            tail = self.log.read_text()[-3000:] if self.log.is_file() else ""
+            print(f"  {self.impl} failed ({why}):\n{tail}", file=sys.stderr, flush=True)
+
+
+def run_lockstep(impls: list[str], config: str, overrides: list[str], args: argparse.Namespace, workdir: Path,
+                 first: int) -> dict[str, dict | None]:
+    """All implementations built side by side, then driven one step at a time, alternately (who
+    goes first alternates from step to step): step k of each ran under the same machine load."""
+    children = [Child(impl, config, overrides, args, workdir) for impl in impls]
+    try:
+        for c in children:
+            c.wait_ready()
+        for k in range(args.warmup + args.steps):
+            order = children if (k + first) % 2 == 0 else children[::-1]
+            for c in order:
+                c.go()
+                c.wait_ready()
+        return {c.impl: c.finish() for c in children}  # one after the other: FLOPs and matmul rate alone
+    finally:
+        for c in children:
+            if c.proc.poll() is None:
+                c.proc.kill()
+                c.proc.wait()
 
 
 def lightly_available() -> bool:
@@ -102,16 +181,15 @@ def bench_recipe(name: str, config: str, overrides: list[str], batch: int, args:
         cpu_ratios: dict[str, list[float]] = {i: [] for i in baselines}
         print(f"{name} {precision} batch {batch}:", flush=True)
         for rep in range(args.repeats):
-            order = impls if rep % 2 == 0 else impls[::-1]  # alternate who runs first
-            got = {impl: run_child(impl, config, ov, args, workdir) for impl in order}
+            got = run_lockstep(impls, config, ov, args, workdir, first=rep)
             for impl, report in got.items():
                 if report:
                     runs[impl].append(report)
             ours = got["selfdistill"]
             for b in baselines:
-                if ours and got[b]:
-                    ratios[b].append(ours["images_per_s"] / got[b]["images_per_s"])
-                    cpu_ratios[b].append(ours["images_per_cpu_s"] / got[b]["images_per_cpu_s"])
+                if ours and got[b]:  # per step: step k of both ran back to back
+                    ratios[b] += [tb / to for to, tb in zip(ours["step_s"], got[b]["step_s"])]
+                    cpu_ratios[b] += [tb / to for to, tb in zip(ours["step_cpu_s"], got[b]["step_cpu_s"])]
         for impl in impls:
             if not runs[impl]:
                 continue
@@ -121,7 +199,7 @@ def bench_recipe(name: str, config: str, overrides: list[str], batch: int, args:
                 row["baseline_of"] = "selfdistill"
                 row["ours_over_this"] = statistics.median(ratios[impl])
                 row["ours_over_this_cpu"] = statistics.median(cpu_ratios[impl])
-                row["ours_over_this_runs"] = ratios[impl]
+                row["ours_over_this_steps"] = ratios[impl]
             rows.append(row)
     return rows
 

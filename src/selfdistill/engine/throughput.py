@@ -26,13 +26,19 @@ class StepTimer:
     """Wall time per step phase. ``start()`` opens a step (what the previous step did after its
     last ``mark`` is charged to "other"); ``mark(phase)`` charges the time since the last mark to
     ``phase``. On a GPU each mark synchronises first, so a phase is charged its own kernels.
-    The first ``skip`` steps (warm-up) are not kept. Process CPU time is kept per step too."""
+    The first ``skip`` steps (warm-up) are not kept. Process CPU time is kept per step too.
 
-    def __init__(self, device: torch.device | str = "cpu", skip: int = 0) -> None:
+    ``gate``: called between steps (and once after the last), outside the timed span; the
+    benchmark script uses it to run two implementations in lock-step (see :func:`gate_from_env`).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", skip: int = 0,
+                 gate: Callable[[], None] | None = None) -> None:
         self.cuda = torch.device(device).type == "cuda"
         self.steps: list[dict[str, float]] = []
         self.cpu_s: list[float] = []
         self.skip = skip
+        self.gate = gate
         self._last: float | None = None
         self._cpu0 = 0.0
 
@@ -42,6 +48,14 @@ class StepTimer:
         return time.perf_counter()
 
     def start(self) -> None:
+        now, cpu = self._close()
+        if self.gate is not None:
+            self.gate()  # waiting here is nobody's time
+            now, cpu = self._now(), _cpu_seconds()
+        self.steps.append(dict.fromkeys(PHASES, 0.0))
+        self._last, self._cpu0 = now, cpu
+
+    def _close(self) -> tuple[float, float]:
         now, cpu = self._now(), _cpu_seconds()
         if self.steps and self._last is not None:
             self.steps[-1]["other"] += now - self._last
@@ -50,8 +64,8 @@ class StepTimer:
                 self.skip -= 1
                 self.steps.pop()
                 self.cpu_s.pop()
-        self.steps.append(dict.fromkeys(PHASES, 0.0))
-        self._last, self._cpu0 = now, cpu
+        self._last = None
+        return now, cpu
 
     def mark(self, phase: str) -> None:
         now = self._now()
@@ -60,15 +74,39 @@ class StepTimer:
         self._last = now
 
     def stop(self) -> None:
-        """Close the last step (its remainder goes to "other")."""
-        self.start()
-        self.steps.pop()
-        self._last = None
+        """Close the last step (its remainder goes to "other"), then pass the gate once more."""
+        self._close()
+        if self.gate is not None:
+            self.gate()
 
     def summary(self) -> dict[str, Any]:
         totals = [sum(s.values()) for s in self.steps]
         return {"step_s": [round(t, 4) for t in totals], "cpu_s": sum(self.cpu_s),
+                "step_cpu_s": [round(c, 4) for c in self.cpu_s],
                 "phases_s": {p: statistics.fmean(s[p] for s in self.steps) for p in PHASES} if self.steps else {}}
+
+
+GATE_ENV = "SELFDISTILL_BENCH_GATE"
+
+
+def gate_from_env() -> Callable[[], None] | None:
+    """Lock-step with a driving process: ``SELFDISTILL_BENCH_GATE="<read fd>,<write fd>"`` (pipes
+    it passed down). At each gate the process writes one byte ("ready": the previous step is done)
+    and blocks until it reads one ("go"). Two implementations driven alternately step by step see
+    the same machine load, which is what makes their ratio fair on a shared machine."""
+    import os
+
+    spec = os.environ.get(GATE_ENV)
+    if not spec:
+        return None
+    rfd, wfd = (int(x) for x in spec.split(","))
+
+    def gate() -> None:
+        os.write(wfd, b"r")
+        if os.read(rfd, 1) != b"g":
+            raise SystemExit("benchmark driver went away")
+
+    return gate
 
 
 # -- what the machine can do ---------------------------------------------------------------------
@@ -254,7 +292,7 @@ def run_benchmark(config: Any, steps: int, warmup: int = 1, data: str = "synthet
                 trainer._train_epoch(bar, seen)
 
         # One pass, warm-up included, so a real-data loader is not restarted before the timed steps.
-        timer = trainer.step_timer = StepTimer(device, skip=warmup)
+        timer = trainer.step_timer = StepTimer(device, skip=warmup, gate=gate_from_env())
         run_until(warmup + steps)
         timer.stop()
         trainer.step_timer = None
@@ -290,7 +328,7 @@ def make_report(impl: str, config: Any, summary: dict[str, Any], peak_gib: float
         "batch": batch, "precision": config.train.precision, "threads": torch.get_num_threads(),
         "device": str(device), "data": data, "steps": steps, "student_parameters": student_parameters,
         "images_per_s": batch * steps / total, "step_s_median": statistics.median(step_times),
-        "step_s": step_times, "phases_s": summary["phases_s"],
+        "step_s": step_times, "step_cpu_s": summary["step_cpu_s"], "phases_s": summary["phases_s"],
         "cpu_s_per_step": cpu_s / steps, "images_per_cpu_s": batch * steps / max(cpu_s, 1e-9),
         "peak_memory_gib": peak_gib, "flops_per_step": flops_per_step,
         "achieved_flops_per_s": flops_per_step * steps / total,
