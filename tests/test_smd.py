@@ -214,6 +214,7 @@ def test_alignment_warm_up_then_pure_metric_distillation(image_folder, tmp_path,
     assert len(rows) == 2
     assert rows[0]["loss"] == pytest.approx(-rows[0]["cos_teacher"] + 0.5 * rows[0]["smd"], rel=1e-5)
     assert rows[1]["loss"] == pytest.approx(rows[1]["smd"], rel=1e-6)
+    assert all(0 < r["output_std"] <= 1.5 and 0 < r["teacher_std"] <= 1.5 for r in rows)  # collapse signals
 
 
 def test_resume_matches_uninterrupted_run(image_folder, tmp_path, teacher_file):

@@ -81,6 +81,14 @@ def use_channels_last(student: nn.Module, backbone: Backbone, setting: bool | No
     return enabled
 
 
+@torch.no_grad()
+def output_std(z: torch.Tensor) -> torch.Tensor:
+    """SimSiam's collapse signal: per-dimension std of the L2-normalised outputs, times sqrt(dim):
+    about 1 for outputs spread over the sphere, 0 when every image maps to one point."""
+    z = F.normalize(z.detach().float(), dim=-1)
+    return z.std(dim=0).mean() * z.shape[1] ** 0.5
+
+
 def as_views(crops: list[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
     if not channels_last:
         return list(crops)
@@ -177,9 +185,4 @@ class SimSiam(TwoViewMethod):
     def training_step(self, student: nn.Module, batch: dict[str, Any], progress: Progress) -> StepOutput:
         (p1, z1), (p2, z2) = student(as_views(batch["crops"], self.channels_last))
         loss = simsiam_loss(p1, p2, z1, z2)
-        with torch.no_grad():
-            # SimSiam's collapse signal: per-dimension std of the normalised projection, times
-            # sqrt(dim): about 1 for spread-out outputs, 0 when every image maps to one point.
-            z = F.normalize(z1.detach().float(), dim=-1)
-            output_std = z.std(dim=0).mean() * z.shape[1] ** 0.5
-        return StepOutput(loss=loss, metrics={"output_std": output_std}, batch_size=z1.shape[0])
+        return StepOutput(loss=loss, metrics={"output_std": output_std(z1)}, batch_size=z1.shape[0])

@@ -25,7 +25,7 @@ from torch import nn
 from selfdistill.config import Config, MethodConfig, _fail
 from selfdistill.losses import smd_loss
 from selfdistill.methods.base import ParamGroup, Progress, StepOutput, register_method
-from selfdistill.methods.simsiam import TwoViewMethod, as_views, has_batchnorm2d
+from selfdistill.methods.simsiam import TwoViewMethod, as_views, has_batchnorm2d, output_std
 from selfdistill.models import Backbone
 from selfdistill.models.backbone import create_timm_model, pooled_width
 
@@ -142,5 +142,8 @@ class Smd(TwoViewMethod):
             loss = -cosine + self.cfg.align_smd_weight * dist
         else:
             loss = dist
-        metrics = {"smd": dist.detach(), "cos_teacher": cosine.detach()}
+        # output_std far below teacher_std: the student maps every image near the teacher's mean direction
+        # (cos_teacher then still reads high), the collapse a student without BatchNorm can fall into.
+        metrics = {"smd": dist.detach(), "cos_teacher": cosine.detach(), "output_std": output_std(embeddings[0]),
+                   "teacher_std": output_std(teacher[0])}
         return StepOutput(loss=loss, metrics=metrics, batch_size=views[0].shape[0])
