@@ -6,7 +6,8 @@ beat self-supervised training of the same student for the same number of steps?
 Three runs of ``run_pretrain.py`` on ``<data>/train`` (Fashion-MNIST, 32 px class folders, 10k images;
 ``run_pretrain.py --demo`` writes them) and one reference measurement:
 
-1. ``teacher``: SimSiam trains the teacher;
+1. ``teacher``: SimSiam trains the teacher (``--teacher-method dino``: DINO with the demo recipe,
+   ``configs/demo.yaml``, for ``--teacher-epochs``);
 2. ``smd_student``: SMD distils the teacher's export into the smaller student;
 3. ``simsiam_student``: SimSiam trains the same student alone, same batch, same number of steps;
 4. ``random_student``: the student at random initialisation (kNN only).
@@ -71,6 +72,14 @@ def common(args: argparse.Namespace, out: Path, epochs: int) -> list[str]:
 
 def simsiam(args: argparse.Namespace) -> list[str]:
     return ["method.name=simsiam", f"method.proj_dim={args.proj_dim}", f"method.pred_dim={args.proj_dim // 4}"]
+
+
+def dino_teacher(args: argparse.Namespace, out: Path) -> list[str]:
+    """DINO with the demo recipe (its ViT is ``ARCHS["vit"]["teacher"]``), kNN every 4 epochs."""
+    return ["--config", str(ROOT / "configs/demo.yaml"), f"data.path={args.data / 'train'}",
+            f"knn.val_path={args.data / 'test'}", f"train.epochs={args.teacher_epochs}", f"train.output_dir={out}",
+            f"knn.every_epochs={min(4, args.teacher_epochs)}", "train.trackers=[]", "train.progress_bar=false",
+            "train.checkpoint_every=100000"]
 
 
 def model(spec: tuple[str, str]) -> list[str]:
@@ -166,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/smd_vs_simsiam_cpu.json")
     parser.add_argument("--work", type=Path, default=ROOT / "runs/smd_vs_simsiam")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="vit")
+    parser.add_argument("--teacher-method", choices=["simsiam", "dino"], default="simsiam",
+                        help="how the teacher is trained: SimSiam with the students' settings, or DINO with the "
+                             "demo recipe (configs/demo.yaml; --arch vit only)")
     parser.add_argument("--teacher-epochs", type=int, default=8)
     parser.add_argument("--student-epochs", type=int, default=4)
     parser.add_argument("--align-epochs", type=int, default=1, help="SMD's cosine alignment warm-up (epochs)")
@@ -188,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     teacher, student = arch["teacher"], arch["student"]
     teacher_dir = args.work / "teacher"
     teacher_export = teacher_dir / "export" / "teacher_backbone.safetensors"
+    if args.teacher_method == "dino" and args.arch != "vit":
+        parser.error("--teacher-method dino trains the demo's ViT: use it with --arch vit")
     plans = {
-        "teacher": lambda out: [*common(args, out, args.teacher_epochs), *simsiam(args), *model(teacher)],
+        "teacher": lambda out: (dino_teacher(args, out) if args.teacher_method == "dino" else
+                                [*common(args, out, args.teacher_epochs), *simsiam(args), *model(teacher)]),
         "smd_student": lambda out: [
             *common(args, out, args.student_epochs), *model(student), "method.name=smd",
             f"method.teacher_model={teacher[0]}", f"method.teacher_kwargs={arch['teacher_kwargs']}",

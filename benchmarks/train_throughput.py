@@ -37,14 +37,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's selfdistill, as the child processes get it
 
-# name, recipe, overrides, batch. Recipes that are not in this checkout (methods merged later) are skipped.
+# name, recipe, overrides, batch, precisions (bf16 only where a CPU run stays short: this CPU has no
+# native bf16, its bf16 matmuls run ~6x slower than fp32). Recipes not in this checkout are skipped.
+REDUCED = ["model.img_size=112", "data.global_crop_size=112", "data.local_crop_size=48"]
 SUITE = [
-    ("DINO ViT-S/16", "configs/dino_vit_small16.yaml", [], 8),
-    ("DINO ViT-S/16 (reduced)", "configs/dino_vit_small16.yaml",
-     ["model.img_size=112", "data.global_crop_size=112", "data.local_crop_size=48"], 8),
-    ("GLSD Swin-T", "configs/glsd_swin_tiny.yaml", [], 8),
-    ("SMD ResNet-18", "configs/smd_resnet18.yaml", [], 16),
-    ("FD ViT-B/16", "configs/fd_vit_base16.yaml", [], 8),
+    ("DINO ViT-S/16", "configs/dino_vit_small16.yaml", [], 8, ["fp32"]),
+    ("DINO ViT-S/16 (reduced)", "configs/dino_vit_small16.yaml", REDUCED, 8, ["fp32", "bf16"]),
+    ("GLSD Swin-T", "configs/glsd_swin_tiny.yaml", [], 8, ["fp32"]),
+    ("SMD ResNet-50 -> ResNet-18", "configs/smd_r50_r18.yaml", [], 8, ["fp32"]),
+    ("FD ViT-B/16 (DINO teacher)", "configs/fd_dino_vit_base16.yaml", [], 4, ["fp32"]),
 ]
 
 
@@ -170,10 +171,10 @@ def median_report(runs: list[dict]) -> dict:
     return med
 
 
-def bench_recipe(name: str, config: str, overrides: list[str], batch: int, args: argparse.Namespace,
-                 baselines: list[str], workdir: Path) -> list[dict]:
+def bench_recipe(name: str, config: str, overrides: list[str], batch: int, precisions: list[str],
+                 args: argparse.Namespace, baselines: list[str], workdir: Path) -> list[dict]:
     rows = []
-    for precision in args.precision:
+    for precision in precisions:
         ov = [*overrides, f"train.batch_size_per_device={batch}", f"train.precision={precision}", *args.set]
         impls = ["selfdistill"] + baselines
         runs: dict[str, list[dict]] = {i: [] for i in impls}
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="with --suite: only these recipe names")
     p.add_argument("--name", default=None, help="label of --config in the table")
     p.add_argument("--batch", type=int, default=8, help="per-device batch for --config")
-    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="default: fp32 and bf16 for --config; the table's own precisions for --suite")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     p.add_argument("--repeats", type=int, default=3, help="runs per implementation (median reported)")
@@ -248,18 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     have_lightly = bool(args.baseline) and lightly_available()
     if args.baseline and not have_lightly:
         print("note: lightly is not installed (make bench-env); reporting our numbers alone", file=sys.stderr)
-    recipes = SUITE if args.suite else [(args.name or Path(args.config).stem, args.config, args.overrides, args.batch)]
+    recipes = SUITE if args.suite else [(args.name or Path(args.config).stem, args.config, args.overrides, args.batch,
+                                         ["fp32", "bf16"])]
     if args.suite and args.only:
         recipes = [r for r in recipes if r[0] in args.only]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        for name, config, overrides, batch in recipes:
+        for name, config, overrides, batch, precisions in recipes:
             if not (ROOT / config).is_file():
                 print(f"skipping {name}: {config} is not in this checkout", file=sys.stderr)
                 continue
             method = _method_of(config, overrides)
+            overrides = [*overrides, *random_teacher(config, overrides, Path(tmp))]
             baselines = [f"lightly-{s}" for s in args.baseline] if have_lightly and method == "dino" else []
-            rows += bench_recipe(name, config, overrides, batch, args, baselines, Path(tmp))
+            rows += bench_recipe(name, config, overrides, batch, args.precision or precisions, args, baselines,
+                                 Path(tmp))
     import torch
 
     report = {"command": " ".join(["python benchmarks/train_throughput.py",
@@ -275,6 +280,27 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp_out, args.out)
     print(markdown(rows))
     return 0 if rows else 1
+
+
+def random_teacher(config: str, overrides: list[str], workdir: Path) -> list[str]:
+    """Recipes that distil a frozen teacher name a weights file the benchmark machine need not have;
+    speed does not depend on the values, so the teacher gets randomly initialised weights (timm format)."""
+    import yaml
+
+    method = (yaml.safe_load((ROOT / config).read_text()) or {}).get("method", {})
+    if "teacher_weights" not in method or any(o.startswith("method.teacher_weights=") for o in overrides):
+        return []
+    import torch
+    from safetensors.torch import save_file
+
+    from selfdistill.models.backbone import create_timm_model
+
+    name, kwargs = method["teacher_model"], method.get("teacher_kwargs") or {}
+    path = workdir / f"random_{name}.safetensors"
+    if not path.is_file():
+        torch.manual_seed(0)
+        save_file({k: v.contiguous() for k, v in create_timm_model(name, **kwargs).state_dict().items()}, str(path))
+    return [f"method.teacher_weights={path}", "method.teacher_format=timm"]
 
 
 def _method_of(config: str, overrides: list[str]) -> str:

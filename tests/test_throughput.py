@@ -214,3 +214,11 @@ def test_compiled_backbones_train_like_eager_ones(tmp_path):
     AcceleratorState._reset_state(True), GradientState._reset_state(), PartialState._reset_state()
     run_training(data, tmp_path / "compiled", "train.max_steps=3", "train.compile=true")
     assert logged_losses(tmp_path / "compiled") == pytest.approx(logged_losses(tmp_path / "eager"), rel=1e-4)
+
+
+def test_crops_label_reads_the_views_of_the_batch():
+    from selfdistill.engine.throughput import batch_crops_label
+
+    multicrop = {"crops": [torch.zeros(2, 3, 16, 16)] * 2 + [torch.zeros(2, 3, 8, 8)] * 3}
+    assert batch_crops_label(multicrop) == "2x16+3x8"
+    assert batch_crops_label({"image": torch.zeros(2, 3, 224, 224)}) == "1x224"  # FD: one view, no local crops

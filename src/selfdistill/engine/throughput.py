@@ -236,8 +236,19 @@ class _Repeat:
 
 # -- the benchmark of the project's own loop -------------------------------------------------------
 def crops_label(config: Any) -> str:
+    """The DINO-family multi-crop of the config (what the lightly baseline builds)."""
     d = config.data
     return f"2x{d.global_crop_size}+{d.n_local_crops}x{d.local_crop_size}"
+
+
+def batch_crops_label(batch: Any) -> str:
+    """The views a method's batch really holds, e.g. ``2x224+10x96`` (multi-crop) or ``1x224`` (one image):
+    SimSiam, SMD and FD ignore ``data.n_local_crops``."""
+    views = batch["crops"] if isinstance(batch, dict) and "crops" in batch else [batch["image"]]
+    counts: dict[int, int] = {}
+    for v in views:
+        counts[v.shape[-1]] = counts.get(v.shape[-1], 0) + 1
+    return "+".join(f"{n}x{size}" for size, n in counts.items())
 
 
 def benchmark_config(config: Any, run_dir: str) -> Any:
@@ -280,6 +291,7 @@ def run_benchmark(config: Any, steps: int, warmup: int = 1, data: str = "synthet
     with tempfile.TemporaryDirectory(prefix="selfdistill-bench-") as tmp:
         trainer = _BenchTrainer(benchmark_config(config, tmp))
         trainer._build()
+        crops = batch_crops_label(next(iter(trainer.source.loader(0)))) if data == "synthetic" else None
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         trainer.logger = RunLogger(trainer.accelerator, trainer.run_dir)
         device = trainer.accelerator.device
@@ -301,7 +313,7 @@ def run_benchmark(config: Any, steps: int, warmup: int = 1, data: str = "synthet
         flops_per_step = count_flops(lambda: run_until(warmup + steps + 1))[1] if flops else 0
         report = make_report(
             impl="selfdistill", config=config, summary=timer.summary(), peak_gib=peak,
-            flops_per_step=flops_per_step, device=device, data=data, student_parameters=n_params,
+            flops_per_step=flops_per_step, device=device, data=data, student_parameters=n_params, crops=crops,
             matmul=matmul_flops_per_s(config.train.precision, device) if matmul else None)
         trainer.accelerator.end_training()
     return report
@@ -317,14 +329,14 @@ class _NoBar:
 
 def make_report(impl: str, config: Any, summary: dict[str, Any], peak_gib: float,
                 flops_per_step: int, device: torch.device, data: str, student_parameters: int,
-                matmul: dict[str, float] | None) -> dict[str, Any]:
+                matmul: dict[str, float] | None, crops: str | None = None) -> dict[str, Any]:
     """One implementation's numbers, in the schema both the project and the baseline report."""
     step_times, cpu_s = summary["step_s"], summary["cpu_s"]
     batch = config.train.batch_size_per_device
     total = sum(step_times)
     steps = len(step_times)
     report: dict[str, Any] = {
-        "impl": impl, "method": config.method.name, "model": config.model.name, "crops": crops_label(config),
+        "impl": impl, "method": config.method.name, "model": config.model.name, "crops": crops or crops_label(config),
         "batch": batch, "precision": config.train.precision, "threads": torch.get_num_threads(),
         "device": str(device), "data": data, "steps": steps, "student_parameters": student_parameters,
         "images_per_s": batch * steps / total, "step_s_median": statistics.median(step_times),
