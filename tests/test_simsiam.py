@@ -134,11 +134,12 @@ def test_resnet_student_is_channels_last_with_packed_state_dict():
     cfg = load_config(None, [*SIMSIAM, "model.name=resnet18", "model.img_size=null", f"model.kwargs={TINY_RESNET}"])
     method = build_method(cfg)
     conv = method.student.backbone.model.conv1.weight
-    assert method.channels_last and conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert method.student.backbone.channels_last  # model.channels_last (default true), as for DINO
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert all(v.is_contiguous() for v in method.student.state_dict().values())
     vit = build_method(load_config(None, [*SIMSIAM, "model.name=vit_tiny_patch16_224", "model.img_size=16",
                                           "model.patch_size=4", "model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}"]))
-    assert not vit.channels_last
+    assert not vit.student.backbone.channels_last
 
 
 def test_trains_finite_and_falls_on_repeated_batch(image_folder, tmp_path):

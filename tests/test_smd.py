@@ -123,7 +123,7 @@ def simsiam_checkpoint(path: Path, prefix: str = "module.encoder.", seed: int = 
 
     torch.manual_seed(seed)
     cfg = load_config(None, [*SIMSIAM, "model.name=resnet18", "model.img_size=null", f"model.kwargs={TINY_RESNET}",
-                             "method.channels_last=false"])
+                             "model.channels_last=false"])
     net = build_method(cfg).student
     with torch.no_grad():
         for p in net.backbone.parameters():

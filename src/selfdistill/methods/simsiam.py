@@ -34,7 +34,6 @@ class SimSiamConfig(MethodConfig):
     pred_dim: int = 512  # predictor bottleneck
     fix_pred_lr: bool = True  # the predictor keeps the peak learning rate (SimSiam's --fix-pred-lr)
     sync_bn: bool = True  # BatchNorm statistics over all GPU ranks (SyncBatchNorm)
-    channels_last: bool | None = None  # None: on for BatchNorm conv nets (ResNets), off otherwise
 
     def validate(self, prefix: str) -> None:
         for key in ("proj_dim", "pred_dim"):
@@ -62,37 +61,12 @@ def has_batchnorm2d(module: nn.Module) -> bool:
     return any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
 
 
-def _contiguous_state(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor) and not value.is_contiguous():
-            state[key] = value.contiguous()  # safetensors (Accelerate's checkpoints) stores packed tensors only
-
-
-def use_channels_last(student: nn.Module, backbone: Backbone, setting: bool | None) -> bool:
-    """Put a convolutional student in channels-last memory format (faster convolutions with cuDNN
-    and oneDNN). Its state dict stays packed (NCHW), so checkpoints and exports do not change.
-    Never under DeepSpeed: ZeRO flattens parameters into packed buffers and refuses strided ones."""
-    from selfdistill.engine.distributed import uses_deepspeed
-
-    enabled = (has_batchnorm2d(backbone) if setting is None else setting) and not uses_deepspeed()
-    if enabled:
-        student.to(memory_format=torch.channels_last)
-        student.register_state_dict_post_hook(_contiguous_state)
-    return enabled
-
-
 @torch.no_grad()
 def output_std(z: torch.Tensor) -> torch.Tensor:
     """SimSiam's collapse signal: per-dimension std of the L2-normalised outputs, times sqrt(dim):
     about 1 for outputs spread over the sphere, 0 when every image maps to one point."""
     z = F.normalize(z.detach().float(), dim=-1)
     return z.std(dim=0).mean() * z.shape[1] ** 0.5
-
-
-def as_views(crops: list[torch.Tensor], channels_last: bool) -> list[torch.Tensor]:
-    if not channels_last:
-        return list(crops)
-    return [c.contiguous(memory_format=torch.channels_last) for c in crops]
 
 
 def maybe_sync_batchnorm(module: nn.Module, enabled: bool, config: Config) -> nn.Module:
@@ -107,15 +81,15 @@ def maybe_sync_batchnorm(module: nn.Module, enabled: bool, config: Config) -> nn
 
 class TwoViewMethod(Method):
     """What SimSiam and SMD share: a student backbone built from ``config.model``, the two-view
-    augmentation, a channels-last / SyncBatchNorm student, and the student as the evaluated backbone."""
+    augmentation, a SyncBatchNorm student (channels-last through ``model.channels_last``, as every
+    method), and the student as the evaluated backbone."""
 
     def build_backbone(self) -> Backbone:
         m = self.config.model
         return Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
-                        pretrained=m.pretrained, **m.kwargs)
+                        pretrained=m.pretrained, channels_last=m.channels_last, **m.kwargs)
 
-    def set_student(self, student: nn.Module, sync_bn: bool, channels_last: bool | None) -> None:
-        self.channels_last = use_channels_last(student, student.backbone, channels_last)
+    def set_student(self, student: nn.Module, sync_bn: bool) -> None:
         self.student = maybe_sync_batchnorm(student, sync_bn, self.config)
 
     def train_transform(self) -> MultiCropAugmentation:
@@ -173,7 +147,7 @@ class SimSiam(TwoViewMethod):
         super().__init__(config)
         cfg: SimSiamConfig = config.method  # type: ignore[assignment]
         self.cfg = cfg
-        self.set_student(SimSiamNetwork(self.build_backbone(), cfg), cfg.sync_bn, cfg.channels_last)
+        self.set_student(SimSiamNetwork(self.build_backbone(), cfg), cfg.sync_bn)
 
     def param_groups(self) -> list[ParamGroup]:
         """Weight decay on every parameter (BN and biases included), as SimSiam's SGD applies it."""
@@ -183,6 +157,6 @@ class SimSiam(TwoViewMethod):
                 ParamGroup("predictor", predictor, weight_decay=True, fixed_lr=self.cfg.fix_pred_lr)]
 
     def training_step(self, student: nn.Module, batch: dict[str, Any], progress: Progress) -> StepOutput:
-        (p1, z1), (p2, z2) = student(as_views(batch["crops"], self.channels_last))
+        (p1, z1), (p2, z2) = student(list(batch["crops"]))
         loss = simsiam_loss(p1, p2, z1, z2)
         return StepOutput(loss=loss, metrics={"output_std": output_std(z1)}, batch_size=z1.shape[0])

@@ -25,7 +25,7 @@ from torch import nn
 from selfdistill.config import Config, MethodConfig, _fail
 from selfdistill.losses import smd_loss
 from selfdistill.methods.base import ParamGroup, Progress, StepOutput, register_method
-from selfdistill.methods.simsiam import TwoViewMethod, as_views, has_batchnorm2d, output_std
+from selfdistill.methods.simsiam import TwoViewMethod, has_batchnorm2d, output_std
 from selfdistill.models import Backbone
 from selfdistill.models.backbone import create_timm_model, pooled_width
 
@@ -44,7 +44,6 @@ class SmdConfig(MethodConfig):
     align_epochs: int = 2  # epochs with the cosine alignment term added (SMD: 2)
     align_smd_weight: float = 1.0  # weight of the SMD term while aligning (SMD's --times)
     sync_bn: bool = True  # BatchNorm statistics over all GPU ranks (SyncBatchNorm), as SMD
-    channels_last: bool | None = None  # None: on for BatchNorm conv nets (ResNets), off otherwise
 
     def validate(self, prefix: str) -> None:
         from selfdistill.models.teachers import teacher_formats
@@ -100,7 +99,7 @@ class Smd(TwoViewMethod):
         cfg: SmdConfig = config.method  # type: ignore[assignment]
         self.cfg = cfg
         self.teacher_dim = teacher_width(cfg)
-        self.set_student(SmdStudent(self.build_backbone(), self.teacher_dim), cfg.sync_bn, cfg.channels_last)
+        self.set_student(SmdStudent(self.build_backbone(), self.teacher_dim), cfg.sync_bn)
         self.teacher: nn.Module | None = None  # loaded in setup(): it needs the accelerator
 
     def param_groups(self) -> list[ParamGroup]:
@@ -133,7 +132,7 @@ class Smd(TwoViewMethod):
         return out
 
     def training_step(self, student: nn.Module, batch: dict[str, Any], progress: Progress) -> StepOutput:
-        views = as_views(batch["crops"], self.channels_last)
+        views = list(batch["crops"])
         teacher = self._embed_teacher(views)
         embeddings = student(views)
         dist = sum(smd_loss(t, s, self.cfg.tau) for t, s in zip(teacher, embeddings)) / len(views)

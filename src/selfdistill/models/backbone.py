@@ -106,6 +106,12 @@ def is_convnet(model: nn.Module) -> bool:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
 
+def _packed_state(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and not value.is_contiguous():
+            state[key] = value.contiguous()  # safetensors stores packed tensors only
+
+
 class Backbone(nn.Module):
     """A timm model returning ``BackboneOutput`` for any input resolution it supports."""
 
@@ -129,6 +135,7 @@ class Backbone(nn.Module):
         self.channels_last = channels_last and is_convnet(self.model) and not uses_deepspeed()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+            self.register_state_dict_post_hook(_packed_state)  # checkpoints and exports stay NCHW
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         if self.channels_last:
