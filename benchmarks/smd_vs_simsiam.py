@@ -2,6 +2,9 @@
 beat self-supervised training of the same student for the same number of steps?
 
     python benchmarks/smd_vs_simsiam.py --data /path/to/demo_data --out benchmarks/results/smd_vs_simsiam_cpu.json
+    # the BENCHMARKS.md result: a DINO ViT teacher, ResNet students
+    python benchmarks/smd_vs_simsiam.py --arch resnet --teacher-method dino --teacher-epochs 12 \
+        --work runs/smd_vs_simsiam_dino_resnet --out benchmarks/results/smd_vs_simsiam_dino_resnet_cpu.json
 
 Three runs of ``run_pretrain.py`` on ``<data>/train`` (Fashion-MNIST, 32 px class folders, 10k images;
 ``run_pretrain.py --demo`` writes them) and one reference measurement:
@@ -13,9 +16,10 @@ Three runs of ``run_pretrain.py`` on ``<data>/train`` (Fashion-MNIST, 32 px clas
 4. ``random_student``: the student at random initialisation (kNN only).
 
 ``--arch vit`` (default): the demo's ViT (4 blocks, width 192, patch 8) teaches a ViT of width 96
-(4 blocks, 3 heads), AdamW with the demo's schedule. ``--arch resnet``: ResNet-18 teaches a ResNet-10-T
-of half width (32-256 channels), SGD as in SimSiam / SMD; at this budget the SimSiam ResNet teacher
-does not beat a randomly initialised ResNet on kNN, so there is nothing to distil (see BENCHMARKS.md).
+(4 blocks, 3 heads), AdamW with the demo's schedule. ``--arch resnet``: a ResNet-10-T of half width
+(32-256 channels) is the student, SGD as in SimSiam / SMD; its SimSiam teacher is a ResNet-18, which
+at this budget does not beat a randomly initialised ResNet on kNN. ``--teacher-method dino`` trains
+the demo's ViT with DINO instead, for either student: the teacher SMD needs (see BENCHMARKS.md).
 Every run shares the SimSiam / MoCo-v2 two-view augmentation (32 px crops, scale 0.2-1, blur radius
 scaled to 32 px), the optimizer settings of its ``--arch`` and the seed. The score is the project's
 weighted kNN (bank: the 10k training images, queries: the 2k test images, T = 0.07) of each evaluated
@@ -176,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "runs/smd_vs_simsiam")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="vit")
     parser.add_argument("--teacher-method", choices=["simsiam", "dino"], default="simsiam",
-                        help="how the teacher is trained: SimSiam with the students' settings, or DINO with the "
-                             "demo recipe (configs/demo.yaml; --arch vit only)")
+                        help="how the teacher is trained: SimSiam with the students' settings and --arch's "
+                             "teacher network, or DINO with the demo recipe (configs/demo.yaml, the demo's ViT)")
     parser.add_argument("--teacher-epochs", type=int, default=8)
     parser.add_argument("--student-epochs", type=int, default=4)
     parser.add_argument("--align-epochs", type=int, default=1, help="SMD's cosine alignment warm-up (epochs)")
@@ -200,14 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     teacher, student = arch["teacher"], arch["student"]
     teacher_dir = args.work / "teacher"
     teacher_export = teacher_dir / "export" / "teacher_backbone.safetensors"
-    if args.teacher_method == "dino" and args.arch != "vit":
-        parser.error("--teacher-method dino trains the demo's ViT: use it with --arch vit")
+    if args.teacher_method == "dino":  # the demo's ViT, whatever the student
+        teacher, teacher_kwargs = ARCHS["vit"]["teacher"], ARCHS["vit"]["teacher_kwargs"]
+    else:
+        teacher_kwargs = arch["teacher_kwargs"]
     plans = {
         "teacher": lambda out: (dino_teacher(args, out) if args.teacher_method == "dino" else
                                 [*common(args, out, args.teacher_epochs), *simsiam(args), *model(teacher)]),
         "smd_student": lambda out: [
             *common(args, out, args.student_epochs), *model(student), "method.name=smd",
-            f"method.teacher_model={teacher[0]}", f"method.teacher_kwargs={arch['teacher_kwargs']}",
+            f"method.teacher_model={teacher[0]}", f"method.teacher_kwargs={teacher_kwargs}",
             f"method.teacher_weights={teacher_export}", "method.teacher_format=selfdistill",
             f"method.tau={args.tau}", f"method.align_epochs={args.align_epochs}"],
         "simsiam_student": lambda out: [*common(args, out, args.student_epochs), *simsiam(args), *model(student)],
