@@ -180,7 +180,8 @@ def bench_recipe(name: str, config: str, overrides: list[str], batch: int, preci
         runs: dict[str, list[dict]] = {i: [] for i in impls}
         ratios: dict[str, list[float]] = {i: [] for i in baselines}
         cpu_ratios: dict[str, list[float]] = {i: [] for i in baselines}
-        print(f"{name} {precision} batch {batch}:", flush=True)
+        effective = [o.split("=", 1)[1] for o in ov if o.startswith("train.batch_size_per_device=")][-1]
+        print(f"{name} {precision} batch {effective}:", flush=True)  # --set may override the table's batch
         for rep in range(args.repeats):
             got = run_lockstep(impls, config, ov, args, workdir, first=rep)
             for impl, report in got.items():
