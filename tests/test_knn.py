@@ -353,3 +353,14 @@ def test_save_knn_results_writes_json_atomically(tmp_path):
 
     with pytest.raises(ValueError, match="protocol"):
         save_knn_results(results, path, extra={"protocol": {}})
+
+
+def test_atomic_json_write_keeps_the_old_file_on_failure(tmp_path):
+    from selfdistill.atomic import write_json_atomic
+
+    path = write_json_atomic(tmp_path / "r.json", {"top1": 1.0})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"top1": object()})  # not JSON: fails before anything is replaced
+    assert json.loads(path.read_text()) == {"top1": 1.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temp file left behind
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -96,7 +96,8 @@ def _default_dir(weights: str) -> Path:
 
 
 def run_protocol_command(args: argparse.Namespace) -> int:
-    from selfdistill.eval.protocols import Weights, get_protocol, options_from_args, run_protocol, write_json
+    from selfdistill.atomic import write_json_atomic
+    from selfdistill.eval.protocols import Weights, get_protocol, options_from_args, run_protocol
 
     name = args.command
     options = options_from_args(get_protocol(name).options, args)
@@ -108,7 +109,7 @@ def run_protocol_command(args: argparse.Namespace) -> int:
         width = max(len(k) for k in result["metrics"]) if result["metrics"] else 0
         for k, v in result["metrics"].items():
             print(f"{k:<{width}}  {v:.2f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-        write_json(result, out)
+        write_json_atomic(out, result)
         print(f"results written to {out}")
     return 0
 

@@ -50,6 +50,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
+from selfdistill.atomic import write_json_atomic
 from selfdistill.data.folder import ImageFolderDataset
 
 __all__ = [
@@ -526,16 +527,6 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
 # State files
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_json(path: str) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
@@ -764,22 +755,22 @@ def write_shards(
     state = _start_state(out, source, args, listing, ordered, (samples_per_shard, max_shard_bytes), options,
                          workers, progress)
     progress_path = os.path.join(out, PROGRESS_NAME)
-    _write_json_atomic(progress_path, state)
+    write_json_atomic(progress_path, state, indent=1)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out, INFO_NAME))  # incomplete again until every shard is checked
 
     tasks = _tasks(out, prefix, state["plan"], ordered, source, options)
     _remove_tmp_files(out, tasks)
     todo = _pending(out, state, tasks)
-    _write_json_atomic(progress_path, state)
+    write_json_atomic(progress_path, state, indent=1)
     done_samples = len(ordered) - sum(t.stop - t.start for t in todo)
     with tqdm(total=len(ordered), initial=done_samples, desc="writing", unit="img", disable=not progress) as bar:
         for record in _run_tasks(todo, workers, bar):
             state["done"][record["name"]] = record
-            _write_json_atomic(progress_path, state)
+            write_json_atomic(progress_path, state, indent=1)
 
     info = _info(state, [t.name for t in tasks])
-    _write_json_atomic(os.path.join(out, INFO_NAME), info)
+    write_json_atomic(os.path.join(out, INFO_NAME), info, indent=1)
     os.remove(progress_path)
     return info
 

@@ -25,10 +25,8 @@ identically ordered feature bank.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -38,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
+
+from selfdistill.atomic import write_json_atomic
 
 __all__ = [
     "DEFAULT_K_VALUES",
@@ -462,18 +462,4 @@ def save_knn_results(
         **extra,
     }
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomic(path, payload)

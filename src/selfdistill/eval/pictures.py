@@ -31,6 +31,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from selfdistill.atomic import write_json_atomic
 from selfdistill.data.folder import IMAGE_EXTENSIONS
 from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, sample_crop_box, token_centres
 from selfdistill.eval.attention import AttentionStats, cls_attention, mass_threshold, vit_attention
@@ -71,12 +72,7 @@ def _save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
 
 
 def write_json(path: str | Path, payload: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, payload, indent=1)
 
 
 def register_picture(out_dir: str | Path, png: str | Path, caption: str, section: str) -> None:

@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
-import os
 import pkgutil
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +34,7 @@ from typing import Any, Callable
 
 __all__ = [
     "EvalContext", "Protocol", "Weights", "add_options_arguments", "get_protocol", "options_from_args",
-    "options_from_dict", "protocol_names", "register_protocol", "run_protocol", "write_json",
+    "options_from_dict", "protocol_names", "register_protocol", "run_protocol",
 ]
 
 ProtocolFn = Callable[["Weights", Any, "EvalContext"], dict]
@@ -236,27 +233,3 @@ def options_from_dict(options_cls: type, data: dict[str, Any] | None, prefix: st
 # --------------------------------------------------------------------------------------------
 
 
-def write_json(payload: Any, path: str | os.PathLike) -> Path:
-    """Write JSON atomically (a temp file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text(text: str, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfdistill.atomic import write_json_atomic, write_text_atomic
 from selfdistill.eval.protocols import (
     EvalContext,
     Weights,
@@ -32,8 +33,6 @@ from selfdistill.eval.protocols import (
     options_from_dict,
     protocol_names,
     run_protocol,
-    write_json,
-    write_text,
 )
 
 log = logging.getLogger(__name__)
@@ -92,12 +91,12 @@ def run_summary(weights: Weights, plan: dict[str, Any], ctx: EvalContext) -> dic
         res["options"] = dataclasses.asdict(options)
         results[name] = res
         if ctx.is_main and "error" not in res:
-            write_json(res, sub.out_dir / "results.json")
+            write_json_atomic(sub.out_dir / "results.json", res)
     summary = {**weights.describe(), "protocols": results,
                "failed": [n for n, r in results.items() if "error" in r]}
     if ctx.is_main:
-        write_json(summary, ctx.out_dir / "summary.json")
-        write_text(format_markdown(summary), ctx.out_dir / "summary.md")
+        write_json_atomic(ctx.out_dir / "summary.json", summary)
+        write_text_atomic(ctx.out_dir / "summary.md", format_markdown(summary))
     return summary
 
 
