@@ -28,6 +28,14 @@ def _fail(key: str, message: str) -> typing.NoReturn:
     raise ConfigError(f"config error: {key}: {message}")
 
 
+def check_kwargs_have_values(key: str, kwargs: dict[str, typing.Any], example: str = "depth: 2") -> None:
+    """YAML reads ``{depth:2}`` (no space) as ``{"depth:2": None}`` and timm drops None keywords
+    silently: refuse it with the fix."""
+    for name, value in kwargs.items():
+        if value is None:
+            _fail(key, f"{name!r} has no value (write {{{example}}}, with a space after ':')")
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -53,9 +61,7 @@ class ModelConfig:
             _fail(f"{prefix}.img_size", f"must be positive, got {self.img_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             _fail(f"{prefix}.drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
-        for key, value in self.kwargs.items():
-            if value is None:  # YAML reads {depth:2} (no space) as {"depth:2": None}; timm drops None
-                _fail(f"{prefix}.kwargs", f"{key!r} has no value (write {{depth: 2}}, with a space after ':')")
+        check_kwargs_have_values(f"{prefix}.kwargs", self.kwargs)
 
 
 @dataclass

@@ -34,7 +34,8 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from selfdistill.config import ConfigError, TrainConfig, _closest, _fail, _to_plain, build_dataclass, read_recipe
+from selfdistill.config import (ConfigError, TrainConfig, _closest, _fail, _to_plain, build_dataclass,
+                                check_kwargs_have_values, read_recipe)
 from selfdistill.data import collate_eval
 
 log = logging.getLogger("selfdistill")
@@ -87,9 +88,7 @@ class FinetuneModelConfig:
             _fail(f"{prefix}.drop_rate", f"must be in [0, 1), got {self.drop_rate}")
         if self.head_init_scale <= 0:
             _fail(f"{prefix}.head_init_scale", f"must be > 0, got {self.head_init_scale}")
-        for key, value in self.kwargs.items():
-            if value is None:
-                _fail(f"{prefix}.kwargs", f"{key!r} has no value (write {{depth: 2}}, with a space after ':')")
+        check_kwargs_have_values(f"{prefix}.kwargs", self.kwargs)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
-from selfdistill.config import Config, MethodConfig, _fail
+from selfdistill.config import Config, MethodConfig, _fail, check_kwargs_have_values
 from selfdistill.data import collate_eval
 from selfdistill.data.multicrop import _to_normalized_tensor
 from selfdistill.losses import fd_loss
@@ -67,9 +67,7 @@ class FdConfig(MethodConfig):
             _fail(f"{prefix}.teacher_std", f"must be positive, got {self.teacher_std}")
         if self.smooth_l1_beta <= 0:
             _fail(f"{prefix}.smooth_l1_beta", f"must be positive, got {self.smooth_l1_beta}")
-        for key, value in self.teacher_kwargs.items():
-            if value is None:
-                _fail(f"{prefix}.teacher_kwargs", f"{key!r} has no value (write {{window_size: 14}}, with a space)")
+        check_kwargs_have_values(f"{prefix}.teacher_kwargs", self.teacher_kwargs, example="window_size: 14")
 
 
 class FDTransform:

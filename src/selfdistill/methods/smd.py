@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfdistill.config import Config, MethodConfig, _fail
+from selfdistill.config import Config, MethodConfig, _fail, check_kwargs_have_values
 from selfdistill.losses import smd_loss
 from selfdistill.methods.base import ParamGroup, Progress, StepOutput, register_method
 from selfdistill.methods.simsiam import TwoViewMethod, has_batchnorm2d, output_std
@@ -61,6 +61,7 @@ class SmdConfig(MethodConfig):
             _fail(f"{prefix}.tau", f"must be positive, got {self.tau}")
         if self.align_epochs < 0 or self.align_smd_weight < 0:
             _fail(f"{prefix}.align_epochs", "align_epochs and align_smd_weight must be >= 0")
+        check_kwargs_have_values(f"{prefix}.teacher_kwargs", self.teacher_kwargs)
 
 
 class SmdStudent(nn.Module):
