@@ -6,7 +6,7 @@ step consumes on the same machine.
 
 The images are ImageNet-sized (500x375) JPEG crops of the real photos shipped with scikit-learn,
 written once as a folder, as shards and as an HF dataset. Each configuration runs the project's
-own training source (``build_train_source``) for ``--batches`` batches after one warm-up batch.
+own training source (``open_images(...).train_source``) for ``--batches`` batches after one warm-up batch.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def make_images(root: Path, n: int, seed: int = 0) -> Path:
 
 def make_shards(folder: Path, out: Path, per_shard: int) -> Path:
     """The project's preprocessor, as a user would run it (original JPEG bytes kept)."""
-    from selfdistill.data.shards import folder_source, write_shards
+    from selfdistill.data.shards import folder_input, write_shards
 
     if not (out / "_info.json").is_file():
-        write_shards(out, folder_source(folder), samples_per_shard=per_shard, progress=False)
+        write_shards(out, folder_input(folder), samples_per_shard=per_shard, progress=False)
     return out
 
 
@@ -67,15 +67,14 @@ def make_hf(folder: Path, out: Path) -> Path:
 
 
 def loader_images_per_s(fmt: str, path: Path, workers: int, decode_size: int, args: argparse.Namespace) -> float:
-    from selfdistill.config import load_config
-    from selfdistill.data.sources import build_train_source
+    from selfdistill.recipe import load_config
     from selfdistill.methods import build_method
 
     config = load_config(None, [f"data.format={fmt}", f"data.path={path}", f"data.num_workers={workers}",
                                 f"data.decode_size={decode_size}", f"train.batch_size_per_device={args.batch}",
                                 "model.name=vit_small_patch16_224"])
     method = build_method(config)
-    source = build_train_source(config, method.train_transform(), method.collate_fn(), 0, 1)
+    source = method.train_data().train_source(args.batch, 0, 1, method.collate_fn())
     batches = iter(source.loader(0))
     next(batches)  # warm-up: worker start, first decodes
     t0 = time.perf_counter()
@@ -105,7 +104,7 @@ def decode_images_per_s(folder: Path, sizes: tuple[int, ...], rounds: int = 10) 
 
 def training_images_per_s(args: argparse.Namespace) -> float:
     """Optimizer steps of DINO ViT-S/16 on one fixed multi-crop batch (data excluded)."""
-    from selfdistill.config import load_config
+    from selfdistill.recipe import load_config
     from selfdistill.methods import Progress, build_method
 
     config = load_config(None, ["model.name=vit_small_patch16_224", f"train.batch_size_per_device={args.train_batch}"])

@@ -20,8 +20,6 @@ left alone) into ``.bench-env/``, which this script puts on ``sys.path``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -46,7 +44,7 @@ def build(config, device):
     from lightly.models.modules import DINOProjectionHead
     from lightly.models.utils import deactivate_requires_grad, get_weight_decay_parameters
 
-    from selfdistill.models.backbone import create_timm_model
+    from selfdistill.models import create_timm_model
 
     m, c, o = config.model, config.method, config.optim
     if getattr(c, "head_nlayers", 3) != 3:
@@ -216,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lightly is not installed: run `make bench-env` (installs it into .bench-env/ without touching torch)",
               file=sys.stderr)
         return 3
-    from selfdistill.config import load_config
+    from selfdistill.recipe import load_config
     from selfdistill.engine.throughput import format_report
 
     config = load_config(args.config, args.overrides)
@@ -228,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(report))
     if args.json:
         out = Path(args.json)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp, out)
+        from selfdistill.atomic import write_json_atomic
+
+        write_json_atomic(out, report, indent=1)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""One rank of the memory benchmark: the real training loop for a few DINO steps, with the final
-checkpoint and export replaced by a measurement. Launched by ``benchmarks/memory.py``.
+"""One rank of the memory benchmark: the real training loop for a few DINO steps, then a
+measurement instead of the final checkpoint and export. Launched by ``benchmarks/memory.py``.
 
     memory_worker.py RESULT_DIR [section.key=value ...]
 
@@ -11,15 +11,16 @@ on a GPU, ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import gc
-import json
 import resource
 import sys
 from pathlib import Path
 
 import torch
 
-from selfdistill.config import load_config
+from selfdistill.atomic import write_json_atomic
 from selfdistill.engine.trainer import Trainer
+from selfdistill.methods import build_method
+from selfdistill.recipe import load_config
 
 
 def rss_bytes() -> int:
@@ -73,72 +74,59 @@ def ddp_bucket_bytes(model: torch.nn.Module) -> int:
     return sum(int(x) for x in sizes.split(",") if x.strip())
 
 
-class MeasuringTrainer(Trainer):
-    """The real loop; only the end-of-run checkpoint/export become measurements."""
+def measure(config) -> dict:
+    """Build the loop, run its steps with forward + backward measured, then measure the state."""
+    trainer = Trainer(config, lambda: build_method(config))
+    before_build = torch.cuda.memory_allocated() if gpu() else rss_bytes()
+    trainer.build()
+    task, acc = trainer.task, trainer.accelerator
+    # Forward + backward alone (no optimizer step): the activation (and gradient) high-water mark.
+    fwd_bwd = {"bytes": 0, "start": 0, "peak_before_resets": 0}
+    step, backward = task.training_step, acc.backward
 
-    def _build(self) -> None:
-        self.before_build = torch.cuda.memory_allocated() if gpu() else rss_bytes()
-        super()._build()
-        # Forward + backward alone (no optimizer step): the activation (and gradient) high-water mark.
-        self.fwd_bwd_bytes = 0
-        step, backward = self.method.training_step, self.accelerator.backward
-        start = {}
+    def training_step(*args, **kwargs):
+        # Resetting the high-water mark loses the run's peak so far: keep it.
+        fwd_bwd["peak_before_resets"] = max(fwd_bwd["peak_before_resets"], peak_since_reset())
+        fwd_bwd["start"] = reset_peak()
+        return step(*args, **kwargs)
 
-        self.peak_before_resets = 0
+    def measured_backward(loss, **kwargs):
+        backward(loss, **kwargs)
+        fwd_bwd["bytes"] = max(fwd_bwd["bytes"], peak_since_reset() - fwd_bwd["start"])
 
-        def training_step(*args, **kwargs):
-            # Resetting the high-water mark loses the run's peak so far: keep it.
-            self.peak_before_resets = max(self.peak_before_resets, peak_since_reset())
-            start["bytes"] = reset_peak()
-            return step(*args, **kwargs)
+    task.training_step, acc.backward = training_step, measured_backward
+    trainer.run_until(trainer.last_step)
 
-        def measured_backward(loss, **kwargs):
-            backward(loss, **kwargs)
-            self.fwd_bwd_bytes = max(self.fwd_bwd_bytes, peak_since_reset() - start["bytes"])
+    if gpu():
+        torch.cuda.synchronize()
+        after_steps, peak = torch.cuda.memory_allocated(), max(fwd_bwd["peak_before_resets"], torch.cuda.max_memory_allocated())
+    else:
+        after_steps, peak = rss_bytes(), max(fwd_bwd["peak_before_resets"], peak_since_reset())
+    teacher = getattr(task, "teacher", None)
+    exclude = {t.untyped_storage().data_ptr() for t in teacher.state_dict().values()} if teacher else set()
+    # Model + optimizer state, tensor by tensor: student weights, gradients, optimizer state and
+    # the strategy's gradient / communication buffers (not the EMA teacher, the same everywhere).
+    tensor_state = live_tensor_bytes(exclude) + ddp_bucket_bytes(trainer.student)
+    teacher_bytes = sum(t.numel() * t.element_size() for t in teacher.state_dict().values()) if teacher else 0
+    student = acc.unwrap_model(trainer.student)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
+    result = {
+        "rank": acc.process_index, "world_size": acc.num_processes, "device": "cuda" if gpu() else "cpu",
+        "student_parameters": n_params, "teacher_bytes": teacher_bytes,
+        "before_build_bytes": before_build, "after_steps_bytes": after_steps, "peak_bytes": peak,
+        # What the student costs between steps: weights, optimizer state, gradient/comm buffers.
+        "state_bytes": after_steps - before_build - teacher_bytes,
+        "tensor_state_bytes": tensor_state,
+        # What a step adds on top: activations (and transient gradients).
+        "step_bytes": peak - after_steps,
+        "fwd_bwd_bytes": fwd_bwd["bytes"],
+        "steps": trainer.state.step,
+    }
+    write_json_atomic(Path(sys.argv[1]) / f"rank{acc.process_index}.json", result, indent=None)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
 
-        self.method.training_step = training_step
-        self.accelerator.backward = measured_backward
-
-    def _save(self) -> None:  # called once, right after the last optimizer step
-        if gpu():
-            torch.cuda.synchronize()
-            self.after_steps = torch.cuda.memory_allocated()
-            self.peak = max(self.peak_before_resets, torch.cuda.max_memory_allocated())
-        else:
-            self.after_steps, self.peak = rss_bytes(), max(self.peak_before_resets, peak_since_reset())
-        teacher = getattr(self.method, "teacher", None)
-        exclude = {t.untyped_storage().data_ptr() for t in teacher.state_dict().values()} if teacher else set()
-        # Model + optimizer state, tensor by tensor: student weights, gradients, optimizer state and
-        # the strategy's gradient / communication buffers (not the EMA teacher, the same everywhere).
-        self.tensor_state = live_tensor_bytes(exclude) + ddp_bucket_bytes(self.student)
-
-    def _finish(self, seen_indices):
-        acc = self.accelerator
-        teacher = getattr(self.method, "teacher", None)
-        teacher_bytes = sum(t.numel() * t.element_size() for t in teacher.state_dict().values()) if teacher else 0
-        student = acc.unwrap_model(self.student)
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
-        result = {
-            "rank": acc.process_index, "world_size": acc.num_processes, "device": "cuda" if gpu() else "cpu",
-            "student_parameters": n_params, "teacher_bytes": teacher_bytes,
-            "before_build_bytes": self.before_build, "after_steps_bytes": self.after_steps, "peak_bytes": self.peak,
-            # What the student costs between steps: weights, optimizer state, gradient/comm buffers.
-            "state_bytes": self.after_steps - self.before_build - teacher_bytes,
-            "tensor_state_bytes": self.tensor_state,
-            # What a step adds on top: activations (and transient gradients).
-            "step_bytes": self.peak - self.after_steps,
-            "fwd_bwd_bytes": self.fwd_bwd_bytes,
-            "steps": self.state.step,
-        }
-        out = Path(RESULT_DIR) / f"rank{acc.process_index}.json"
-        out.write_text(json.dumps(result))
-        acc.wait_for_everyone()
-        return result
-
-
-RESULT_DIR = ""
 
 if __name__ == "__main__":
-    RESULT_DIR = sys.argv[1]
-    config = load_config(None, sys.argv[2:])
-    MeasuringTrainer(config).fit()
+    measure(load_config(None, sys.argv[2:]))

@@ -140,7 +140,7 @@ def feature_spread(backbone, test_dir: Path, n: int = 512) -> dict[str, float]:
 
 
 def spread_of_run(out: Path, test_dir: Path) -> dict[str, float]:
-    from selfdistill.export import load_backbone
+    from selfdistill.models import load_backbone
 
     backbone, _ = load_backbone(str(out / "export" / "teacher_backbone.safetensors"))
     return feature_spread(backbone, test_dir)
@@ -150,7 +150,7 @@ def random_backbone(args: argparse.Namespace, spec: tuple[str, str]):
     """The student's architecture at the initialisation its runs start from (seeded as the loop seeds)."""
     import torch
 
-    from selfdistill.config import load_config
+    from selfdistill.recipe import load_config
     from selfdistill.models import Backbone
 
     cfg = load_config(None, [*common(args, args.work / "random", 1), *model(spec)])
@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(json.dumps({**header, "runs": results}, indent=2) + "\n")
-        os.replace(tmp, args.out)
+        from selfdistill.atomic import write_json_atomic
+
+        write_json_atomic(args.out, {**header, "runs": results}, indent=2)
 
     for name in args.only:
         if name == "random_student":

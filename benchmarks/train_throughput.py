@@ -276,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
               "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = args.out.with_name(args.out.name + ".tmp")
-        tmp_out.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp_out, args.out)
+        from selfdistill.atomic import write_json_atomic
+
+        write_json_atomic(args.out, report, indent=1)
     print(markdown(rows))
     return 0 if rows else 1
 
@@ -294,7 +294,7 @@ def random_teacher(config: str, overrides: list[str], workdir: Path) -> list[str
     import torch
     from safetensors.torch import save_file
 
-    from selfdistill.models.backbone import create_timm_model
+    from selfdistill.models import create_timm_model
 
     name, kwargs = method["teacher_model"], method.get("teacher_kwargs") or {}
     path = workdir / f"random_{name}.safetensors"

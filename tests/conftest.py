@@ -81,10 +81,10 @@ def fresh_accelerate_state():
 
 def run_training(data: Path, out: Path, *extra: str, resume: str | None = None, **overrides):
     """Train the tiny recipe in this process (``extra``: more dotted overrides, applied last)."""
-    from selfdistill.config import load_config
-    from selfdistill.engine.trainer import Trainer
+    from selfdistill.recipe import load_config
+    from selfdistill.pretrain import pretraining
 
-    return Trainer(load_config(None, [*tiny_overrides(data, out, **overrides), *extra]), resume=resume).fit()
+    return pretraining(load_config(None, [*tiny_overrides(data, out, **overrides), *extra]), resume=resume).fit()
 
 
 def logged_losses(out: Path) -> list[float]:

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfdistill.config import ConfigError, load_config
+from selfdistill.configkit import ConfigError
+from selfdistill.recipe import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -323,7 +323,7 @@ def test_collate_shapes():
 
 
 def test_overfit_batches_repeats_epoch_zero_exactly():
-    from selfdistill.engine.sampler import EpochShardSampler
+    from selfdistill.data.sampler import EpochShardSampler
 
     s = EpochShardSampler(40, 4, rank=1, world_size=2, seed=3, repeat_batches=2)
     assert s.batches_per_epoch == 2 and len(s) == 8

@@ -37,13 +37,11 @@ def losses(out: Path) -> list[float]:
 
 
 def teacher(out: Path) -> dict[str, torch.Tensor]:
-    return ckpt.load_method_state(ckpt.latest_checkpoint(out))["teacher"]
+    return ckpt.load_task_state(ckpt.latest_checkpoint(out))["teacher"]
 
 
 def student(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from selfdistill.export import student_state_from_checkpoint
-
-    return student_state_from_checkpoint(checkpoint)
+    return ckpt.student_state(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +61,7 @@ def initial_student(data) -> dict[str, torch.Tensor]:
     """The student every run starts from (the trainer seeds with train.seed before building)."""
     from accelerate.utils import set_seed
 
-    from selfdistill.config import load_config
+    from selfdistill.recipe import load_config
     from selfdistill.methods import build_method
 
     set_seed(0)

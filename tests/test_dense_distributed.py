@@ -28,7 +28,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def method_state(out: Path) -> dict:
-    return ckpt.load_method_state(ckpt.latest_checkpoint(out))
+    return ckpt.load_task_state(ckpt.latest_checkpoint(out))
 
 
 def check_two_ranks_agree_and_loss_falls(out: Path) -> list[float]:

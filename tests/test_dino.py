@@ -2,7 +2,7 @@
 
 import torch
 
-from selfdistill.config import load_config
+from selfdistill.recipe import load_config
 from selfdistill.methods import build_method
 
 TINY = ["method.out_dim=16", "method.head_hidden_dim=16", "method.head_bottleneck_dim=8",

@@ -108,10 +108,10 @@ def test_two_machines_on_one_host_train_together(tmp_path):
 
 def test_two_ranks_stream_shards_with_two_workers_each(tmp_path):
     """Resampled shards, 2 ranks x 2 workers: equal batches per rank, so no rank waits at an epoch end."""
-    from selfdistill.data.shards import folder_source, write_shards
+    from selfdistill.data.shards import folder_input, write_shards
 
     data = make_image_folder(tmp_path / "img")
-    write_shards(tmp_path / "shards", folder_source(data), samples_per_shard=6, progress=False)  # 6 shards
+    write_shards(tmp_path / "shards", folder_input(data), samples_per_shard=6, progress=False)  # 6 shards
     out = tmp_path / "run"
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     result = _launch([accelerate, "launch", "--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml")],

@@ -17,11 +17,11 @@ import torch
 from conftest import logged_losses, make_image_folder
 from safetensors.torch import load_file, save_file
 
-from selfdistill.config import load_config
+from selfdistill.recipe import load_config
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.losses import fd_loss
 from selfdistill.models import create_timm_model
-from selfdistill.models.teachers import load_teacher
+from selfdistill.models.weights import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = dict(depth=2, embed_dim=48, num_heads=2)
@@ -77,9 +77,9 @@ def setup_files(tmp_path_factory) -> dict[str, Path]:
 
 
 def train(files, out: Path, *extra: str, resume: str | None = None):
-    from selfdistill.engine.trainer import Trainer
+    from selfdistill.pretrain import pretraining
 
-    return Trainer(load_config(None, fd_overrides(files["data"], out, files["vit"], *extra)), resume=resume).fit()
+    return pretraining(load_config(None, fd_overrides(files["data"], out, files["vit"], *extra)), resume=resume).fit()
 
 
 # -- the loss -----------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_clip_teacher_gets_clip_normalisation(setup_files, tmp_path, fresh_accel
 
 
 def test_token_grid_mismatch_and_missing_teacher_are_clear_errors(setup_files, tmp_path):
-    from selfdistill.config import ConfigError
+    from selfdistill.configkit import ConfigError
     from selfdistill.methods import build_method
 
     bad = fd_overrides(setup_files["data"], tmp_path, setup_files["vit"],
@@ -341,7 +341,7 @@ def test_trains_finite_and_falls_on_repeated_batch(setup_files, tmp_path):
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_resume_matches_uninterrupted_run_and_exports_the_student(setup_files, tmp_path):
-    from selfdistill.export import load_backbone
+    from selfdistill.models import load_backbone
 
     full, part = tmp_path / "full", tmp_path / "part"
     train(setup_files, full)
@@ -458,7 +458,7 @@ def test_two_ranks_ddp_and_zero3_with_a_partitioned_teacher(setup_files):
 def test_fd_run_fine_tunes_through_run_eval(setup_files, tmp_path):
     """The seed's two stages end to end: an FD pretraining run, then `run_eval.py finetune` on its
     run directory (shared relative position bias copied into every block, mean pooling + new fc_norm)."""
-    from selfdistill.eval.finetune import FineTuner, load_finetune_config
+    from selfdistill.eval.finetune import finetuning, load_finetune_config
 
     pre = tmp_path / "fd"
     train(setup_files, pre, "train.max_steps=2")
@@ -469,7 +469,7 @@ def test_fd_run_fine_tunes_through_run_eval(setup_files, tmp_path):
         "data.num_workers=0", f"train.output_dir={out}", "train.epochs=1", "train.batch_size_per_device=8",
         "train.trackers=[]", "train.progress_bar=false", "train.precision=fp32", "eval.batch_size=8",
         "optim.warmup_epochs=0"])
-    results = FineTuner(config, resume=None).fit()
+    results = finetuning(config, resume=None).fit()
     assert results["model"]["timm_name"] == "beit_base_patch16_224"
     assert results["load"]["rel_pos_bias_unshared"]
     assert set(results["load"]["new"]) >= {"head.weight", "head.bias"}

@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_image_folder, run_training
-from selfdistill.config import ConfigError, ModelConfig
+from selfdistill.configkit import ConfigError
 from selfdistill.eval.finetune import (
     SHARED_RPB,
     FinetuneModelConfig,
     FinetuneOptimConfig,
-    FineTuner,
+    finetuning,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -51,7 +51,7 @@ def overrides(train: Path, val: Path, out: Path, *extra: str) -> list[str]:
 
 
 def finetune(train: Path, val: Path, out: Path, *extra: str, resume: str | None = None) -> dict:
-    return FineTuner(load_finetune_config(None, overrides(train, val, out, *extra)), resume=resume).fit()
+    return finetuning(load_finetune_config(None, overrides(train, val, out, *extra)), resume=resume).fit()
 
 
 def shared_beit() -> torch.nn.Module:
@@ -139,15 +139,14 @@ def test_fd_conversion_copies_the_shared_bias_into_every_block_and_keeps_the_fun
 
 def test_fd_export_builds_the_fine_tuning_model(tmp_path):
     """The FD student exported by this project -> per-block biases, mean pooling, a x0.001 head."""
-    from selfdistill.export import export_backbone
+    from selfdistill.models import export_backbone
     from selfdistill.models import Backbone
 
     kwargs = {k: v for k, v in SHARED_BEIT.items() if k not in ("img_size", "patch_size")}
     src = Backbone("beit_base_patch16_224", 32, 8, 0.0, **kwargs).eval()
     with torch.no_grad():
         src.model.rel_pos_bias.relative_position_bias_table.normal_(0.0, 1.0)
-    path = export_backbone(src, ModelConfig(name="beit_base_patch16_224", img_size=32, patch_size=8, kwargs=kwargs),
-                           tmp_path / "fd_student.safetensors")
+    path = export_backbone(src, tmp_path / "fd_student.safetensors")
     cfg = FinetuneModelConfig(weights=str(path), global_pool="avg", kwargs={"use_fc_norm": True}, drop_path_rate=0.0)
     built = build_model(cfg, num_classes=200, input_size=32)
     model = built.model.eval()
@@ -195,7 +194,7 @@ def test_tiny_finetune_from_a_pretraining_run_learns_and_reports(folders, tmp_pa
     assert all(r["lr"] >= r["lr_min_group"] for r in rows if "lr" in r)
     # The weights: the last checkpoint's, with metadata run_eval.py knn / load_backbone understand.
     from selfdistill.engine import checkpoint as ckpt
-    from selfdistill.export import load_backbone
+    from selfdistill.models import load_backbone
 
     weights = load_file(str(out / "finetuned.safetensors"))
     last = load_file(str(ckpt.latest_checkpoint(out) / "model.safetensors"))
@@ -231,11 +230,11 @@ def test_resume_after_one_epoch_matches_uninterrupted_run(folders, tmp_path):
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_labelled_shards_train_and_validate(folders, tmp_path):
-    from selfdistill.data.shards import folder_source, write_shards
+    from selfdistill.data.shards import folder_input, write_shards
 
     train, val = folders
-    write_shards(tmp_path / "train", folder_source(train), samples_per_shard=8, progress=False)
-    write_shards(tmp_path / "val", folder_source(val), samples_per_shard=6, progress=False)
+    write_shards(tmp_path / "train", folder_input(train), samples_per_shard=8, progress=False)
+    write_shards(tmp_path / "val", folder_input(val), samples_per_shard=6, progress=False)
     results = finetune(tmp_path / "train", tmp_path / "val", tmp_path / "run", *TINY_VIT, "model.weights=random",
                        "data.format=wds", "train.epochs=1")
     assert results["classes"] == ["a", "b"] and results["steps"] == 4 and results["final"]["n"] == 12

@@ -8,7 +8,7 @@ import torch
 from conftest import REPEATED_BATCH, logged_losses, run_training
 from safetensors.torch import load_file
 
-from selfdistill.config import load_config
+from selfdistill.recipe import load_config
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.losses import region_loss
 
@@ -47,8 +47,8 @@ def test_resume_matches_uninterrupted_run(image_folder, tmp_path):
     train(image_folder, part, extra, **{"train.max_steps": 2})
     train(image_folder, part, extra, resume="auto")
     assert losses(part) == losses(full)
-    a = ckpt.load_method_state(ckpt.latest_checkpoint(full))
-    b = ckpt.load_method_state(ckpt.latest_checkpoint(part))
+    a = ckpt.load_task_state(ckpt.latest_checkpoint(full))
+    b = ckpt.load_task_state(ckpt.latest_checkpoint(part))
     for k in a["teacher"]:
         assert torch.equal(a["teacher"][k], b["teacher"][k]), k
     assert torch.equal(a["center"], b["center"]) and torch.equal(a["center_grid"], b["center_grid"])
@@ -96,7 +96,7 @@ def test_glsd_pair_loss_matches_hand_computation():
 
 
 def test_config_rejects_unknown_matching_and_recipes_load():
-    from selfdistill.config import ConfigError
+    from selfdistill.configkit import ConfigError
 
     with pytest.raises(ConfigError, match="dense_matching"):
         load_config(None, ["method.name=glsd", "method.dense_matching=nearest"])

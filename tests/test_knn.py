@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from selfdistill.eval import (
-    ShardedEvalSampler,
-    extract_features,
+from selfdistill.data.sampler import ShardedEvalSampler
+from selfdistill.engine.inference import extract_features
+from selfdistill.eval.knn import (
     format_knn_results,
     knn_classify,
     save_knn_results,

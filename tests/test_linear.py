@@ -157,13 +157,13 @@ def test_resume_equals_uninterrupted_and_refuses_other_settings(tmp_path, fresh_
 
 def _tiny_export(path: Path) -> Path:
     from selfdistill.config import ModelConfig
-    from selfdistill.export import export_backbone
+    from selfdistill.models import export_backbone
     from selfdistill.models import Backbone
 
     torch.manual_seed(0)
     cfg = ModelConfig(name="vit_tiny_patch16_224", img_size=16, patch_size=4, drop_path_rate=0.0,
                       kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2})
-    return export_backbone(Backbone(cfg.name, 16, 4, **cfg.kwargs), cfg, path)
+    return export_backbone(Backbone(cfg.name, 16, 4, **cfg.kwargs), path)
 
 
 def _linear_cmd(weights: Path, train: Path, val: Path, out: Path) -> list[str]:
@@ -203,13 +203,13 @@ def test_linear_protocol_reads_folders_shards_and_hf(tmp_path, fresh_accelerate_
     import datasets
     from accelerate import Accelerator
 
-    from selfdistill.data.shards import folder_source, write_shards
+    from selfdistill.data.shards import folder_input, write_shards
     from selfdistill.eval.linear import LinearOptions
     from selfdistill.eval.protocols import EvalContext, Weights, run_protocol
 
     train = make_image_folder(tmp_path / "train", n_per_class=8, size=20)
     val = make_image_folder(tmp_path / "val", n_per_class=3, size=20, seed=2)
-    write_shards(tmp_path / "shards", folder_source(train), samples_per_shard=4, progress=False)
+    write_shards(tmp_path / "shards", folder_input(train), samples_per_shard=4, progress=False)
     hf = datasets.load_dataset("imagefolder", data_dir=str(train))["train"]
     hf.save_to_disk(str(tmp_path / "hf"))
     weights = Weights(str(_tiny_export(tmp_path / "w.safetensors")))

@@ -79,7 +79,7 @@ def test_center_update():
 
 
 def test_method_center_is_ema_of_teacher_mean():
-    from selfdistill.config import load_config
+    from selfdistill.recipe import load_config
     from selfdistill.methods import build_method
 
     cfg = load_config(None, ["method.out_dim=8", "method.head_hidden_dim=8", "method.head_bottleneck_dim=4",
@@ -87,12 +87,13 @@ def test_method_center_is_ema_of_teacher_mean():
                              "model.kwargs={depth: 1, embed_dim: 16, num_heads: 2}"])
     method = build_method(cfg)
     logits = torch.randn(6, 8)
-    method._center_sum += logits.sum(0, keepdim=True)
-    method._center_rows += 6
-    before = method.center.clone()
-    method._update_center()
-    assert torch.allclose(method.center, 0.9 * before + 0.1 * logits.mean(0, keepdim=True), atol=1e-6)
-    assert method._center_rows == 0
+    method.centers.add("center", logits)
+    before = method.centers["center"].clone()
+    method.centers.update()
+    assert torch.allclose(method.centers["center"], 0.9 * before + 0.1 * logits.mean(0, keepdim=True), atol=1e-6)
+    method.centers.update()  # the rows were consumed: a second update sees none and only decays
+    assert torch.allclose(method.centers["center"], 0.9 * (0.9 * before + 0.1 * logits.mean(0, keepdim=True)),
+                          atol=1e-6)
 
 
 def test_lr_schedule_endpoints_match_dino_cosine_scheduler():

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import REPEATED_BATCH, logged_losses, run_training
 
-from selfdistill.config import ConfigError, load_config
+from selfdistill.configkit import ConfigError
+from selfdistill.recipe import load_config
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.methods.patchwise_dino import matched_token_loss
 
@@ -31,7 +32,7 @@ def test_trains_finite_and_falls_on_repeated_batch(image_folder, tmp_path):
     got = losses(out)
     assert len(got) == 5 and all(math.isfinite(x) for x in got), got
     assert got[-1] < got[0], got
-    state = ckpt.load_method_state(ckpt.latest_checkpoint(out))
+    state = ckpt.load_task_state(ckpt.latest_checkpoint(out))
     assert state["center"].shape == (1, 1 + 16, 64)  # 16 px global crop, patch 4: 4x4 patches + CLS
 
 
@@ -41,8 +42,8 @@ def test_resume_matches_uninterrupted_run(image_folder, tmp_path):
     train(image_folder, part, [], **{"train.max_steps": 2})
     train(image_folder, part, [], resume="auto")
     assert losses(part) == losses(full)
-    a = ckpt.load_method_state(ckpt.latest_checkpoint(full))
-    b = ckpt.load_method_state(ckpt.latest_checkpoint(part))
+    a = ckpt.load_task_state(ckpt.latest_checkpoint(full))
+    b = ckpt.load_task_state(ckpt.latest_checkpoint(part))
     for k in a["teacher"]:
         assert torch.equal(a["teacher"][k], b["teacher"][k]), k
     assert torch.equal(a["center"], b["center"])

@@ -115,7 +115,7 @@ def test_vit_attention_is_the_softmax_of_the_blocks_and_leaves_the_model_untouch
 
 
 def test_a_local_timm_weights_file_loads_with_its_model_name(tmp_path):
-    from selfdistill.export import load_backbone
+    from selfdistill.models import load_backbone
 
     ref = tiny_vit()
     torch.save(ref.model.state_dict(), tmp_path / "vit.pth")
@@ -225,9 +225,9 @@ def index_pngs(out: Path) -> set[str]:
 
 def test_pictures_command_writes_valid_pngs_and_an_index_of_all(tmp_path, capsys):
     from selfdistill.cli.evaluate import main
-    from selfdistill.export import export_backbone
+    from selfdistill.models import export_backbone
 
-    weights = export_backbone(tiny_vit(), TINY, tmp_path / "w" / "vit.safetensors")
+    weights = export_backbone(tiny_vit(), tmp_path / "w" / "vit.safetensors")
     photos = make_photos(tmp_path / "photos", n=3)
     out = tmp_path / "pics"
     rc = main(["pictures", "--weights", str(weights), "--images", str(tmp_path / "photos"), "--out", str(out),

@@ -7,7 +7,7 @@ from pathlib import Path
 from selfdistill.cli.evaluate import build_parser as eval_parser
 from selfdistill.cli.pretrain import build_parser as pretrain_parser
 from selfdistill.cli.shards import build_parser as shards_parser
-from selfdistill.config import load_config
+from selfdistill.recipe import load_config
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

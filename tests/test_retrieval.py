@@ -109,7 +109,7 @@ def test_retrieval_command_end_to_end(tmp_path, fresh_accelerate_state):
     """Queries that are copies of database images (one cropped by its bbx) are found first."""
     from selfdistill.cli.evaluate import main
     from selfdistill.config import ModelConfig
-    from selfdistill.export import export_backbone
+    from selfdistill.models import export_backbone
     from selfdistill.models import Backbone
 
     rng = np.random.default_rng(0)
@@ -131,7 +131,7 @@ def test_retrieval_command_end_to_end(tmp_path, fresh_accelerate_state):
     torch.manual_seed(0)
     cfg = ModelConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=4, drop_path_rate=0.0,
                       kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2})
-    weights = export_backbone(Backbone(cfg.name, 32, 4, **cfg.kwargs), cfg, tmp_path / "w.safetensors")
+    weights = export_backbone(Backbone(cfg.name, 32, 4, **cfg.kwargs), tmp_path / "w.safetensors")
     out = tmp_path / "r.json"
     rc = main(["retrieval", "--weights", str(weights), "--gnd", str(tmp_path / "toy" / "gnd_toy.pkl"),
                "--ext", ".png", "--image-size", "48", "--crop-queries", "--multiscale", "--num-workers", "0",

@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from selfdistill.cli.shards import main
-from selfdistill.data import shards
+from selfdistill.data import shard_format, shards
 
 
 def make_mixed_folder(root: Path, counts=(8, 8, 7), size=(40, 30), seed: int = 0) -> Path:
@@ -36,7 +36,7 @@ def write(*args: str) -> int:
 
 def read_back(out: Path) -> list[dict]:
     """Every sample of every shard in _info.json, read with webdataset (not resampled)."""
-    return list(wds.WebDataset(shards.shard_urls(out), shardshuffle=False))
+    return list(wds.WebDataset(shard_format.shard_urls(out), shardshuffle=False))
 
 
 def image_member(sample: dict) -> tuple[str, bytes]:
@@ -45,7 +45,7 @@ def image_member(sample: dict) -> tuple[str, bytes]:
 
 
 def shard_shas(out: Path) -> dict[str, str]:
-    return {s["name"]: s["sha256"] for s in shards.read_info(out)["shards"]}
+    return {s["name"]: s["sha256"] for s in shard_format.read_info(out)["shards"]}
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_folder_round_trip(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "shards"
     assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5") == 0
 
-    info = shards.read_info(out)
+    info = shard_format.read_info(out)
     assert info["format"] == "selfdistill-shards/1"
     assert info["class_names"] == ["class_a", "class_b", "class_c"]
     assert [s["name"] for s in info["shards"]] == [f"shard-{i:06d}.tar" for i in range(5)]
@@ -91,7 +91,7 @@ def test_unlabelled_folder_no_shuffle(tmp_path: Path) -> None:
     out = tmp_path / "shards"
     assert write("--folder", str(folder), "--out", str(out), "--no-shuffle") == 0
 
-    info = shards.read_info(out)
+    info = shard_format.read_info(out)
     assert info["class_names"] is None and info["args"]["shuffle_seed"] is None
     samples = read_back(out)
     assert [json.loads(s["json"]) for s in samples] == [{"source": str(folder / f"{i}.png"), "label": -1}
@@ -168,7 +168,7 @@ def test_resume_after_interruption_matches_clean_run(folder: Path, tmp_path: Pat
     assert sorted(os.listdir(out)) == [".shard-000002.tar.tmp", "_progress.json",
                                        "shard-000000.tar", "shard-000001.tar"]
     with pytest.raises(FileNotFoundError, match="unfinished"):
-        shards.read_info(out)
+        shard_format.read_info(out)
     kept = {name: identity(out / name) for name in ("shard-000000.tar", "shard-000001.tar")}
 
     assert write(*args, "--out", str(out)) == 0
@@ -196,7 +196,7 @@ def test_resume_adopts_unrecorded_shard_and_rewrites_damaged(folder: Path, tmp_p
 
     assert write(*args, "--out", str(out)) == 0
     assert identity(out / "shard-000002.tar") == adopted
-    assert shards.read_info(out)["shards"] == shards.read_info(clean)["shards"]
+    assert shard_format.read_info(out)["shards"] == shard_format.read_info(clean)["shards"]
 
     # A finished directory: a deleted and a damaged shard are rewritten, the rest are left alone.
     (out / "shard-000001.tar").unlink()
@@ -241,7 +241,7 @@ def test_max_shard_bytes_splits_by_size(tmp_path: Path) -> None:
     assert write("--folder", str(folder), "--out", str(out), "--max-shard-bytes", "4e4",
                  "--samples-per-shard", "0", "--workers", "2") == 0
 
-    info = shards.read_info(out)
+    info = shard_format.read_info(out)
     counts = [s["samples"] for s in info["shards"]]
     assert sum(counts) == 12 and len(counts) > 2 and max(counts) > 1
     for record in info["shards"]:
@@ -252,7 +252,7 @@ def test_max_shard_bytes_splits_by_size(tmp_path: Path) -> None:
     capped = tmp_path / "capped"
     assert write("--folder", str(folder), "--out", str(capped), "--max-shard-bytes", "4e4",
                  "--samples-per-shard", "1") == 0
-    assert [s["samples"] for s in shards.read_info(capped)["shards"]] == [1] * 12
+    assert [s["samples"] for s in shard_format.read_info(capped)["shards"]] == [1] * 12
 
 
 def test_file_list_with_labels(tmp_path: Path) -> None:
@@ -264,7 +264,7 @@ def test_file_list_with_labels(tmp_path: Path) -> None:
     out = tmp_path / "shards"
     assert write("--file-list", str(listing), "--class-names", "bee,ant", "--out", str(out)) == 0
 
-    info = shards.read_info(out)
+    info = shard_format.read_info(out)
     assert info["class_names"] == ["bee", "ant"] and info["total_samples"] == 4
     for sample in read_back(out):
         source = Path(json.loads(sample["json"])["source"])
@@ -294,7 +294,7 @@ def test_hf_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "shards"
     assert write("--hf-dataset", str(tmp_path / "hf"), "--out", str(out), "--samples-per-shard", "2") == 0
 
-    info = shards.read_info(out)
+    info = shard_format.read_info(out)
     assert info["class_names"] == ["cat", "dog"] and len(info["shards"]) == 3
     samples = read_back(out)
     assert sorted(json.loads(s["json"])["source"] for s in samples) == list(range(5))
@@ -341,7 +341,7 @@ def test_unreadable_image_is_skipped_and_recorded(folder: Path, tmp_path: Path) 
     bad = folder / "class_b" / "zz_broken.jpg"
     bad.write_bytes(b"not an image at all")
     out = tmp_path / "shards"
-    info = shards.write_shards(out, shards.folder_source(folder), samples_per_shard=5, progress=False)
+    info = shards.write_shards(out, shards.folder_input(folder), samples_per_shard=5, progress=False)
     assert info["total_samples"] == 23
     assert [src for s in info["shards"] for src in s["skipped"]] == [str(bad)]
     assert str(bad) not in {json.loads(s["json"])["source"] for s in read_back(out)}

@@ -15,7 +15,7 @@ import torch
 from conftest import logged_losses, make_image_folder, tiny_overrides
 from safetensors.torch import load_file
 
-from selfdistill.config import load_config
+from selfdistill.recipe import load_config
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.losses import simsiam_loss
 
@@ -35,9 +35,9 @@ def resnet_overrides(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def train(data: Path, out: Path, *extra: str, resume: str | None = None):
-    from selfdistill.engine.trainer import Trainer
+    from selfdistill.pretrain import pretraining
 
-    return Trainer(load_config(None, resnet_overrides(data, out, *extra)), resume=resume).fit()
+    return pretraining(load_config(None, resnet_overrides(data, out, *extra)), resume=resume).fit()
 
 
 def launch_two_ranks(data: Path, out: Path, *extra: str, launcher: list[str] | None = None
@@ -106,18 +106,18 @@ def test_two_views_follow_the_moco_v2_recipe():
 
 
 def test_predictor_keeps_the_peak_lr_while_the_encoder_decays(image_folder, tmp_path):
-    from selfdistill.engine.trainer import Trainer
+    from selfdistill.pretrain import pretraining
 
     def groups(fix: bool) -> dict[str, dict]:
-        trainer = Trainer(load_config(None, resnet_overrides(image_folder, tmp_path / "run", *SIMSIAM,
+        trainer = pretraining(load_config(None, resnet_overrides(image_folder, tmp_path / "run", *SIMSIAM,
                                                              "optim.warmup_epochs=0", f"method.fix_pred_lr={fix}")))
-        trainer._build()
+        trainer.build()
         lrs = {}
         for step in (0, 4, 7):
-            trainer._set_schedules(step)
+            trainer.scheduler.step_update(step)
             for g in trainer.optimizer.param_groups:
                 lrs.setdefault(g["name"], []).append((g["lr"], g["weight_decay"]))
-        return lrs, trainer.base_lr
+        return lrs, trainer.scheduler.base_lr
 
     lrs, base = groups(True)
     assert base == pytest.approx(0.05 * 8 / 256)
@@ -162,7 +162,7 @@ def test_resume_matches_uninterrupted_run_and_export_is_the_student(image_folder
     s_part = load_file(str(ckpt.latest_checkpoint(part) / "model.safetensors"))
     assert s_full.keys() == s_part.keys() and all(torch.equal(s_full[k], s_part[k]) for k in s_full)
     # The evaluated backbone is the trained student, in the run's export and when a run directory is loaded.
-    from selfdistill.export import load_backbone
+    from selfdistill.models import load_backbone
 
     exported = load_file(str(full / "export" / "teacher_backbone.safetensors"))
     assert all(torch.equal(v, s_full["backbone.model." + k]) for k, v in exported.items())

@@ -14,10 +14,11 @@ from conftest import logged_losses, make_image_folder
 from safetensors.torch import load_file
 from test_simsiam import SIMSIAM, TINY_RESNET, check_two_ranks, launch_two_ranks, resnet_overrides, train
 
-from selfdistill.config import ConfigError, load_config
+from selfdistill.configkit import ConfigError
+from selfdistill.recipe import load_config
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.losses import smd_loss
-from selfdistill.models.teachers import load_teacher
+from selfdistill.models.weights import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,16 +231,16 @@ def test_resume_matches_uninterrupted_run(image_folder, tmp_path, teacher_file):
 
 
 def test_teacher_is_frozen_and_not_optimised(image_folder, tmp_path, teacher_file):
-    from selfdistill.engine.trainer import Trainer
+    from selfdistill.pretrain import pretraining
 
-    trainer = Trainer(load_config(None, resnet_overrides(image_folder, tmp_path / "run", *smd_args(teacher_file))))
-    trainer._build()
-    teacher = trainer.method.teacher.module()
+    trainer = pretraining(load_config(None, resnet_overrides(image_folder, tmp_path / "run", *smd_args(teacher_file))))
+    trainer.build()
+    teacher = trainer.task.teacher.module()
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in optimised or p.requires_grad for p in teacher.parameters())
-    trainer.method.teacher.train()
+    trainer.task.teacher.train()
     assert not teacher.training  # BatchNorm statistics stay frozen
-    assert trainer.method.student.fc.out_features == 32
+    assert trainer.task.student.fc.out_features == 32
 
 
 def test_teacher_width_mismatch_and_missing_teacher_are_clear_errors(image_folder, tmp_path, teacher_file):

@@ -126,13 +126,13 @@ def test_pipe_urls_and_patterns(tmp_path):
 
 
 def test_dino_trains_from_shards(tmp_path):
-    from selfdistill.config import load_config
-    from selfdistill.engine.trainer import Trainer
+    from selfdistill.recipe import load_config
+    from selfdistill.pretrain import pretraining
 
     write_shards(tmp_path / "s", n_shards=4, per_shard=8)
     out = tmp_path / "run"
     config = load_config(None, tiny_overrides(tmp_path / "s", out, **{"data.format": "wds", "data.num_workers": 2}))
-    Trainer(config).fit()
+    pretraining(config).fit()
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]  # 32 samples / batch 8, 2 epochs
     assert all(np.isfinite(r["loss"]) for r in rows)
@@ -140,10 +140,10 @@ def test_dino_trains_from_shards(tmp_path):
 
 def test_hf_imagefolder_trains_like_a_folder(tmp_path):
     pytest.importorskip("datasets")
-    from selfdistill.config import load_config
+    from selfdistill.recipe import load_config
     from selfdistill.data.folder import ImageFolderDataset
-    from selfdistill.data.sources import HFImageDataset
-    from selfdistill.engine.trainer import Trainer
+    from selfdistill.data.hf import HFImageDataset
+    from selfdistill.pretrain import pretraining
 
     data = make_image_folder(tmp_path / "img")
     hf = HFImageDataset(str(data))
@@ -153,7 +153,7 @@ def test_hf_imagefolder_trains_like_a_folder(tmp_path):
     sample = hf[(1, 3)]
     assert sample["index"] == 3 and sample["label"] in (0, 1) and sample["image"].size == (24, 24)
     out = tmp_path / "run"
-    Trainer(load_config(None, tiny_overrides(data, out, **{"data.format": "hf"}))).fit()
+    pretraining(load_config(None, tiny_overrides(data, out, **{"data.format": "hf"}))).fit()
     assert (out / "export" / "student_backbone.safetensors").is_file()
 
 
@@ -170,10 +170,10 @@ def test_reduced_size_jpeg_decoding(tmp_path):
 
 
 def test_preprocessed_folder_streams_every_image_once(tmp_path):
-    from selfdistill.data.shards import folder_source, write_shards as preprocess
+    from selfdistill.data.shards import folder_input, write_shards as preprocess
 
     data = make_image_folder(tmp_path / "img", n_per_class=9)
-    preprocess(tmp_path / "shards", folder_source(data), samples_per_shard=4, progress=False)
+    preprocess(tmp_path / "shards", folder_input(data), samples_per_shard=4, progress=False)
     urls = expand_urls(str(tmp_path / "shards"))
     assert len(urls) == 5
     samples = [s for rank in (0, 1) for s in read_all(ShardStream(urls, to_tensor, rank, 2, 0, resampled=False), 2)]
@@ -182,14 +182,14 @@ def test_preprocessed_folder_streams_every_image_once(tmp_path):
 
 
 def test_knn_from_shards_equals_knn_from_folders(tmp_path):
-    from selfdistill.config import load_config
-    from selfdistill.data.shards import folder_source, write_shards as preprocess
+    from selfdistill.recipe import load_config
+    from selfdistill.data.shards import folder_input, write_shards as preprocess
     from selfdistill.eval.knn_eval import KnnSetup, pixel_features
 
     train = make_image_folder(tmp_path / "train", n_per_class=6)
     val = make_image_folder(tmp_path / "val", n_per_class=3, seed=1)
     for name, folder in (("train", train), ("val", val)):
-        preprocess(tmp_path / f"{name}_shards", folder_source(folder), samples_per_shard=4, progress=False)
+        preprocess(tmp_path / f"{name}_shards", folder_input(folder), samples_per_shard=4, progress=False)
 
     def results(train_path, val_path):
         config = load_config(None, [f"data.path={train_path}", f"knn.val_path={val_path}", "knn.image_size=16",

@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tiny_export(path: Path) -> Path:
     from selfdistill.config import ModelConfig
-    from selfdistill.export import export_backbone
+    from selfdistill.models import export_backbone
     from selfdistill.models import Backbone
 
     torch.manual_seed(0)
     cfg = ModelConfig(name="vit_tiny_patch16_224", img_size=16, patch_size=4, drop_path_rate=0.0,
                       kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2})
-    return export_backbone(Backbone(cfg.name, 16, 4, **cfg.kwargs), cfg, path)
+    return export_backbone(Backbone(cfg.name, 16, 4, **cfg.kwargs), path)
 
 
 def test_summary_command_writes_json_and_markdown_for_knn_and_linear(tmp_path):
@@ -38,7 +38,7 @@ def test_summary_command_writes_json_and_markdown_for_knn_and_linear(tmp_path):
     out = tmp_path / "summary"
     r = subprocess.run([sys.executable, str(ROOT / "run_eval.py"), "summary", "--weights", str(weights),
                         "--config", str(plan), "--protocols", "knn,linear", "--data.path", str(train),
-                        "--data.val_path", str(val), "knn.temperature=0.1", "--out-dir", str(out)],
+                        "--data.val_path", str(val), "knn.temperature=0.1", "--out", str(out / "summary.json")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

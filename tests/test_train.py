@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_image_folder, run_training, tiny_overrides
-from selfdistill.config import load_config
+from selfdistill.recipe import load_config
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine.trainer import NonFiniteLossError
 
@@ -28,7 +28,7 @@ def rows(out: Path) -> list[dict]:
 
 def final_state(out: Path):
     last = ckpt.latest_checkpoint(out)
-    return load_file(str(last / "model.safetensors")), ckpt.load_method_state(last)
+    return load_file(str(last / "model.safetensors")), ckpt.load_task_state(last)
 
 
 def test_run_directory_layout_and_logged_signals(image_folder, tmp_path):
@@ -115,7 +115,7 @@ def test_non_finite_loss_skips_steps_then_stops_keeping_last_good_checkpoint(ima
     assert last.name == "step_000000002"
     weights = load_file(str(last / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
-    teacher = ckpt.load_method_state(last)["teacher"]
+    teacher = ckpt.load_task_state(last)["teacher"]
     assert all(torch.isfinite(v).all() for v in teacher.values())
 
 

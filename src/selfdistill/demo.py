@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from selfdistill.atomic import write_json_atomic
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle_boot"]
@@ -91,7 +93,7 @@ def prepare_demo_data(root: str | Path, n_train: int = 10000, n_test: int = 2000
             _write_folder(x, y, classes, root / name, size)
     info = {"source": source, "classes": classes, "n_train": int(len(tr)), "n_test": int(len(te)), "size": size,
             "train": str(root / "train"), "test": str(root / "test")}
-    info_path.write_text(json.dumps(info, indent=1))
+    write_json_atomic(info_path, info, indent=1)
     return info
 
 
@@ -100,7 +102,7 @@ def compare_representations(config: Any, run_dir: Path) -> dict[str, Any]:
     import torch
 
     from selfdistill.eval.knn_eval import KnnSetup, flatten_results, pixel_features
-    from selfdistill.export import load_backbone
+    from selfdistill.models import load_backbone
 
     setup = KnnSetup.from_config(config)
     torch.manual_seed(config.train.seed)

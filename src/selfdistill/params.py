@@ -54,6 +54,24 @@ def full_parameters(module: nn.Module) -> Iterator[torch.Tensor]:
             yield from piece
 
 
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every parameter's full fp32 value on the CPU: gathered chunk by
+    chunk under ZeRO-3, DeepSpeed's fp32 master where the module holds a bf16/fp16 copy. Collective
+    under DeepSpeed: every rank must call it."""
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    names = [n for n, _ in module.named_parameters()]
+    params = [p for _, p in module.named_parameters()]
+    start = 0
+    for piece in chunks(params):
+        masters = fp32_masters(piece)
+        with gathered(piece):
+            for name, p, m in zip(names[start:start + len(piece)], piece, masters):
+                if name in state:
+                    state[name] = (m if m is not None else p.detach()).float().cpu().clone()
+        start += len(piece)
+    return state
+
+
 def fp32_masters(params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     """DeepSpeed's full fp32 master copy of each trainable low-precision parameter (bf16/fp16
     training keeps only rounded copies in the module), else None. Collective under DeepSpeed."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfdistill.atomic import atomic_path
+
 
 def read_log(path: str | Path) -> list[dict]:
     path = Path(path)
@@ -49,6 +51,9 @@ def plot_training_curves(log_path: str | Path, out_path: str | Path) -> Path | N
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out_path = Path(out_path)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(out_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return out_path

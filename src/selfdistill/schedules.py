@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 def cosine_schedule(
@@ -40,3 +41,28 @@ def linear_warmup_then_constant(epoch: int, warmup_epochs: int, start: float, en
     if warmup_epochs == 1:
         return float(start)
     return start + (end - start) * epoch / (warmup_epochs - 1)
+
+
+class GroupCosineScheduler:
+    """DINO's per-optimizer-step schedules applied to named parameter groups: the learning rate
+    warms up linearly from 0 and follows a cosine to ``min_lr``, weight decay a cosine from
+    ``weight_decay`` to ``weight_decay_end``. A group may keep the peak rate (``fixed_lr``), stay
+    at rate 0 for its first ``frozen_epochs``, or take no weight decay (``apply_wd`` false)."""
+
+    def __init__(self, optimizer: Any, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
+                 weight_decay: float, weight_decay_end: float, steps_per_epoch: int) -> None:
+        self.optimizer, self.base_lr, self.min_lr = optimizer, base_lr, min_lr
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.weight_decay, self.weight_decay_end = weight_decay, weight_decay_end
+        for group in optimizer.param_groups:
+            group["frozen_steps"] = int(round(group.get("frozen_epochs", 0) * steps_per_epoch))
+
+    def step_update(self, step: int) -> dict[str, float]:
+        """Set every group for optimizer step ``step``; returns the scheduled ``lr`` and ``wd``."""
+        lr = cosine_schedule(step, self.total_steps, self.base_lr, self.min_lr, self.warmup_steps)
+        wd = cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end)
+        for group in self.optimizer.param_groups:
+            peak_or_lr = self.base_lr if group.get("fixed_lr") else lr
+            group["lr"] = 0.0 if step < group["frozen_steps"] else peak_or_lr
+            group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
+        return {"lr": lr, "wd": wd}

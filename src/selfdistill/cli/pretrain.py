@@ -8,16 +8,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from selfdistill.config import ConfigError, load_config
+from selfdistill.atomic import write_json_atomic
+from selfdistill.configkit import ConfigError
+from selfdistill.recipe import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_pretrain.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="run_pretrain.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are DINO ViT-S/16 ImageNet")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. optim.lr=5e-4")
@@ -76,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 time.sleep(1)
 
-    from selfdistill.engine.trainer import NonFiniteLossError, Trainer
+    from selfdistill.engine.trainer import NonFiniteLossError
+    from selfdistill.pretrain import pretraining
 
     try:
-        summary = Trainer(config, resume=args.resume).fit()
+        summary = pretraining(config, resume=args.resume).fit()
     except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
         logging.getLogger("selfdistill").error("%s", e)
         return 1
@@ -92,21 +94,18 @@ def _benchmark(config, args) -> int:
     import os
 
     from selfdistill.engine.throughput import format_report, run_benchmark
+    from selfdistill.methods import build_method
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        report = run_benchmark(config, args.benchmark, args.benchmark_warmup, args.benchmark_data)
+        report = run_benchmark(config, build_method, args.benchmark, args.benchmark_warmup, args.benchmark_data)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_report(report))
         if args.benchmark_json:
-            out = Path(args.benchmark_json)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps(report, indent=1) + "\n")
-            os.replace(tmp, out)
+            write_json_atomic(args.benchmark_json, report, indent=1)
     return 0
 
 
@@ -115,7 +114,7 @@ def _report_demo(config) -> None:
 
     run_dir = Path(config.train.output_dir)
     rows = compare_representations(config, run_dir)
-    (run_dir / "demo_results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_json_atomic(run_dir / "demo_results.json", rows, indent=1)
     print("\nkNN on the held-out split (weighted kNN, T=0.07; top-1 %):")
     ks = sorted({int(k.split("_k")[1]) for r in rows.values() for k in r if k.startswith("top1_k")})
     print(f"{'features':28s}" + "".join(f"{'k=' + str(k):>9s}" for k in ks))

@@ -29,7 +29,7 @@ def _positive_bytes(text: str) -> int:
 
 
 def _add_write(sub: Any) -> None:
-    w = sub.add_parser("write", help="write an image folder, file list or HF dataset as tar shards")
+    w = sub.add_parser("write", help="write an image folder, file list or HF dataset as tar shards", allow_abbrev=False)
     src = w.add_mutually_exclusive_group(required=True)
     src.add_argument("--folder", help="image folder: root/<class>/**/<image> (labelled) or root/<image>")
     src.add_argument("--file-list", help="text file of 'path' or 'path<TAB>label' lines (relative to the list)")
@@ -54,14 +54,15 @@ def _add_write(sub: Any) -> None:
 
 
 def _add_verify(sub: Any) -> None:
-    v = sub.add_parser("verify", help="re-read every shard: checksum, sample count, images decode, labels")
+    v = sub.add_parser("verify", help="re-read every shard: checksum, sample count, images decode, labels",
+                       allow_abbrev=False)
     v.add_argument("--dir", required=True, help="shard directory holding _info.json")
     v.add_argument("--workers", type=int, default=1)
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfdistill-shards", description=__doc__,
+    p = argparse.ArgumentParser(prog="selfdistill-shards", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     _add_write(sub)
@@ -75,11 +76,11 @@ def _source(args: argparse.Namespace) -> Any:
     if args.class_names and not args.file_list:
         raise ValueError("--class-names only applies to --file-list")
     if args.folder:
-        return shards.folder_source(args.folder)
+        return shards.folder_input(args.folder)
     if args.file_list:
         names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
-        return shards.file_list_source(args.file_list, names)
-    return shards.hf_source(args.hf_dataset, args.image_column, args.label_column, args.hf_split)
+        return shards.file_list_input(args.file_list, names)
+    return shards.hf_input(args.hf_dataset, args.image_column, args.label_column, args.hf_split)
 
 
 def run_write(args: argparse.Namespace) -> int:
@@ -115,7 +116,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return dispatch({"write": run_write, "verify": run_verify}, args)
+    return dispatch(run_write if args.command == "write" else run_verify, args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Data: DINO multi-crop augmentation with crop geometry, image folders, collation."""
+"""Data: the one door to images (folders, HF datasets, shards), DINO multi-crop augmentation with
+crop geometry, collation, and the shard writer."""
 
 from selfdistill.data.collate import collate_eval, collate_multicrop
 from selfdistill.data.folder import (
@@ -8,11 +9,13 @@ from selfdistill.data.folder import (
     sample_seed,
     seeded_rng,
 )
+from selfdistill.data.images import ImageSet, SourceConfig, detect_format, open_images
 from selfdistill.data.multicrop import (
     EvalTransform,
     MultiCropAugmentation,
     crop_pixel_centres,
     sample_crop_box,
+    to_normalized_tensor,
     token_centres,
 )
 
@@ -21,12 +24,17 @@ __all__ = [
     "BadSampleTracker",
     "EvalTransform",
     "ImageFolderDataset",
+    "ImageSet",
     "MultiCropAugmentation",
+    "SourceConfig",
     "collate_eval",
     "collate_multicrop",
     "crop_pixel_centres",
+    "detect_format",
+    "open_images",
     "sample_crop_box",
     "sample_seed",
     "seeded_rng",
+    "to_normalized_tensor",
     "token_centres",
 ]

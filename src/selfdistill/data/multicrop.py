@@ -25,7 +25,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["MultiCropAugmentation", "EvalTransform", "crop_pixel_centres", "sample_crop_box", "token_centres"]
+__all__ = ["EvalTransform", "MultiCropAugmentation", "crop_pixel_centres", "sample_crop_box", "to_normalized_tensor",
+           "token_centres"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -148,7 +149,7 @@ class _Solarize:
         return img
 
 
-def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """PIL -> float tensor in [0, 1] -> normalized plain tensor (v2 spelling of ToTensor+Normalize)."""
     return v2.Compose([
         v2.ToImage(),
@@ -213,7 +214,7 @@ class MultiCropAugmentation:
             v2.Compose([_GaussianBlur(blur_p[k], blur_radius), _Solarize(solarize_p[k])])
             for k in range(3)
         ]
-        self.to_tensor = _to_normalized_tensor(mean, std)
+        self.to_tensor = to_normalized_tensor(mean, std)
 
     @property
     def n_crops(self) -> int:
@@ -281,7 +282,7 @@ class EvalTransform:
         self.transform = v2.Compose([
             v2.Resize(self.resize_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(size),
-            _to_normalized_tensor(mean, std),
+            to_normalized_tensor(mean, std),
         ])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

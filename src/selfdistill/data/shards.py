@@ -6,11 +6,8 @@ order, so a class-sorted folder would otherwise yield single-class shards) and c
 list into shards up-front, so which sample lands in which shard is a pure function of the
 arguments and the input listing.
 
-Layout of the output directory::
-
-    shard-000000.tar ...   samples ``{key}.jpg|png|webp``, ``{key}.cls`` (labelled only), ``{key}.json``
-    _info.json             written last: shard names, sample counts, sizes, sha256, class names, arguments
-    _progress.json         only while a run is unfinished: the plan and the shards completed so far
+The layout of the output directory is :mod:`selfdistill.data.shard_format` (what readers use);
+``_progress.json`` also holds the plan and the shards completed so far while a run is unfinished.
 
 ``key`` is the sample's zero-padded position in the shuffled order. Tar headers carry a fixed
 mtime, user and mode, so the same arguments give byte-identical shards.
@@ -19,7 +16,7 @@ Size planning: with ``max_shard_bytes`` every sample is prepared once (read, and
 will be) to measure its exact tar footprint before the cut; the plan is stored in
 ``_progress.json`` so a resumed run does not measure again. Without it the cut is by count only.
 
-Crash safety: each shard is written to ``.{name}.tmp``, fsynced and renamed, so a final shard name
+Crash safety: each shard is written to a ``.{name}.*.tmp`` file, fsynced and renamed, so a final shard name
 always holds a complete shard. ``_progress.json`` (rewritten atomically after every shard) keeps
 the records of an interrupted run; a shard file that exists but has no record (the run died
 between the rename and the record) is complete by atomicity and is hashed and adopted. A recorded
@@ -50,34 +47,19 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from selfdistill.atomic import write_json_atomic
+from selfdistill.atomic import atomic_path, write_json_atomic
 from selfdistill.data.folder import ImageFolderDataset
+from selfdistill.data.hf import load_hf_split
+from selfdistill.data.shard_format import FORMAT, IMAGE_MEMBERS, INFO_NAME, PROGRESS_NAME, member_key, read_info
 
-__all__ = [
-    "FORMAT",
-    "INFO_NAME",
-    "PROGRESS_NAME",
-    "Sample",
-    "ShardSource",
-    "VerifyReport",
-    "file_list_source",
-    "folder_source",
-    "hf_source",
-    "read_info",
-    "shard_urls",
-    "verify_shards",
-    "write_shards",
-]
+__all__ = ["Sample", "ShardInput", "VerifyReport", "file_list_input", "folder_input", "hf_input", "verify_shards",
+           "write_shards"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "selfdistill-shards/1"
-INFO_NAME = "_info.json"
-PROGRESS_NAME = "_progress.json"
 
 #: Formats stored as they are (when neither resizing nor a quality asks for re-encoding).
 PASS_THROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_JPEG_QUALITY = 95
 TAR_MTIME = 0  # fixed header fields make the shards reproducible byte for byte
 TAR_USER = "selfdistill"
@@ -112,7 +94,7 @@ class ImageReader:
 
 
 @dataclasses.dataclass(frozen=True)
-class ShardSource:
+class ShardInput:
     """The input listing: samples in input order, class names (``None``: unlabelled), a reader.
 
     ``describe`` goes into the stored arguments, so a resume from a different input is refused.
@@ -132,12 +114,12 @@ def _absolute(path: str | os.PathLike) -> str:
     return os.path.abspath(os.fspath(path))
 
 
-def folder_source(root: str | os.PathLike) -> ShardSource:
+def folder_input(root: str | os.PathLike) -> ShardInput:
     """An image folder, scanned by :class:`ImageFolderDataset` (its layout rules and ``IMAGE_EXTENSIONS``)."""
     dataset = ImageFolderDataset(_absolute(root))
     samples = tuple(Sample(path, label) for path, label in dataset.samples)
     class_names = tuple(dataset.classes) if dataset.labelled else None
-    return ShardSource(samples, class_names, {"kind": "folder", "path": str(dataset.root)})
+    return ShardInput(samples, class_names, {"kind": "folder", "path": str(dataset.root)})
 
 
 def _parse_list_line(line: str, base: Path, where: str) -> Sample:
@@ -183,7 +165,7 @@ def _list_class_names(labels: Sequence[int], class_names: Sequence[str] | None, 
     return tuple(class_names)
 
 
-def file_list_source(list_path: str | os.PathLike, class_names: Sequence[str] | None = None) -> ShardSource:
+def file_list_input(list_path: str | os.PathLike, class_names: Sequence[str] | None = None) -> ShardInput:
     """A text file of ``path`` or ``path<TAB>label`` lines: all lines labelled, or none.
 
     Labelled lists without ``class_names`` get names ``"0".."max"``, so ``class_names`` in
@@ -206,28 +188,9 @@ def file_list_source(list_path: str | os.PathLike, class_names: Sequence[str] | 
         raise ValueError(f"class names were given but file list {str(path)!r} has no labels")
     else:
         names = None
-    return ShardSource(tuple(samples), names,
+    return ShardInput(tuple(samples), names,
                        {"kind": "file_list", "path": str(path),
                         "class_names": list(class_names) if class_names is not None else None})
-
-
-def _is_saved_hf_dataset(path: Path) -> bool:
-    return any((path / name).is_file() for name in ("state.json", "dataset_info.json", "dataset_dict.json"))
-
-
-def _load_hf(path: str, split: str | None) -> Any:
-    """``load_from_disk`` for a saved dataset (picking ``split`` of a DatasetDict), else imagefolder."""
-    import datasets
-
-    if _is_saved_hf_dataset(Path(path)):
-        loaded = datasets.load_from_disk(path)
-    else:
-        loaded = datasets.load_dataset("imagefolder", data_dir=path)
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"HF dataset {path!r} has splits {sorted(loaded)}, not {split!r} (use --hf-split)")
-        loaded = loaded[split]
-    return loaded
 
 
 @functools.lru_cache(maxsize=2)
@@ -235,7 +198,7 @@ def _hf_images(path: str, split: str | None, image_column: str) -> Any:
     """The image column only, undecoded (``{"bytes", "path"}``), cached per process for workers."""
     import datasets
 
-    return _load_hf(path, split).select_columns([image_column]).cast_column(
+    return load_hf_split(path, split).select_columns([image_column]).cast_column(
         image_column, datasets.Image(decode=False))
 
 
@@ -252,16 +215,14 @@ def _hf_labels(dataset: Any, label_column: str) -> tuple[list[int], tuple[str, .
     return labels, tuple(str(i) for i in range(max(labels) + 1))
 
 
-def hf_source(path: str | os.PathLike, image_column: str = "image", label_column: str = "label",
-              split: str = "train") -> ShardSource:
+def hf_input(path: str | os.PathLike, image_column: str = "image", label_column: str = "label",
+              split: str = "train") -> ShardInput:
     """A local HF ``datasets`` directory (saved with ``save_to_disk``, or an imagefolder tree).
 
     A missing label column means unlabelled; a missing or non-image image column is an error.
     """
     location = _absolute(path)
-    if not os.path.isdir(location):
-        raise FileNotFoundError(f"HF dataset directory {location!r} does not exist")
-    dataset = _load_hf(location, split)
+    dataset = load_hf_split(location, split)
     if image_column not in dataset.column_names:
         raise ValueError(f"HF dataset {location!r} has no image column {image_column!r} "
                          f"(columns: {', '.join(dataset.column_names)}; use --image-column)")
@@ -277,7 +238,7 @@ def hf_source(path: str | os.PathLike, image_column: str = "image", label_column
     else:
         labels, class_names = [-1] * len(dataset), None
     samples = tuple(Sample(i, label) for i, label in enumerate(labels))
-    return ShardSource(samples, class_names,
+    return ShardInput(samples, class_names,
                        {"kind": "hf", "path": location, "split": split, "image_column": image_column,
                         "label_column": label_column if class_names is not None else None},
                        ImageReader("hf", location, split, image_column))
@@ -431,7 +392,7 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _measure(source: ShardSource, ordered: Sequence[Sample], options: EncodeOptions,
+def _measure(source: ShardInput, ordered: Sequence[Sample], options: EncodeOptions,
              workers: int, progress: bool) -> list[int]:
     """Sizes of all samples in write order, measured in parallel chunks."""
     chunks = _chunks(ordered, 256)
@@ -484,10 +445,6 @@ class _HashingFile:
         return self.f.write(data)
 
 
-def _tmp_path(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, f".{name}.tmp")
-
-
 def _write_tar(path: str, task: ShardTask) -> tuple[dict[str, Any], list[str | int]]:
     """Write the shard's samples to ``path``; return size/hash/count and the skipped sources."""
     import webdataset as wds
@@ -505,21 +462,13 @@ def _write_tar(path: str, task: ShardTask) -> tuple[dict[str, Any], list[str | i
                     continue
                 writer.write(members)
                 written += 1
-        f.flush()
-        os.fsync(f.fileno())
     return {"samples": written, "bytes": hashing.bytes, "sha256": hashing.sha256.hexdigest()}, skipped
 
 
 def write_shard(task: ShardTask) -> dict[str, Any]:
-    """Write one shard atomically (``.{name}.tmp`` then rename) and return its record."""
-    tmp = _tmp_path(task.out_dir, task.name)
-    try:
-        stats, skipped = _write_tar(tmp, task)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, os.path.join(task.out_dir, task.name))
+    """Write one shard atomically (a ``.{name}.*.tmp`` file, fsynced, then renamed) and return its record."""
+    with atomic_path(os.path.join(task.out_dir, task.name)) as tmp:
+        stats, skipped = _write_tar(str(tmp), task)
     return {"name": task.name, **stats, "start": task.start, "stop": task.stop, "skipped": skipped}
 
 
@@ -544,7 +493,7 @@ def _file_sha256(path: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _listing_sha256(source: ShardSource) -> str:
+def _listing_sha256(source: ShardInput) -> str:
     """Fingerprint of the input listing: a folder that gained or lost files is a different input."""
     digest = hashlib.sha256()
     for sample in source.samples:
@@ -590,7 +539,7 @@ def _shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def _run_args(source: ShardSource, prefix: str, samples_per_shard: int | None, max_shard_bytes: int | None,
+def _run_args(source: ShardInput, prefix: str, samples_per_shard: int | None, max_shard_bytes: int | None,
               options: EncodeOptions, shuffle_seed: int | None) -> dict[str, Any]:
     """The arguments that decide the output bytes (not ``workers``, not the output path)."""
     return {"input": source.describe, "prefix": prefix, "samples_per_shard": samples_per_shard,
@@ -612,7 +561,7 @@ def _validate_limits(samples_per_shard: int | None, max_shard_bytes: int | None,
         raise ValueError(f"quality must be in 1..100, got {options.quality}")
 
 
-def _make_plan(source: ShardSource, ordered: Sequence[Sample], samples_per_shard: int | None,
+def _make_plan(source: ShardInput, ordered: Sequence[Sample], samples_per_shard: int | None,
                max_shard_bytes: int | None, options: EncodeOptions, workers: int,
                progress: bool) -> list[tuple[int, int]]:
     if max_shard_bytes is None:
@@ -642,17 +591,11 @@ def _adopt(task: ShardTask) -> dict[str, Any]:
 
 def _tar_keys(path: str) -> set[str]:
     with tarfile.open(path) as tar:
-        return {_member_key(m.name) for m in tar.getmembers() if m.isfile()}
-
-
-def _member_key(name: str) -> str:
-    """webdataset's grouping: the key is the member's path up to the first dot of its basename."""
-    folder, _, base = name.rpartition("/")
-    return (folder + "/" if folder else "") + base.split(".", 1)[0]
+        return {member_key(m.name) for m in tar.getmembers() if m.isfile()}
 
 
 def _tasks(out_dir: str, prefix: str, plan: Sequence[Sequence[int]], ordered: Sequence[Sample],
-           source: ShardSource, options: EncodeOptions) -> list[ShardTask]:
+           source: ShardInput, options: EncodeOptions) -> list[ShardTask]:
     width = _key_width(len(ordered))
     return [ShardTask(out_dir, _shard_name(prefix, i), start, stop,
                       tuple(f"{k:0{width}d}" for k in range(start, stop)), tuple(ordered[start:stop]),
@@ -688,7 +631,7 @@ def _info(state: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _start_state(out_dir: str, source: ShardSource, args: dict[str, Any], listing: str,
+def _start_state(out_dir: str, source: ShardInput, args: dict[str, Any], listing: str,
                  ordered: Sequence[Sample], limits: tuple[int | None, int | None], options: EncodeOptions,
                  workers: int, progress: bool) -> dict[str, Any]:
     """The earlier run's state when resuming (after checking it matches), else a fresh plan."""
@@ -722,13 +665,13 @@ def _pending(out_dir: str, state: dict[str, Any], tasks: Sequence[ShardTask]) ->
 def _remove_tmp_files(out_dir: str, tasks: Iterable[ShardTask]) -> None:
     """Half-written shards of an interrupted run are useless; they are rewritten from scratch."""
     for task in tasks:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(_tmp_path(out_dir, task.name))
+        for tmp in Path(out_dir).glob(f".{task.name}*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def write_shards(
     out_dir: str | os.PathLike,
-    source: ShardSource,
+    source: ShardInput,
     *,
     prefix: str = "shard",
     samples_per_shard: int | None = 1000,
@@ -779,25 +722,6 @@ def write_shards(
 # Reading back
 
 
-def read_info(directory: str | os.PathLike) -> dict[str, Any]:
-    """``_info.json`` of a finished shard directory (absent while a write is unfinished)."""
-    path = os.path.join(os.fspath(directory), INFO_NAME)
-    if not os.path.isfile(path):
-        hint = " (a write is unfinished: rerun it)" if os.path.exists(
-            os.path.join(os.fspath(directory), PROGRESS_NAME)) else ""
-        raise FileNotFoundError(f"no {INFO_NAME} in {os.fspath(directory)!r}{hint}")
-    with open(path) as f:
-        info = json.load(f)
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {info.get('format')!r}, expected {FORMAT!r}")
-    return info
-
-
-def shard_urls(directory: str | os.PathLike) -> list[str]:
-    """Paths of the shards listed in ``_info.json``, in write order (for ``wds.WebDataset``)."""
-    return [os.path.join(os.fspath(directory), s["name"]) for s in read_info(directory)["shards"]]
-
-
 @dataclasses.dataclass
 class VerifyReport:
     """Outcome of :func:`verify_shards`: ``failures`` maps shard name to what is wrong with it."""
@@ -817,7 +741,7 @@ def _group_members(tar: tarfile.TarFile) -> dict[str, dict[str, bytes]]:
     for member in tar:
         if not member.isfile():
             continue
-        key = _member_key(member.name)
+        key = member_key(member.name)
         ext = member.name[len(key) + 1:]
         data = tar.extractfile(member)
         samples.setdefault(key, {})[ext] = data.read() if data is not None else b""

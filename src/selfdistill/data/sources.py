@@ -29,103 +29,20 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from selfdistill.data.folder import ImageFolderDataset, decode_rgb, sample_seed, seeded_rng
-from selfdistill.data.shards import INFO_NAME as SHARD_INFO
-from selfdistill.data.shards import read_info, shard_urls
+from selfdistill.data.folder import decode_rgb, sample_seed, seeded_rng
+from selfdistill.data.sampler import EpochShardSampler
+from selfdistill.data.shard_format import INFO_NAME, has_info, read_info, shard_urls
 
 log = logging.getLogger(__name__)
 
 
 
 # -- map-style sources: folders and HF datasets ------------------------------------------------
-class HFImageDataset(Dataset):
-    """An HF ``datasets`` dataset in a local directory (``save_to_disk`` output, or an imagefolder,
-    parquet or arrow directory), read like :class:`ImageFolderDataset`: same sample dicts, same
-    per-(epoch, index) seeded augmentation, unreadable images replaced by the next one."""
-
-    def __init__(self, path: str, transform: Callable[[Image.Image], Any] | None = None, seed: int = 0,
-                 split: str = "train", image_column: str = "image", label_column: str = "label",
-                 draft_size: int = 0) -> None:
-        try:
-            import datasets
-        except ImportError as e:
-            raise ImportError("data.format=hf needs the `datasets` package: pip install 'selfdistill[hf]'") from e
-        root = Path(path)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.path: HF dataset directory {path!r} does not exist")
-        self.data = _load_hf(datasets, root, split)
-        if image_column not in self.data.column_names:
-            raise ValueError(f"data.hf_image_column: {path} has no column {image_column!r} "
-                             f"(columns: {self.data.column_names})")
-        self.image_column, self.transform, self.seed, self.draft_size = image_column, transform, seed, draft_size
-        self.label_column = label_column if label_column in self.data.column_names else None
-        feature = self.data.features.get(self.label_column) if self.label_column else None
-        self.classes: list[str] = list(getattr(feature, "names", None) or [])
-        self.labelled = self.label_column is not None
-        # Decode ourselves, so a corrupt image is one bad sample instead of an exception in datasets.
-        self.data = self.data.cast_column(image_column, datasets.Image(decode=False))
-        if len(self.data) == 0:
-            raise ValueError(f"data.path: HF dataset {path} is empty")
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    @property
-    def targets(self) -> list[int]:
-        if not self.label_column:
-            return [-1] * len(self)
-        return [int(x) for x in self.data[self.label_column]]
-
-    def _read(self, index: int) -> tuple[Image.Image, int]:
-        """One Arrow row read: the decoded image and its label."""
-        row = self.data[index]
-        value = row[self.image_column]
-        img = decode_rgb(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"], self.draft_size)
-        return img, int(row[self.label_column]) if self.label_column else -1
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        bad: list[str] = []
-        for offset in range(len(self)):
-            current = (index + offset) % len(self)
-            try:
-                img, label = self._read(current)
-                break
-            except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
-                log.warning("skipping unreadable image %s[%d] (%s)", self.image_column, current, err)
-                bad.append(f"hf:{current}")
-        else:
-            raise RuntimeError("no image of the HF dataset could be read")
-        if self.transform is not None:
-            with seeded_rng(sample_seed(self.seed, epoch, index)):
-                img = self.transform(img)
-        return {"image": img, "label": label, "index": current, "bad": bad}
-
-
-def _load_hf(datasets: Any, root: Path, split: str) -> Any:
-    if (root / "dataset_info.json").is_file() or (root / "dataset_dict.json").is_file():
-        loaded = datasets.load_from_disk(str(root))
-    else:
-        builder = "imagefolder"
-        if any(root.rglob("*.parquet")):
-            builder = "parquet"
-        elif any(root.rglob("*.arrow")):
-            builder = "arrow"
-        loaded = datasets.load_dataset(builder, data_dir=str(root))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"data.hf_split: {root} has splits {list(loaded)}, not {split!r}")
-        loaded = loaded[split]
-    return loaded
-
-
 class MapSource:
     """A map-style dataset dealt to ranks by an epoch-seeded permutation (exact resume)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int, collate_fn: Callable, repeat_batches: int = 0, pin_memory: bool = False) -> None:
-        from selfdistill.engine.sampler import EpochShardSampler
-
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.num_workers, self.collate_fn, self.pin_memory = num_workers, collate_fn, pin_memory
         self.sampler = EpochShardSampler(len(dataset), batch_size, rank, world_size, seed=seed,
@@ -155,7 +72,7 @@ def expand_urls(path: str) -> list[str]:
     if not path or not path.strip():
         raise ValueError("data.path: empty shard pattern")
     if os.path.isdir(path):
-        if (Path(path) / SHARD_INFO).is_file():
+        if has_info(path):
             urls = shard_urls(path)
         else:
             urls = [str(p) for p in sorted(Path(path).glob("*.tar"))]
@@ -187,7 +104,7 @@ def _s3_to_pipe(url: str) -> str:
 
 def shard_info(path: str) -> dict[str, Any] | None:
     """``_info.json`` of a shard directory written by ``selfdistill-shards``, else None."""
-    return read_info(path) if os.path.isdir(path) and (Path(path) / SHARD_INFO).is_file() else None
+    return read_info(path) if os.path.isdir(path) and has_info(path) else None
 
 
 class ShardStream(IterableDataset):
@@ -317,7 +234,7 @@ class ShardSource:
         info = shard_info(path)
         total = samples_per_epoch or (info or {}).get("total_samples", 0)
         if not total:
-            raise ValueError(f"data.samples_per_epoch: {path!r} has no {SHARD_INFO}; say how many samples an "
+            raise ValueError(f"data.samples_per_epoch: {path!r} has no {INFO_NAME}; say how many samples an "
                              "epoch holds (the shards' total)")
         readers = world_size * max(num_workers, 1)
         if len(self.urls) < readers:
@@ -355,22 +272,3 @@ class ShardSource:
         loader = wds.WebLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                prefetch_factor=4 if self.num_workers else None)
         return loader.with_epoch(self.batches_per_epoch - start_batch)
-
-
-def build_train_source(config: Any, transform: Callable, collate_fn: Callable, rank: int, world_size: int,
-                       pin_memory: bool = False) -> MapSource | ShardSource:
-    """The source ``data.format`` names, for one rank."""
-    d, t = config.data, config.train
-    if d.format == "wds":
-        if t.overfit_batches:
-            raise ValueError("train.overfit_batches needs a map-style source (data.format folder or hf)")
-        return ShardSource(d.path, transform, t.batch_size_per_device, rank, world_size, t.seed, d.num_workers,
-                           collate_fn, d.samples_per_epoch, d.shuffle_buffer, d.shard_retries, d.max_missing_shards,
-                           pin_memory, d.decode_size)
-    if d.format == "hf":
-        dataset: Dataset = HFImageDataset(d.path, transform, t.seed, d.hf_split, d.hf_image_column, d.hf_label_column,
-                                          d.decode_size)
-    else:
-        dataset = ImageFolderDataset(d.path, transform=transform, seed=t.seed, draft_size=d.decode_size)
-    return MapSource(dataset, t.batch_size_per_device, rank, world_size, t.seed, d.num_workers, collate_fn,
-                     t.overfit_batches, pin_memory)

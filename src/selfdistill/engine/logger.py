@@ -51,15 +51,17 @@ class RunLogger:
         row.update({k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in values.items()})
         row["images_per_s"] = self.images * self.acc.num_processes / elapsed
         row["data_wait_fraction"] = self.data_time / max(self.step_time, 1e-9)
-        self._write(row, step)
+        self.write(row, step)
         self._reset()
         return row
 
-    def log_eval(self, results: dict[str, Any], step: int, epoch: int) -> None:
-        row = {"step": step, "epoch": epoch, **{f"knn/{k}": v for k, v in results.items()}}
-        self._write(row, step)
+    def log_eval(self, prefix: str, results: dict[str, Any], step: int, epoch: int) -> dict[str, Any]:
+        """One evaluation row (``knn/top1_k20``, ``val/top1``...) beside the training rows."""
+        row = {"step": step, "epoch": epoch, **{f"{prefix}/{k}": v for k, v in results.items()}}
+        self.write(row, step)
+        return row
 
-    def _write(self, row: dict[str, Any], step: int) -> None:
+    def write(self, row: dict[str, Any], step: int) -> None:
         if self.acc.is_main_process:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -19,10 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from selfdistill.engine.task import Hook, Task
+from selfdistill.engine.trainer import Trainer
+
 PHASES = ("data", "forward", "backward", "optimizer", "ema", "other")
 
 
-class StepTimer:
+class StepTimer(Hook):
     """Wall time per step phase. ``start()`` opens a step (what the previous step did after its
     last ``mark`` is charged to "other"); ``mark(phase)`` charges the time since the last mark to
     ``phase``. On a GPU each mark synchronises first, so a phase is charged its own kernels.
@@ -72,6 +75,13 @@ class StepTimer:
         if self.steps and self._last is not None:
             self.steps[-1][phase] += now - self._last
         self._last = now
+
+    # -- as a hook of the training loop
+    def on_step_start(self, loop: Any) -> None:
+        self.start()
+
+    def on_phase_end(self, loop: Any, phase: str) -> None:
+        self.mark(phase)
 
     def stop(self) -> None:
         """Close the last step (its remainder goes to "other"), then pass the gate once more."""
@@ -204,6 +214,17 @@ def random_images(n: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> 
     return images
 
 
+class SyntheticImages:
+    """Stands in for a task's training images: one synthetic batch (:class:`SyntheticSource`)."""
+
+    def __init__(self, transform: Callable, seed: int = 0) -> None:
+        self.transform, self.seed = transform, seed
+
+    def train_source(self, batch_size: int, rank: int, world_size: int, collate_fn: Callable, repeat_batches: int = 0,
+                     pin_memory: bool = False) -> SyntheticSource:
+        return SyntheticSource(self.transform, collate_fn, batch_size, seed=self.seed)
+
+
 class SyntheticSource:
     """One batch made by the method's own augmentation and collation from random images, served
     again and again: the benchmark then measures the model, not the loader. Same interface as the
@@ -265,13 +286,11 @@ def benchmark_config(config: Any, run_dir: str) -> Any:
     return c
 
 
-def run_benchmark(config: Any, steps: int, warmup: int = 1, data: str = "synthetic", flops: bool = True,
-                  matmul: bool = True) -> dict[str, Any]:
-    """``warmup`` optimizer steps, then ``steps`` timed ones of the recipe through the real
-    ``Trainer`` (its optimizer, precision, EMA and logging), then one more under the FLOP counter."""
-    from selfdistill.engine.logger import RunLogger
-    from selfdistill.engine.trainer import Trainer
-
+def run_benchmark(config: Any, make_task: Callable[[Any], Task], steps: int, warmup: int = 1,
+                  data: str = "synthetic", flops: bool = True, matmul: bool = True) -> dict[str, Any]:
+    """``warmup`` optimizer steps, then ``steps`` timed ones of the recipe through the real loop (its
+    optimizer, precision, EMA and logging; ``make_task(config)`` builds the method), then one more
+    under the FLOP counter."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"--benchmark needs at least 1 step (got {steps}) and warm-up >= 0 (got {warmup})")
     if data not in ("synthetic", "real"):
@@ -280,51 +299,28 @@ def run_benchmark(config: Any, steps: int, warmup: int = 1, data: str = "synthet
         raise ValueError("the throughput benchmark times optimizer steps of one micro-batch: "
                          "set train.grad_accum_steps=1")
 
-    class _BenchTrainer(Trainer):
-        def _make_source(self) -> Any:
-            if data == "real":
-                return super()._make_source()
-            t = self.config.train
-            return SyntheticSource(self.method.train_transform(), self.method.collate_fn(),
-                                   t.batch_size_per_device, seed=t.seed)
-
     with tempfile.TemporaryDirectory(prefix="selfdistill-bench-") as tmp:
-        trainer = _BenchTrainer(benchmark_config(config, tmp))
-        trainer._build()
+        bench = benchmark_config(config, tmp)
+        synthetic = None if data == "real" else (lambda task: SyntheticImages(task.train_transform(), bench.train.seed))
+        trainer = Trainer(bench, lambda: make_task(bench), data=synthetic)
+        trainer.build()
         crops = batch_crops_label(next(iter(trainer.source.loader(0)))) if data == "synthetic" else None
-        trainer.run_dir.mkdir(parents=True, exist_ok=True)
-        trainer.logger = RunLogger(trainer.accelerator, trainer.run_dir)
         device = trainer.accelerator.device
-        seen: list[int] = []
-
-        def run_until(step: int) -> None:
-            trainer.last_step = step
-            bar = _NoBar()
-            while trainer.state.step < step:
-                trainer._train_epoch(bar, seen)
-
         # One pass, warm-up included, so a real-data loader is not restarted before the timed steps.
-        timer = trainer.step_timer = StepTimer(device, skip=warmup, gate=gate_from_env())
-        run_until(warmup + steps)
+        timer = StepTimer(device, skip=warmup, gate=gate_from_env())
+        trainer.hooks.append(timer)
+        trainer.run_until(warmup + steps)
         timer.stop()
-        trainer.step_timer = None
+        trainer.hooks.remove(timer)
         peak = peak_memory_gib(device)
         n_params = sum(p.numel() for p in trainer.accelerator.unwrap_model(trainer.student).parameters())
-        flops_per_step = count_flops(lambda: run_until(warmup + steps + 1))[1] if flops else 0
+        flops_per_step = count_flops(lambda: trainer.run_until(warmup + steps + 1))[1] if flops else 0
         report = make_report(
             impl="selfdistill", config=config, summary=timer.summary(), peak_gib=peak,
             flops_per_step=flops_per_step, device=device, data=data, student_parameters=n_params, crops=crops,
             matmul=matmul_flops_per_s(config.train.precision, device) if matmul else None)
         trainer.accelerator.end_training()
     return report
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        pass
 
 
 def make_report(impl: str, config: Any, summary: dict[str, Any], peak_gib: float,

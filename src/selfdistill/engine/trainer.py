@@ -1,14 +1,20 @@
-"""The one training loop. It knows nothing about any method: a ``Method`` supplies the student,
-the loss on a batch and what happens after an optimizer step; the loop owns data order,
-precision, accumulation, schedules, logging, checkpoints and evaluation.
+"""The one training loop. It knows no method and no evaluation: a :class:`~selfdistill.engine.task.Task`
+supplies the networks, the data, the loss of a batch, its optimizer and schedule; hooks listen from
+outside. The loop owns data order, precision, accumulation, finiteness on all ranks, logging,
+checkpoints and resume, for pretraining and fine-tuning alike.
+
+    trainer = Trainer(config, lambda: MyTask(config), resume="auto", hooks=[...])
+    trainer.fit()
+
+``config`` is a recipe root with a ``train`` section (:class:`~selfdistill.config.TrainConfig`),
+``data.max_bad_fraction``, ``optim.clip_grad`` and ``to_yaml()`` / ``to_dict()``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,17 +22,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from selfdistill.config import Config
+from selfdistill.atomic import write_text_atomic
 from selfdistill.data import BadSampleTracker
-from selfdistill.data.sources import build_train_source
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine.distributed import configure_deepspeed, make_accelerator
 from selfdistill.engine.logger import RunLogger
-from selfdistill.methods import Method, Progress, build_method
-from selfdistill.params import full_parameters
-from selfdistill.schedules import cosine_schedule
+from selfdistill.engine.task import Hook, Progress, Task
 
 log = logging.getLogger("selfdistill")
+
+__all__ = ["LoopState", "NonFiniteLossError", "Trainer", "compile_backbones", "keep_freed_memory"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,28 +56,38 @@ class LoopState:
 
 
 class Trainer:
-    def __init__(self, config: Config, resume: str | None = None) -> None:
+    """The loop. ``make_task`` is called once the Accelerator exists and every rank is seeded
+    alike (identical initial weights); ``data(task)``, when given, replaces the task's training
+    images (a benchmark serves one synthetic batch)."""
+
+    def __init__(self, config: Any, make_task: Callable[[], Task], resume: str | None = None,
+                 hooks: Sequence[Hook] = (), data: Callable[[Task], Any] | None = None) -> None:
         self.config = config
+        self.make_task = make_task
         self.resume = resume
         self.run_dir = Path(config.train.output_dir)
-        # Optional phase timer (benchmarks): anything with start() and mark(phase). None costs one
-        # attribute test per phase boundary.
-        self.step_timer: Any = None
+        self.extra_hooks = list(hooks)
+        self.data = data
+        self.results: dict[str, Any] = {}  # what hooks report at the end (fit's return value)
 
     # ------------------------------------------------------------------------------------------
-    def _build(self) -> None:
-        cfg = self.config
-        t = cfg.train
-        self.accelerator = acc = make_accelerator(t.precision, t.grad_accum_steps, t.cpu, t.trackers, str(self.run_dir))
-        if acc.device.type == "cpu" and t.keep_freed_memory:
-            keep_freed_memory()
+    def build(self) -> None:
+        """Accelerator, task, data, optimizer and schedule; the student prepared by Accelerate."""
         from accelerate.utils import set_seed
 
+        t = self.config.train
+        self.accelerator = acc = make_accelerator(t.precision, t.grad_accum_steps, t.cpu, t.trackers, str(self.run_dir))
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if acc.device.type == "cpu" and t.keep_freed_memory:
+            keep_freed_memory()
         set_seed(t.seed)  # identical initialisation on every rank
-        self.method: Method = build_method(cfg)
+        self.task = task = self.make_task()
         set_seed(t.seed + acc.process_index)  # then per-rank randomness (drop path)
 
-        self.source = self._make_source()
+        images = self.data(task) if self.data is not None else task.train_data()
+        self.source = images.train_source(t.batch_size_per_device, acc.process_index, acc.num_processes,
+                                          task.collate_fn(), t.overfit_batches, acc.device.type == "cuda")
         self.steps_per_epoch = self.source.batches_per_epoch // t.grad_accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"one epoch has {self.source.batches_per_epoch} batches per device, fewer than "
@@ -80,167 +95,104 @@ class Trainer:
         self.total_steps = t.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
         self.global_batch = t.batch_size_per_device * acc.num_processes * t.grad_accum_steps
-        o = cfg.optim
-        self.base_lr = o.lr * self.global_batch / 256 if o.scale_lr_with_batch else o.lr
-        self.warmup_steps = int(round(o.warmup_epochs * self.steps_per_epoch))
 
-        groups = []
-        for g in self.method.param_groups():
-            if not g.params:
-                continue  # DeepSpeed drops empty groups; we never rely on positions anyway
-            groups.append({"name": g.name, "params": g.params, "lr": 0.0, "weight_decay": 0.0,
-                           "apply_wd": g.weight_decay, "fixed_lr": g.fixed_lr,
-                           "frozen_steps": int(round(g.frozen_epochs * self.steps_per_epoch))})
-        optimizer = build_optimizer(o, groups, acc.device)
+        optimizer = task.build_optimizer(self.global_batch, acc.device)
         if t.compile:
-            compile_backbones(self.method)
-        configure_deepspeed(acc, t.batch_size_per_device, o.clip_grad, t.precision)
-        self.student, self.optimizer = acc.prepare(self.method.student, optimizer)
+            compile_backbones(task)
+        configure_deepspeed(acc, t.batch_size_per_device, self.config.optim.clip_grad, t.precision)
+        self.student, self.optimizer = acc.prepare(task.student, optimizer)
         self.deepspeed = getattr(acc.state, "deepspeed_plugin", None) is not None
-        self.method.setup(acc, self.steps_per_epoch, self.total_steps)
+        self.scheduler = task.build_scheduler(self.optimizer, self.steps_per_epoch, self.total_steps, self.global_batch)
+        task.setup(acc, self.steps_per_epoch, self.total_steps)
+        self.hooks = [*task.hooks(), *self.extra_hooks]
         self.bad = BadSampleTracker()
         self.state = LoopState(world_size=acc.num_processes)
-
-    def _make_source(self) -> Any:
-        """The training data (a benchmark substitutes a synthetic source here)."""
-        acc = self.accelerator
-        return build_train_source(self.config, self.method.train_transform(), self.method.collate_fn(),
-                                  acc.process_index, acc.num_processes, acc.device.type == "cuda")
-
-    # ------------------------------------------------------------------------------------------
-    def _set_schedules(self, step: int) -> tuple[float, float]:
-        o = self.config.optim
-        lr = cosine_schedule(step, self.total_steps, self.base_lr, o.min_lr, self.warmup_steps)
-        wd = cosine_schedule(step, self.total_steps, o.weight_decay, o.weight_decay_end)
-        for group in self.optimizer.param_groups:
-            peak_or_lr = self.base_lr if group.get("fixed_lr") else lr
-            group["lr"] = 0.0 if step < group.get("frozen_steps", 0) else peak_or_lr
-            group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
-        return lr, wd
-
-    def _progress(self) -> Progress:
-        return Progress(self.state.step, self.state.epoch, self.steps_per_epoch, self.total_steps)
-
-    def _save(self) -> None:
-        self.state.bad = self.bad.state_dict()
-        ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.method.state_dict(),
-                             self.state.to_dict(), self.config.to_yaml(), self.config.train.keep_checkpoints)
-
-    def _restore(self, path: Path) -> None:
-        method_state, loop_state = ckpt.load_checkpoint(self.accelerator, path)
-        self.method.load_state_dict(method_state)
-        self.state = LoopState(**loop_state)
-        self.bad.load_state_dict(self.state.bad)
-        if self.accelerator.is_main_process:
-            log.info("resumed from %s (step %d, epoch %d)", path, self.state.step, self.state.epoch)
+        self.logger = RunLogger(acc, self.run_dir)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        self._build()
+        """Build, resume, train to the last step, write the final checkpoint and its exports;
+        returns what the hooks reported (``results``)."""
+        self.build()
         acc, cfg = self.accelerator, self.config
         resume_from = ckpt.resolve_resume(self.resume, self.run_dir)
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
         acc.wait_for_everyone()
         if resume_from is not None:
             self._restore(resume_from)
         elif self.resume == "auto" and acc.is_main_process:
             log.info("--resume auto: no checkpoint in %s, starting fresh", self.run_dir)
         if cfg.train.trackers:
-            acc.init_trackers("selfdistill", config=_flat_config(cfg.to_dict()))
+            acc.init_trackers(self.task.tracker_project, config=flat_config(cfg.to_dict()))
+        self._emit("on_train_start")
+        self.run_until(self.last_step)
+        self._emit("on_train_end")
+        final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
+        if not final.exists():
+            self.save()
+        self._check_bad_images(final=True)
+        if acc.is_main_process:
+            ckpt.publish_exports(final, self.run_dir, list(self.task.exports()))
+        acc.wait_for_everyone()
+        self._emit("on_final_checkpoint", final)
+        acc.end_training()
+        return self.results
 
-        self.logger = RunLogger(acc, self.run_dir)
-        evaluator = None
-        if cfg.knn.val_path:
-            from selfdistill.eval.knn_eval import KnnSetup
-
-            evaluator = KnnSetup.from_config(cfg, acc)
-        bar = tqdm(total=self.last_step, initial=self.state.step, desc="pretrain", dynamic_ncols=True,
-                   disable=not (acc.is_main_process and cfg.train.progress_bar))
-        seen_indices: list[int] = []
+    def run_until(self, last_step: int) -> None:
+        """Train epoch after epoch until ``last_step`` optimizer steps are done; at each whole
+        epoch's end the hooks run, then the epoch checkpoint (``train.checkpoint_every_epochs``)."""
+        t = self.config.train
+        bar = tqdm(total=last_step, initial=self.state.step, desc=self.task.name, dynamic_ncols=True,
+                   disable=not (self.accelerator.is_main_process and t.progress_bar))
         try:
-            while self.state.step < self.last_step:
-                self._train_epoch(bar, seen_indices)
-                if self.state.step >= self.last_step and self.state.batch_in_epoch:
+            while self.state.step < last_step:
+                self._train_epoch(bar, last_step)
+                if self.state.batch_in_epoch:  # stopped inside an epoch
                     break
-                finished_epoch = self.state.epoch - 1
-                if evaluator and (finished_epoch + 1) % cfg.knn.every_epochs == 0:
-                    self.logger.log_eval(evaluator.evaluate(self.method.eval_backbone()), self.state.step,
-                                         finished_epoch)
+                self._emit("on_epoch_end")
+                every = t.checkpoint_every_epochs
+                if every and self.state.epoch % every == 0 and \
+                        not ckpt.checkpoint_dir(self.run_dir, self.state.step).exists():
+                    self.save()
         finally:
             bar.close()
-        if not ckpt.checkpoint_dir(self.run_dir, self.state.step).exists():
-            self._save()
-        self._check_bad_images(final=True)
-        summary = self._finish(seen_indices)
-        acc.end_training()
-        return summary
 
-    def _train_epoch(self, bar: tqdm, seen_indices: list[int]) -> None:
-        acc, t = self.accelerator, self.config.train
-        st = self.state
+    # ------------------------------------------------------------------------------------------
+    def _train_epoch(self, bar: Any, last_step: int) -> None:
+        acc, t, st = self.accelerator, self.config.train, self.state
         micro_per_epoch = self.steps_per_epoch * t.grad_accum_steps
-        step_ok = True
-        grad_norm = None
+        step_ok, grad_norm = True, None
         data_iter = iter(self.source.loader(st.epoch, st.batch_in_epoch))
-        timer = self.step_timer
-        while st.batch_in_epoch < micro_per_epoch and st.step < self.last_step:
+        while st.batch_in_epoch < micro_per_epoch and st.step < last_step:
+            self._emit("on_step_start")
             t0 = time.perf_counter()
-            if timer:
-                timer.start()
             batch = next(data_iter)
             t_data = time.perf_counter() - t0
-            indices = batch["index"]  # still on the host: the audit sample below needs no device sync
-            batch = _to_device(batch, acc.device)
-            if timer:
-                timer.mark("data")
-            lr, wd = self._set_schedules(st.step)
-            progress = self._progress()
+            self._emit("on_batch", batch)
+            batch = to_device(batch, acc.device)
+            self._emit("on_phase_end", "data")
+            values = self.scheduler.step_update(st.step)
+            progress = Progress(st.step, st.epoch, self.steps_per_epoch, self.total_steps,
+                                st.epoch * micro_per_epoch + st.batch_in_epoch)
             with acc.accumulate(self.student):
-                with self._autocast():
-                    out = self.method.training_step(self.student, batch, progress)
+                with self.autocast():
+                    out = self.task.training_step(self.student, batch, progress)
                 finite = self._all_finite(out.loss)
                 step_ok &= finite
-                if timer:
-                    timer.mark("forward")
-                if self.deepspeed:
-                    # DeepSpeed steps inside backward() at the window's end and keeps its own gradient
-                    # accumulators, so a bad micro-batch cannot simply be left out: its non-finite
-                    # gradients go in, and DeepSpeed's overflow check skips the step and clears them.
-                    acc.backward(out.loss)
-                    if timer:
-                        timer.mark("backward")  # DeepSpeed's optimizer step included
-                    if acc.sync_gradients and step_ok:
-                        grad_norm = self.student.get_global_grad_norm()  # before clipping, as DDP logs it
-                    elif acc.sync_gradients and self.student.was_step_applied():
-                        raise NonFiniteLossError("DeepSpeed applied an optimizer step although a loss was "
-                                                 "non-finite; keep bf16.check_grad_overflow enabled")
-                else:
-                    if finite:
-                        acc.backward(out.loss)
-                    if timer:
-                        timer.mark("backward")
-                    if acc.sync_gradients and step_ok:
-                        if self.config.optim.clip_grad > 0:
-                            grad_norm = acc.clip_grad_norm_(self.student.parameters(), self.config.optim.clip_grad)
-                        self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if timer:
-                        timer.mark("optimizer")
+                self._emit("on_phase_end", "forward")
+                norm = self._backward_and_step(out.loss, finite, step_ok)
+                grad_norm = norm if norm is not None else grad_norm
             st.batch_in_epoch += 1
             st.samples_seen += out.batch_size
-            if len(seen_indices) < 10_000:  # an audit sample, not the whole epoch
-                seen_indices.extend(indices.tolist())
             self.bad.update(batch.get("bad", []), out.batch_size)
             self.logger.accumulate(out, t_data, time.perf_counter() - t0, finite)
             if not acc.sync_gradients:
                 continue
             stepped, step_ok = step_ok, True
             if stepped:
-                self.method.after_optimizer_step(self.student, progress)
-                if timer:
-                    timer.mark("ema")
+                self.task.after_optimizer_step(self.student, progress)
+                self._emit("on_phase_end", "ema")
                 st.nonfinite_in_a_row = 0
                 st.step += 1
                 bar.update(1)
@@ -250,37 +202,64 @@ class Trainer:
             if epoch_done:
                 st.epoch += 1
                 st.batch_in_epoch = 0
-            if stepped and (st.step % t.log_every == 0 or st.step == self.last_step):
-                values = {"lr": lr, "wd": wd, **self.method.schedule_values(progress),
-                          "skipped_steps": st.skipped_steps, "bad_images": self.bad.n_bad}
-                if grad_norm is not None:
-                    values["grad_norm"] = grad_norm
-                row = self.logger.flush(st.step, st.step / self.steps_per_epoch, values)
-                if row:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-                self._check_bad_images(final=False)
-            if stepped and st.step % t.checkpoint_every == 0 and st.step < self.last_step:
-                self._save()
+            if stepped and (st.step % t.log_every == 0 or st.step == last_step):
+                self._log(values, progress, grad_norm, bar)
+            if stepped and st.step % t.checkpoint_every == 0 and st.step < last_step:
+                self.save()
             if epoch_done:
                 return
 
-    def _autocast(self):
+    def _backward_and_step(self, loss: torch.Tensor, finite: bool, step_ok: bool) -> Any:
+        """Backward, and at the end of an accumulation window the optimizer step (skipped when a
+        loss of the window was non-finite); returns the pre-clipping gradient norm of a step."""
+        acc, grad_norm = self.accelerator, None
+        if self.deepspeed:
+            # DeepSpeed steps inside backward() at the window's end and keeps its own gradient
+            # accumulators, so a bad micro-batch cannot simply be left out: its non-finite
+            # gradients go in, and DeepSpeed's overflow check skips the step and clears them.
+            acc.backward(loss)
+            self._emit("on_phase_end", "backward")  # DeepSpeed's optimizer step included
+            if acc.sync_gradients and step_ok:
+                grad_norm = self.student.get_global_grad_norm()  # before clipping, as DDP logs it
+            elif acc.sync_gradients and self.student.was_step_applied():
+                raise NonFiniteLossError("DeepSpeed applied an optimizer step although a loss was "
+                                         "non-finite; keep bf16.check_grad_overflow enabled")
+            return grad_norm
+        if finite:
+            acc.backward(loss)
+        self._emit("on_phase_end", "backward")
+        if acc.sync_gradients and step_ok:
+            if self.config.optim.clip_grad > 0:
+                grad_norm = acc.clip_grad_norm_(self.student.parameters(), self.config.optim.clip_grad)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._emit("on_phase_end", "optimizer")
+        return grad_norm
+
+    def _log(self, values: dict[str, float], progress: Progress, grad_norm: Any, bar: Any) -> None:
+        st = self.state
+        row_values = {**values, **self.task.schedule_values(progress), "skipped_steps": st.skipped_steps,
+                      "bad_images": self.bad.n_bad}
+        if grad_norm is not None:
+            row_values["grad_norm"] = grad_norm
+        row = self.logger.flush(st.step, st.step / self.steps_per_epoch, row_values)
+        if row:
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{values.get('lr', 0.0):.2e}")
+        self._check_bad_images(final=False)
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self, *args)
+
+    # ------------------------------------------------------------------------------------------
+    def autocast(self) -> Any:
         """Accelerate's autocast, except under DeepSpeed, where Accelerate gives none: the engine holds
-        bf16/fp16 weights and the plain fp32 teacher shares the inputs, so both run under torch's."""
+        bf16/fp16 weights and plain fp32 modules (a teacher) share the inputs, so both run under torch's."""
         precision = self.config.train.precision
         if self.deepspeed and precision != "fp32":
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
             return torch.autocast(device_type=self.accelerator.device.type, dtype=dtype)
         return self.accelerator.autocast()
-
-    def _check_bad_images(self, final: bool) -> None:
-        """Collective: the unreadable-image fraction over all ranks against data.max_bad_fraction."""
-        counts = torch.tensor([float(self.bad.n_bad), float(self.bad.n_seen)], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        total = BadSampleTracker()
-        total.load_state_dict({**self.bad.state_dict(), "n_bad": int(counts[0]), "n_seen": int(counts[1])})
-        total.check(self.config.data.max_bad_fraction, final=final)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """One host sync per micro-batch, agreed by all ranks so no rank steps alone."""
@@ -293,10 +272,10 @@ class Trainer:
         st = self.state
         st.nonfinite_in_a_row += 1
         st.skipped_steps += 1
-        self.method.skip_step()
+        self.task.skip_step()
         if self.accelerator.is_main_process:
-            log.warning("non-finite loss at step %d: step and EMA skipped (%d in a row)", st.step,
-                        st.nonfinite_in_a_row)
+            log.warning("non-finite loss at step %d: the step (and the task's updates after it) skipped, %d in a "
+                        "row", st.step, st.nonfinite_in_a_row)
         if st.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
             last = ckpt.latest_checkpoint(self.run_dir)
             raise NonFiniteLossError(
@@ -304,54 +283,50 @@ class Trainer:
                 f"(train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); stopping. "
                 f"Last good checkpoint: {last or 'none yet'}. Lower optim.lr or raise optim.warmup_epochs.")
 
-    def _finish(self, seen_indices: list[int]) -> dict[str, Any]:
-        acc = self.accelerator
-        unwrapped = acc.unwrap_model(self.student)
-        names = [n for n, _ in unwrapped.named_parameters()]
-        digest, per_tensor = hashlib.sha256(), {}
-        for name, p in zip(names, full_parameters(unwrapped)):  # gathered under ZeRO-3
-            data = p.detach().float().cpu().numpy().tobytes()
-            digest.update(data)
-            per_tensor[name] = hashlib.sha256(data).hexdigest()
-        summary = {"rank": acc.process_index, "world_size": acc.num_processes, "step": self.state.step,
-                   "samples_seen": self.state.samples_seen, "student_sha256": digest.hexdigest(),
-                   "student_tensor_sha256": per_tensor, "indices_seen": seen_indices, "bad_images": self.bad.n_bad}
-        (self.run_dir / f"rank_summary_{acc.process_index}.json").write_text(json.dumps(summary))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            from selfdistill.export import export_backbone, export_from_checkpoint
-            from selfdistill.plots import plot_training_curves
+    def _check_bad_images(self, final: bool) -> None:
+        """Collective: the unreadable-image fraction over all ranks against data.max_bad_fraction."""
+        counts = torch.tensor([float(self.bad.n_bad), float(self.bad.n_seen)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        total = BadSampleTracker()
+        total.load_state_dict({**self.bad.state_dict(), "n_bad": int(counts[0]), "n_seen": int(counts[1])})
+        total.check(self.config.data.max_bad_fraction, final=final)
 
-            export = self.run_dir / "export"
-            final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
-            if self.method.eval_backbone() is self.method.student_backbone():  # SimSiam, SMD: the student
-                export_from_checkpoint(final, export / "teacher_backbone.safetensors", part="eval")
-            else:
-                export_backbone(self.method.eval_backbone(), self.config.model, export / "teacher_backbone.safetensors")
-            # From the final checkpoint, so ZeRO partitions are consolidated to full fp32 weights.
-            export_from_checkpoint(final, export / "student_backbone.safetensors", part="student")
-            plot_training_curves(self.run_dir / "log.jsonl", self.run_dir / "loss_curve.png")
-        acc.wait_for_everyone()
-        return summary
+    # ------------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Collective: a checkpoint at the current step (student, optimizer, RNG, task state,
+        loop position, exports)."""
+        self.state.bad = self.bad.state_dict()
+        return ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.task.state_dict(),
+                                    self.state.to_dict(), self.config.to_yaml(), self.config.train.keep_checkpoints,
+                                    self.task.exports())
+
+    def _restore(self, path: Path) -> None:
+        task_state, loop_state = ckpt.load_checkpoint(self.accelerator, path)
+        self.task.load_state_dict(task_state)
+        self.state = LoopState(**loop_state)
+        self.bad.load_state_dict(self.state.bad)
+        if self.accelerator.is_main_process:
+            log.info("resumed from %s (step %d, epoch %d)", path, self.state.step, self.state.epoch)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, list):
-        return [_to_device(v, device) for v in batch]
+        return [to_device(v, device) for v in batch]
     return batch
 
 
-def _flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """TensorBoard hparams accept only scalars: flatten and stringify the rest."""
     flat: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            flat.update(_flat_config(v, key + "."))
+            flat.update(flat_config(v, key + "."))
         elif isinstance(v, (int, float, str, bool)):
             flat[key] = v
         else:
@@ -359,22 +334,13 @@ def _flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def build_optimizer(o: Any, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or SGD over named groups. ``optim.fused`` uses PyTorch's fused kernels (one pass over
-    each tensor on CPU and GPU) instead of the default (a Python loop over tensors on CPU)."""
-    kw: dict[str, Any] = {"fused": True} if o.fused and device.type in ("cpu", "cuda") else {}
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, betas=o.betas, **kw)
-    return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, **kw)
-
-
-def compile_backbones(method: Method) -> int:
-    """``torch.compile`` every timm model inside the method's networks, in place (``Module.compile``:
+def compile_backbones(task: Task) -> int:
+    """``torch.compile`` every timm backbone inside the task's networks, in place (``Module.compile``:
     parameter names, checkpoints and exports stay as they are). Returns how many were compiled."""
     from selfdistill.models import Backbone
 
     seen: set[int] = set()
-    for value in vars(method).values():
+    for value in vars(task).values():
         if not isinstance(value, torch.nn.Module):
             continue
         for module in value.modules():

@@ -1,21 +1,2 @@
-"""Evaluation of frozen features: weighted kNN (DINO protocol)."""
-
-from .knn import (
-    DEFAULT_K_VALUES,
-    ShardedEvalSampler,
-    extract_features,
-    format_knn_results,
-    knn_classify,
-    save_knn_results,
-    weighted_vote,
-)
-
-__all__ = [
-    "DEFAULT_K_VALUES",
-    "ShardedEvalSampler",
-    "extract_features",
-    "format_knn_results",
-    "knn_classify",
-    "save_knn_results",
-    "weighted_vote",
-]
+"""Evaluation: every protocol is one registered function (:mod:`selfdistill.eval.protocols`);
+``run_eval.py`` builds its sub-commands from that registry."""

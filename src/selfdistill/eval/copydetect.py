@@ -69,10 +69,10 @@ class ImageList(Dataset):
 def square_transform(size: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
     from torchvision.transforms import InterpolationMode, v2
 
-    from selfdistill.data.multicrop import _to_normalized_tensor
+    from selfdistill.data import to_normalized_tensor
 
     return v2.Compose([v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True),
-                       _to_normalized_tensor(mean, std)])
+                       to_normalized_tensor(mean, std)])
 
 
 def gem(tokens: torch.Tensor, p: float = 4.0, eps: float = 1e-6) -> torch.Tensor:

@@ -34,6 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from selfdistill.atomic import torch_save_atomic, write_safetensors_atomic
+from selfdistill.data import SourceConfig, collate_eval, open_images
+from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from selfdistill.engine.inference import sum_over_batches
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
 
 log = logging.getLogger(__name__)
@@ -172,18 +176,17 @@ def evaluate_head(head: nn.Module, feature_fn: Callable, batches: Iterable[dict]
                   accelerator: Any, show_progress: bool = True) -> dict[str, float]:
     """Top-1 / top-5 (percent) over every validation sample of every rank."""
     ks = (1, 5) if num_classes >= 5 else (1,)
-    counts = torch.zeros(len(ks) + 1, dtype=torch.float64)
+
+    def counts(batch: dict) -> torch.Tensor:  # hits at each k, samples
+        x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
+        return torch.tensor([*_topk_hits(head(feature_fn(x)).float(), y, ks), y.numel()], dtype=torch.float64)
+
     head.eval()
-    with torch.no_grad():
-        for batch in tqdm(batches, desc="linear val", disable=not (show_progress and accelerator.is_main_process),
-                          dynamic_ncols=True, leave=False):
-            x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
-            hits = _topk_hits(head(feature_fn(x)).float(), y, ks)
-            counts += torch.tensor([*hits, y.numel()], dtype=torch.float64)
-    counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
-    if counts[-1] == 0:
+    total = sum_over_batches(counts, batches, accelerator, torch.zeros(len(ks) + 1, dtype=torch.float64),
+                             "linear val", show_progress).cpu()
+    if total[-1] == 0:
         raise ValueError("the validation set is empty")
-    return {f"top{k}": 100.0 * float(counts[i] / counts[-1]) for i, k in enumerate(ks)}
+    return {f"top{k}": 100.0 * float(total[i] / total[-1]) for i, k in enumerate(ks)}
 
 
 def train_linear_classifier(
@@ -212,8 +215,6 @@ def train_linear_classifier(
     picked up when ``resume`` and its ``settings`` match; the trained head goes to
     ``out_dir/linear_head.safetensors``.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     epochs = epochs or recipe.epochs
     batch_size = batch_size or recipe.batch_size
@@ -266,13 +267,10 @@ def train_linear_classifier(
             log.info("linear epoch %d: %s", epoch + 1, {k: round(v, 3) for k, v in row.items()})
         state = {"epoch": epoch + 1, "history": [*state["history"], row]}
         if accelerator.is_main_process:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp")
-            torch.save({"epoch": epoch + 1, "history": json.dumps(state["history"]),
-                        "settings": json.dumps(settings),
-                        "head": {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()},
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
-            os.replace(tmp, ckpt_path)
+            torch_save_atomic({"epoch": epoch + 1, "history": json.dumps(state["history"]),
+                               "settings": json.dumps(settings),
+                               "head": {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()},
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, ckpt_path)
         accelerator.wait_for_everyone()
 
     validated = [r for r in state["history"] if "top1" in r]
@@ -286,9 +284,7 @@ def train_linear_classifier(
     head_path = out_dir / HEAD_FILE
     if accelerator.is_main_process:
         weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        tmp = head_path.with_name(f".{head_path.name}.tmp")
-        save_file(weights, str(tmp), metadata={"selfdistill_linear": json.dumps(settings)})
-        os.replace(tmp, head_path)
+        write_safetensors_atomic(head_path, weights, {"selfdistill_linear": json.dumps(settings)})
     accelerator.wait_for_everyone()
     return {"metrics": metrics, "history": state["history"], "head": str(head_path), "lr": lr,
             "epochs": epochs, "batch_size": batch_size}
@@ -303,16 +299,16 @@ def linear_transforms(image_size: int, val_interpolation: str, mean, std):
     """(train, val): RandomResizedCrop(scale 0.08-1, bilinear) + flip; Resize(size·256/224) + CenterCrop."""
     from torchvision.transforms import InterpolationMode, v2
 
-    from selfdistill.data.multicrop import _to_normalized_tensor
+    from selfdistill.data import to_normalized_tensor
 
     def rgb(img):
         return img.convert("RGB")
 
     train = v2.Compose([rgb, v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True),
-                        v2.RandomHorizontalFlip(), _to_normalized_tensor(mean, std)])
+                        v2.RandomHorizontalFlip(), to_normalized_tensor(mean, std)])
     val = v2.Compose([rgb, v2.Resize(int(image_size * 256 / 224 + 1e-6), antialias=True,
                                      interpolation=InterpolationMode(val_interpolation)),
-                      v2.CenterCrop(image_size), _to_normalized_tensor(mean, std)])
+                      v2.CenterCrop(image_size), to_normalized_tensor(mean, std)])
     return train, val
 
 
@@ -330,34 +326,24 @@ def _num_classes(ds: Any) -> tuple[int, list[str]]:
                    help="linear classifier on frozen features (DINO eval_linear SGD, or SMD's LARS)")
 def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) -> dict[str, Any]:
     """Linear probe of the frozen backbone; writes the head (safetensors) and a checkpoint to ctx.out_dir."""
-    from selfdistill.config import DataConfig
-    from selfdistill.data import collate_eval
-    from selfdistill.data.sources import MapSource, ShardSource
-    from selfdistill.eval.knn_eval import EvalShards, eval_loader, labelled_images
-
     acc = ctx.accelerator
     recipe = RECIPES[options.recipe]
     batch_size = options.batch_size or recipe.batch_size
     if batch_size % acc.num_processes:
         raise ValueError(f"linear: the global batch {batch_size} must divide by the {acc.num_processes} processes")
     per_device = batch_size // acc.num_processes
-    d = DataConfig()
-    train_tf, val_tf = linear_transforms(options.image_size, recipe.val_interpolation, d.mean, d.std)
-    train = labelled_images(options.train_path, options.image_size, d.mean, d.std, "linear train", train_tf)
-    val = labelled_images(options.val_path, options.image_size, d.mean, d.std, "linear validation", val_tf)
+    train_tf, val_tf = linear_transforms(options.image_size, recipe.val_interpolation, IMAGENET_MEAN, IMAGENET_STD)
+    train = open_images(SourceConfig(path=options.train_path, num_workers=options.num_workers), train_tf,
+                        labelled=True, seed=options.seed, role="--data.path")
+    val = open_images(SourceConfig(path=options.val_path, num_workers=options.num_workers), val_tf, labelled=True,
+                      role="--data.val_path")
     if train.classes != val.classes:
         raise ValueError(f"linear: train and validation sets have different classes: {train.classes[:5]}... vs "
                          f"{val.classes[:5]}...")
     num_classes, classes = _num_classes(train)
-    workers = options.num_workers
-    if isinstance(train, EvalShards):
-        source: Any = ShardSource(options.train_path, train_tf, per_device, acc.process_index, acc.num_processes,
-                                  options.seed, workers, collate_eval)
-    else:
-        if batch_size > len(train):
-            raise ValueError(f"linear: --batch-size {batch_size} is larger than the {len(train)} training images")
-        source = MapSource(train, per_device, acc.process_index, acc.num_processes, options.seed, workers,
-                           collate_eval)
+    if train.dataset is not None and batch_size > len(train):
+        raise ValueError(f"linear: --batch-size {batch_size} is larger than the {len(train)} training images")
+    source = train.train_source(per_device, acc.process_index, acc.num_processes, collate_eval)
 
     backbone = weights.backbone().to(ctx.device)
     features = LinearFeatures(backbone, options.n_last_blocks, options.avgpool_patchtokens)
@@ -367,7 +353,7 @@ def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) 
                 "image_size": options.image_size, "feature": features.describe()}
     out = train_linear_classifier(
         features, dim, num_classes, source,
-        lambda: eval_loader(val, per_device, workers, acc.process_index, acc.num_processes),
+        lambda: val.eval_loader(per_device, acc.process_index, acc.num_processes),
         recipe, acc, ctx.out_dir, options.epochs, batch_size, options.lr, options.val_every, options.seed,
         options.resume, settings)
     protocol = {

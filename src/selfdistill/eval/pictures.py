@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from selfdistill.atomic import write_json_atomic
+from selfdistill.atomic import atomic_path, write_json_atomic, write_text_atomic
 from selfdistill.data.folder import IMAGE_EXTENSIONS
 from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, sample_crop_box, token_centres
 from selfdistill.eval.attention import AttentionStats, cls_attention, mass_threshold, vit_attention
@@ -60,13 +59,10 @@ def _pyplot():
 
 
 def _save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
-        tmp.unlink(missing_ok=True)
         _pyplot().close(fig)
     return path
 
@@ -119,12 +115,7 @@ def write_index(out_dir: str | Path, title: str = "selfdistill pictures") -> Pat
     if not pngs:
         parts.append("<p>No pictures yet.</p>")
     parts.append("</body></html>")
-    index = out_dir / INDEX
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = index.with_name(f".{index.name}.tmp")
-    tmp.write_text("\n".join(parts) + "\n")
-    os.replace(tmp, index)
-    return index
+    return write_text_atomic(out_dir / INDEX, "\n".join(parts) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +139,7 @@ def find_images(paths: Iterable[str | Path], limit: int = 0) -> list[Path]:
     return found[:limit] if limit > 0 else found
 
 
-def _open_rgb(path: str | Path) -> Image.Image:
+def open_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
@@ -165,7 +156,7 @@ def load_image(path: str | Path, size: int, mean: Sequence[float] = IMAGENET_MEA
                std: Sequence[float] = IMAGENET_STD) -> tuple[Image.Image, torch.Tensor]:
     """Short side resized to ``size`` (bicubic), centre crop ``size x size``: the shown image and
     the normalised input tensor ``[3, size, size]``."""
-    img = _open_rgb(path)
+    img = open_rgb(path)
     img = F.center_crop(F.resize(img, [size], interpolation=InterpolationMode.BICUBIC, antialias=True), [size, size])
     return img, _to_tensor(img, mean, std)
 

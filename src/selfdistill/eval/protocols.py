@@ -1,6 +1,5 @@
-"""The registry of evaluation protocols, shared by ``run_eval.py <protocol>`` and ``run_eval.py summary``.
-
-A protocol is one function registered with :func:`register_protocol`::
+"""The registry of evaluation protocols: every ``run_eval.py`` sub-command and every step of
+``run_eval.py summary`` is one registered function.
 
     @dataclass
     class MyOptions:
@@ -12,18 +11,30 @@ A protocol is one function registered with :func:`register_protocol`::
         ...
         return {"metrics": {"top1": 71.2}, "protocol": {"description": "...", "image_size": 224}}
 
-It must return ``metrics`` (a flat mapping of numbers) and ``protocol`` (what produced them: a
-one-line ``description`` plus every setting that changes the numbers); anything else it returns
-(``details``, file paths) is kept in the result JSON. The options dataclass doubles as the
-sub-command's arguments (``--field-name``, or the ``flags`` in a field's metadata) and as the
-protocol's section of a summary YAML. Every module of ``selfdistill.eval`` is imported before the
-registry is read, so a new protocol needs no edits elsewhere.
+A measuring protocol returns ``metrics`` (a flat mapping of numbers) and ``protocol`` (what produced
+them: a one-line ``description`` plus every setting that changes the numbers); anything else it
+returns (``details``, file paths) is kept in the result JSON. The options dataclass is at once the
+sub-command's arguments (``--field-name``, or the ``flags`` in a field's metadata), the protocol's
+section of a summary YAML and its Python API. Every sub-command also takes the same weights and
+output options (:func:`add_weights_arguments`); what ``--out`` names is the protocol's ``output``:
+
+``results``    the result JSON (default ``<name>_results.json`` beside the weights); the protocol's
+               own files go to ``--output-dir`` (default: ``<name>/`` beside ``--out``)
+``summary``    ``summary.json`` (``summary.md`` and each protocol's files beside it)
+``directory``  the directory it fills (pictures)
+``file``       the file it writes (export)
+``run``        the run directory of a training task (fine-tuning)
+
+Every module of ``selfdistill.eval`` is imported before the registry is read, so a new protocol
+needs no edits elsewhere. Protocols run split over the processes of ``accelerate launch``: each
+embeds its share of the images once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import pkgutil
 import types
@@ -32,12 +43,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from selfdistill.configkit import build_dataclass
+from selfdistill.registry import Registry
+
 __all__ = [
-    "EvalContext", "Protocol", "Weights", "add_options_arguments", "get_protocol", "options_from_args",
-    "options_from_dict", "protocol_names", "register_protocol", "run_protocol",
+    "EvalContext", "OUTPUTS", "Protocol", "Weights", "add_options_arguments", "add_weights_arguments",
+    "get_protocol", "model_config", "model_config_from", "options_from_args", "options_from_dict", "protocol_names",
+    "register_protocol", "run_protocol",
 ]
 
 ProtocolFn = Callable[["Weights", Any, "EvalContext"], dict]
+
+OUTPUTS = {
+    "results": "the result JSON (default: <command>_results.json beside --weights, or ./)",
+    "summary": "summary.json (summary.md and each protocol's files beside it; default: eval_summary/ beside "
+               "--weights, or ./)",
+    "directory": "the output directory (default: the run's pictures/ beside --weights)",
+    "file": "the output file",
+    "run": "the run directory (default: the recipe's train.output_dir)",
+}
 
 
 @dataclass(frozen=True)
@@ -46,22 +72,27 @@ class Protocol:
     fn: ProtocolFn
     options: type
     help: str
+    output: str = "results"  # what --out names (OUTPUTS)
+    in_summary: bool = True  # can be a step of run_eval.py summary
+    weights: tuple[str, ...] = ()  # --weights values it takes besides files, run / checkpoint dirs and 'random'
 
 
-_PROTOCOLS: dict[str, Protocol] = {}
+_PROTOCOLS = Registry("evaluation protocol")
 _SCANNED = False
 
 
-def register_protocol(name: str, options: type, help: str = "") -> Callable[[ProtocolFn], ProtocolFn]:
+def register_protocol(name: str, options: type, help: str = "", *, output: str = "results", in_summary: bool = True,
+                      weights: tuple[str, ...] = ()) -> Callable[[ProtocolFn], ProtocolFn]:
     """Register ``fn(weights, options, ctx) -> {"metrics", "protocol", ...}`` under ``name``."""
     if not dataclasses.is_dataclass(options):
         raise TypeError(f"protocol {name!r}: options must be a dataclass, got {options!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"protocol {name!r}: output must be one of {sorted(OUTPUTS)}, got {output!r}")
 
     def wrap(fn: ProtocolFn) -> ProtocolFn:
-        old = _PROTOCOLS.get(name)
-        if old is not None and (old.fn.__module__, old.fn.__qualname__) != (fn.__module__, fn.__qualname__):
-            raise ValueError(f"evaluation protocol {name!r} is registered twice ({old.fn.__module__}, {fn.__module__})")
-        _PROTOCOLS[name] = Protocol(name, fn, options, help or (fn.__doc__ or "").strip().splitlines()[0])
+        text = help or next(iter((fn.__doc__ or "").strip().splitlines()), "")
+        _PROTOCOLS.add(name, Protocol(name, fn, options, text, output, in_summary and output == "results", weights),
+                       same=lambda p: (p.fn.__module__, p.fn.__qualname__))
         return fn
 
     return wrap
@@ -72,23 +103,20 @@ def _scan() -> None:
     global _SCANNED
     if _SCANNED:
         return
-    import selfdistill.eval as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    package = Path(__file__).parent
+    for mod in pkgutil.iter_modules([str(package)]):
+        importlib.import_module(f"{__package__}.{mod.name}")
     _SCANNED = True
 
 
 def protocol_names() -> list[str]:
     _scan()
-    return sorted(_PROTOCOLS)
+    return _PROTOCOLS.names()
 
 
 def get_protocol(name: str) -> Protocol:
     _scan()
-    if name not in _PROTOCOLS:
-        raise ValueError(f"unknown evaluation protocol {name!r} (available: {', '.join(sorted(_PROTOCOLS))})")
-    return _PROTOCOLS[name]
+    return _PROTOCOLS.lookup(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,32 +129,39 @@ class Weights:
     """The weights to evaluate, as the user named them; the backbone is built on first use and
     shared by every protocol of a summary (protocols must not modify it: copy it to fine-tune)."""
 
-    spec: str  # an exported .safetensors, a timm weights file, a checkpoint/run directory, or 'random'
+    spec: str | None  # an exported .safetensors, a weights file, a checkpoint/run directory, 'random'
     model: Any = None  # ModelConfig, needed for 'random' and for files without selfdistill metadata
-    format: str = "timm"  # key converter for a bare weights file (selfdistill.models.teachers formats)
+    format: str = "timm"  # key layout of a bare weights file (selfdistill.models.weights formats)
     _loaded: Any = field(default=None, repr=False)
 
-    def backbone(self):
+    def require(self) -> str:
+        if not self.spec:
+            raise ValueError("--weights is required: an exported .safetensors, a weights file (with --model.name), "
+                             "a checkpoint or run directory, or 'random'")
+        return self.spec
+
+    def backbone(self) -> Any:
         """The frozen backbone (eval mode, no gradients), on the CPU until a protocol moves it."""
         if self._loaded is None:
-            from selfdistill.export import load_backbone
+            from selfdistill.models import load_backbone
 
-            backbone, self.model = load_backbone(self.spec, self.model, fmt=self.format)
+            backbone, self.model = load_backbone(self.require(), self.model, fmt=self.format)
             self._loaded = backbone.eval().requires_grad_(False)
         return self._loaded
 
     def fingerprint(self) -> str:
         """A hash of the backbone's tensors: a checkpoint of a protocol run on other weights that
         happen to sit at the same path is not mistaken for this one."""
-        import hashlib
-
-        import torch
-
         h = hashlib.blake2b(digest_size=12)
         for key, value in sorted(self.backbone().state_dict().items()):
             h.update(key.encode())
             h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
+
+    def directory(self) -> Path:
+        """Where outputs go by default: beside the weights (a run directory itself), else ``.``."""
+        p = Path(self.spec or ".")
+        return (p if p.is_dir() else p.parent) if p.exists() else Path(".")
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"weights": self.spec}
@@ -136,33 +171,57 @@ class Weights:
         return info
 
 
-@dataclass
 class EvalContext:
-    """Where a protocol runs: the Accelerator (one process or several), and a directory for the
-    files it writes besides its metrics (a trained head, checkpoints)."""
+    """Where a protocol runs: the Accelerator (one process or several; made on first use when
+    given as a factory, so a training task can make its own), the directory for the files it
+    writes besides its metrics, and ``out``, the command's ``--out``."""
 
-    accelerator: Any
-    out_dir: Path
+    def __init__(self, accelerator: Any, out_dir: str | Path, out: str | Path | None = None, cpu: bool = False) -> None:
+        self._accelerator = accelerator
+        self.out_dir = Path(out_dir)
+        self.out = Path(out) if out is not None else None
+        self.cpu = cpu  # --cpu: for a protocol that makes its own Accelerator (fine-tuning)
 
     @property
-    def device(self):
+    def accelerator(self) -> Any:
+        if not hasattr(self._accelerator, "process_index"):  # a factory
+            self._accelerator = self._accelerator()
+        return self._accelerator
+
+    @property
+    def device(self) -> torch.device:
         return self.accelerator.device
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    def child(self, name: str) -> EvalContext:
+        """The same processes, files under ``out_dir/name`` (a step of a summary)."""
+        return EvalContext(self.accelerator, self.out_dir / name, cpu=self.cpu)
+
+    def gather_counts(self, n: int) -> list[int]:
+        """``n`` of every process, in rank order (e.g. how many images each embedded)."""
+        acc = self.accelerator
+        counts = acc.gather(torch.tensor([n], device=acc.device)) if acc.num_processes > 1 else torch.tensor([n])
+        return [int(c) for c in counts.cpu()]
+
 
 def run_protocol(name: str, weights: Weights, options: Any, ctx: EvalContext) -> dict[str, Any]:
-    """Run one protocol and return its result with the protocol's name and the weights recorded."""
+    """Run one measuring protocol and return its result with the protocol's name and the weights recorded."""
     proto = get_protocol(name)
     if not isinstance(options, proto.options):
         raise TypeError(f"protocol {name!r} takes {proto.options.__name__}, got {type(options).__name__}")
     validate = getattr(options, "validate", None)
     if validate is not None:
         validate(name)
+    special = {w for p in _PROTOCOLS.values() for w in p.weights} - set(proto.weights)
+    if weights.spec in special and not Path(weights.spec).exists():
+        raise ValueError(f"--weights {weights.spec}: not something {name} can evaluate (it needs a network)")
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     result = dict(proto.fn(weights, options, ctx))
+    if proto.output != "results":
+        return result
     if not isinstance(result.get("metrics"), dict) or not isinstance(result.get("protocol"), dict):
         raise TypeError(f"protocol {name!r} must return a dict with 'metrics' and 'protocol' mappings")
     result["protocol"] = {"name": name, **result["protocol"]}
@@ -178,8 +237,57 @@ def _plain_number(protocol: str, key: str, value: Any) -> int | float:
 
 
 # --------------------------------------------------------------------------------------------
-# Options dataclass <-> command line / YAML
+# Command line: the weights / output options every sub-command shares, and the options dataclass
 # --------------------------------------------------------------------------------------------
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser, proto: Protocol) -> None:
+    """The options every sub-command takes, with the same meaning everywhere."""
+    extra = f", or {' / '.join(repr(w) for w in proto.weights)}" if proto.weights else ""
+    parser.add_argument("--weights", help="exported .safetensors, a weights file (with --model.name unless it is an "
+                                          f"export), a checkpoint or run directory, or 'random'{extra}")
+    parser.add_argument("--weights-format", default="timm",
+                        help="key layout of a bare weights file (selfdistill.models.weights formats; default timm)")
+    parser.add_argument("--model.name", dest="model_name", help="timm name (for 'random' and bare weight files)")
+    parser.add_argument("--model.img_size", dest="model_img_size", type=int)
+    parser.add_argument("--model.patch_size", dest="model_patch_size", type=int)
+    parser.add_argument("--model.kwargs", dest="model_kwargs",
+                        help="other timm.create_model keywords, as YAML: '{depth: 2, embed_dim: 32}'")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--out", help=OUTPUTS[proto.output])
+    if proto.output in ("results", "summary"):
+        parser.add_argument("--output-dir", help="directory for the protocol's own files (a trained head, "
+                                                 "checkpoints); default: beside --out")
+
+
+def model_config(tree: dict[str, Any]) -> Any:
+    """The ``ModelConfig`` of an evaluated network (no drop path; sizes default to timm's), or None."""
+    from selfdistill.models import ModelConfig
+
+    if not tree:
+        return None
+    if "name" not in tree:
+        raise ValueError("the model needs a timm name (--model.name or model.name in the YAML)")
+    config = build_dataclass(ModelConfig, {"img_size": None, **tree, "drop_path_rate": 0.0}, "model")
+    config.validate("model")
+    return config
+
+
+def model_config_from(args: argparse.Namespace) -> Any:
+    """The ``ModelConfig`` that ``--model.*`` describes, or None."""
+    import yaml
+
+    tree: dict[str, Any] = {}
+    for key in ("name", "img_size", "patch_size"):
+        value = getattr(args, f"model_{key}", None)
+        if value is not None:
+            tree[key] = value
+    if getattr(args, "model_kwargs", None):
+        kwargs = yaml.safe_load(args.model_kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--model.kwargs must be a YAML mapping, got {args.model_kwargs!r}")
+        tree["kwargs"] = kwargs
+    return model_config(tree)
 
 
 def _flags(f: dataclasses.Field) -> list[str]:
@@ -187,7 +295,9 @@ def _flags(f: dataclasses.Field) -> list[str]:
 
 
 def add_options_arguments(parser: argparse.ArgumentParser, options_cls: type) -> None:
-    """One option per dataclass field; a field without a default is required."""
+    """One option per dataclass field; a field without a default is required. Field metadata:
+    ``help``, ``flags``, ``choices``, ``metavar``, ``positional`` (a trailing list), ``action: append``
+    (a repeatable option), ``switch`` (a boolean that is only ever turned on: no ``--no-`` form)."""
     hints = typing.get_type_hints(options_cls)
     for f in dataclasses.fields(options_cls):
         if f.name.startswith("_"):
@@ -195,24 +305,34 @@ def add_options_arguments(parser: argparse.ArgumentParser, options_cls: type) ->
         tp = hints[f.name]
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         base = inner[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
-        kw: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
+        kw: dict[str, Any] = {"help": f.metadata.get("help", "")}
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="*", metavar=f.metadata.get("metavar", f.name), **kw)
+            continue
+        kw["dest"] = f.name
         if required:
             kw["required"] = True
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kw["default"] = default
-            if kw["help"] and default not in ("", None, []):
+            if kw["help"] and default not in ("", None, [], ()):
                 kw["help"] += f" (default: {default})"
+        origin = typing.get_origin(base)
         if base is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is list:
-            kw["nargs"] = "+"
-            kw["type"] = typing.get_args(base)[0]
+            kw["action"] = "store_true" if f.metadata.get("switch") else argparse.BooleanOptionalAction
+        elif f.metadata.get("action") == "append":  # a repeatable option of a fixed number of values
+            element = typing.get_args(base)[0]
+            kw.update(action="append", nargs=len(typing.get_args(element)), type=typing.get_args(element)[0])
+        elif origin is list:
+            kw.update(nargs="+", type=typing.get_args(base)[0])
+        elif origin is tuple:
+            kw.update(nargs=len(typing.get_args(base)), type=typing.get_args(base)[0])
         else:
             kw["type"] = base
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
+        for key in ("choices", "metavar"):
+            if key in f.metadata:
+                kw[key] = f.metadata[key]
         parser.add_argument(*_flags(f), **kw)
 
 
@@ -223,13 +343,4 @@ def options_from_args(options_cls: type, args: argparse.Namespace) -> Any:
 
 def options_from_dict(options_cls: type, data: dict[str, Any] | None, prefix: str) -> Any:
     """Typed options from a YAML section: unknown keys and wrong types are one-line errors."""
-    from selfdistill.config import build_dataclass
-
     return build_dataclass(options_cls, data or {}, prefix)
-
-
-# --------------------------------------------------------------------------------------------
-# Results on disk
-# --------------------------------------------------------------------------------------------
-
-

@@ -203,13 +203,13 @@ class ThumbnailImages(Dataset):
 
     def __init__(self, paths: Sequence[str | Path], size: int, boxes: Sequence[Sequence[float] | None] | None = None,
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> None:
-        from selfdistill.data.multicrop import _to_normalized_tensor
+        from selfdistill.data import to_normalized_tensor
 
         missing = [str(p) for p in paths if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} image(s) missing, e.g. {missing[0]}")
         self.paths, self.size, self.boxes = [str(p) for p in paths], size, boxes
-        self.to_tensor = _to_normalized_tensor(mean, std)
+        self.to_tensor = to_normalized_tensor(mean, std)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -265,7 +265,8 @@ def embed_images(feature_fn: Callable, dataset: Dataset, ctx: EvalContext, num_w
                  normalize: bool = True, desc: str = "features") -> torch.Tensor:
     """Features of every image of ``dataset`` in order, each process embedding its share."""
     from selfdistill.data import collate_eval
-    from selfdistill.eval.knn import ShardedEvalSampler, extract_features
+    from selfdistill.data.sampler import ShardedEvalSampler
+    from selfdistill.engine.inference import extract_features
 
     acc = ctx.accelerator
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval,

@@ -22,16 +22,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from selfdistill.atomic import write_json_atomic, write_text_atomic
+from selfdistill.configkit import parse_override, read_recipe
 from selfdistill.eval.protocols import (
     EvalContext,
     Weights,
     get_protocol,
+    model_config,
     options_from_dict,
     protocol_names,
+    register_protocol,
     run_protocol,
 )
 
@@ -58,6 +62,9 @@ def build_plan(protocols: list[str], sections: dict[str, Any] | None = None,
         if name in plan:
             raise ValueError(f"summary: protocol {name!r} is listed twice")
         proto = get_protocol(name)
+        if not proto.in_summary:
+            raise ValueError(f"summary: {name!r} is not a measuring protocol (summary runs: "
+                             f"{', '.join(n for n in protocol_names() if get_protocol(n).in_summary)})")
         fields = {f.name for f in dataclasses.fields(proto.options)}
         section = dict(sections.get(name) or {})
         for key, target in SHARED_DATA.items():
@@ -74,13 +81,14 @@ def build_plan(protocols: list[str], sections: dict[str, Any] | None = None,
     return plan
 
 
-def run_summary(weights: Weights, plan: dict[str, Any], ctx: EvalContext) -> dict[str, Any]:
-    """Run every protocol of ``plan`` on ``weights``; write ``summary.json`` and ``summary.md``
-    (and each protocol's ``results.json``) under ``ctx.out_dir``. A protocol that fails with a
-    user error is recorded with its message and the others still run."""
+def run_summary(weights: Weights, plan: dict[str, Any], ctx: EvalContext, out: Path | None = None) -> dict[str, Any]:
+    """Run every protocol of ``plan`` on ``weights``; write ``summary.json`` (at ``out``, default
+    under ``ctx.out_dir``) and ``summary.md`` beside it, and each protocol's ``results.json`` under
+    ``ctx.out_dir/<protocol>``. A protocol that fails with a user error is recorded with its
+    message and the others still run."""
     results: dict[str, Any] = {}
     for name, options in plan.items():
-        sub = EvalContext(ctx.accelerator, ctx.out_dir / name)
+        sub = ctx.child(name)
         start = time.monotonic()
         try:
             res = run_protocol(name, weights, options, sub)
@@ -95,8 +103,9 @@ def run_summary(weights: Weights, plan: dict[str, Any], ctx: EvalContext) -> dic
     summary = {**weights.describe(), "protocols": results,
                "failed": [n for n, r in results.items() if "error" in r]}
     if ctx.is_main:
-        write_json_atomic(ctx.out_dir / "summary.json", summary)
-        write_text_atomic(ctx.out_dir / "summary.md", format_markdown(summary))
+        out = out or ctx.out_dir / "summary.json"
+        write_json_atomic(out, summary)
+        write_text_atomic(out.with_suffix(".md"), format_markdown(summary))
     return summary
 
 
@@ -127,17 +136,7 @@ def format_markdown(summary: dict[str, Any]) -> str:
 
 def load_plan_file(path: str | Path) -> dict[str, Any]:
     """The summary YAML: ``weights``, ``model``, ``data``, ``protocols`` (a mapping or a list of names)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"summary plan {path} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise ValueError(f"{path}: expected a mapping with 'protocols'")
+    tree = read_recipe(path)
     unknown = set(tree) - {"weights", "model", "data", "protocols", "weights_format"}
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)} (use weights, weights_format, model, data, "
@@ -151,4 +150,59 @@ def load_plan_file(path: str | Path) -> dict[str, Any]:
     return tree
 
 
-__all__ = ["build_plan", "format_markdown", "load_plan_file", "run_summary"]
+@dataclass
+class SummaryOptions:
+    config: str = field(default="", metadata={"help": "summary YAML (weights, model, data, protocols with their "
+                                                      "options)"})
+    protocols: str = field(default="", metadata={"help": "comma-separated protocols to run, in order (default: "
+                                                         "the YAML's)"})
+    data_path: str = field(default="", metadata={"help": "shared labelled training images (each protocol's "
+                                                         "train_path)", "flags": ["--data.path"]})
+    data_val_path: str = field(default="", metadata={"help": "shared labelled validation images (val_path)",
+                                                     "flags": ["--data.val_path"]})
+    overrides: list[str] = field(default_factory=list, metadata={
+        "help": "protocol options, e.g. linear.epochs=10 retrieval.gnd=/data/gnd_roxford5k.pkl", "positional": True,
+        "metavar": "protocol.key=value"})
+
+
+@register_protocol("summary", SummaryOptions, help="several protocols on one set of weights: one JSON and a "
+                                                   "markdown table", output="summary")
+def summary_protocol(weights: Weights, options: SummaryOptions, ctx: EvalContext) -> dict[str, Any]:
+    """python run_eval.py summary --weights W --protocols knn,linear --data.path TRAIN --data.val_path VAL
+    [linear.epochs=10 ...], or --config plan.yaml (see selfdistill.eval.summary)."""
+    tree: dict[str, Any] = load_plan_file(options.config) if options.config else {"protocols": {}}
+    sections: dict[str, Any] = {k: dict(v) for k, v in tree["protocols"].items()}
+    data = dict(tree.get("data") or {})
+    if options.data_path:
+        data["path"] = options.data_path
+    if options.data_val_path:
+        data["val_path"] = options.data_val_path
+    names = [n.strip() for n in options.protocols.split(",") if n.strip()] if options.protocols else list(sections)
+    for item in options.overrides:
+        key, value = parse_override(item)
+        proto, _, option = key.partition(".")
+        if not option:
+            raise ValueError(f"override {item!r} must look like protocol.key=value")
+        if proto == "data":
+            data[option] = value
+        elif proto not in names:
+            raise ValueError(f"override {item!r}: {proto!r} is not among the protocols run ({', '.join(names)})")
+        else:
+            sections.setdefault(proto, {})[option] = value
+    sections = {n: s for n, s in sections.items() if n in names}  # a YAML may list more than --protocols picks
+    if not weights.spec:
+        weights.spec = tree.get("weights")
+    weights.require()
+    if weights.model is None:
+        weights.model = model_config(tree.get("model") or {})
+    if weights.format == "timm":
+        weights.format = tree.get("weights_format", "timm")
+    plan = build_plan(names, sections, data)
+    summary = run_summary(weights, plan, ctx, ctx.out)
+    if ctx.is_main:
+        print(format_markdown(summary))
+        print(f"written: {ctx.out}, {ctx.out.with_suffix('.md') if ctx.out else ''}")
+    return summary
+
+
+__all__ = ["SummaryOptions", "build_plan", "format_markdown", "load_plan_file", "run_summary", "summary_protocol"]

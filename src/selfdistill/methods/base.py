@@ -1,126 +1,160 @@
-"""What a method supplies to the one training loop, and the registry that finds it by name."""
+"""What every pretraining method shares as a task of the one loop, and the registry that finds a
+method by name.
+
+A method subclasses :class:`Method` and supplies the networks (built with :meth:`Method.build_backbone`,
+the one place a configured backbone is made), its augmentation and collation, its parameter groups,
+the loss of a batch and what happens after an optimizer step. Data, optimizer, schedules and exports
+are the same for every method and live here.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from selfdistill.config import Config, ConfigError, MethodConfig
+from selfdistill.config import Config, MethodConfig
+from selfdistill.configkit import ConfigError, check_kwargs_have_values, fail
+from selfdistill.data import open_images
+from selfdistill.engine.distributed import uses_deepspeed
+from selfdistill.engine.task import Export, ParamGroup, Progress, StepOutput, Task
+from selfdistill.models import Backbone
+from selfdistill.models.frozen import FrozenTeacher
+from selfdistill.models.networks import is_convnet
+from selfdistill.models.weights import EXPORTS, load_teacher, weight_formats
+from selfdistill.registry import Registry
+from selfdistill.schedules import GroupCosineScheduler
+
+__all__ = ["Method", "ParamGroup", "Progress", "StepOutput", "TeacherConfig", "build_method", "build_optimizer",
+           "load_frozen_teacher", "method_class", "method_config_class", "method_names", "register_method"]
+
+log = logging.getLogger("selfdistill")
 
 
-@dataclass
-class Progress:
-    """Where training stands, counted in optimizer steps (never micro-batches)."""
+class Method(Task):
+    """Base class of a self-supervised method: the student is trained and prepared by Accelerate;
+    any teacher is a plain module the method keeps itself."""
 
-    step: int  # index of the optimizer step being computed (0-based)
-    epoch: int
-    steps_per_epoch: int
-    total_steps: int
-
-
-@dataclass
-class ParamGroup:
-    """A named optimizer group. The loop addresses groups by name, never by position."""
-
-    name: str
-    params: list[nn.Parameter]
-    weight_decay: bool = True  # follows the weight-decay schedule, else 0
-    frozen_epochs: float = 0  # learning rate is 0 for this many epochs (counted in optimizer steps)
-    fixed_lr: bool = False  # learning rate stays at the peak (no warm-up, no decay): SimSiam's predictor
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)  # read only at log steps
-    batch_size: int = 0
-
-
-class Method:
-    """Base class of a self-supervised method.
-
-    The loop owns the optimizer, precision, accumulation, logging and checkpoints; the method owns
-    the networks and the loss. ``student`` is trained and prepared by Accelerate; any teacher is a
-    plain module the method keeps itself.
-    """
-
+    name = "pretrain"
     config_class: type[MethodConfig] = MethodConfig
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.student: nn.Module
 
-    # -- set-up ---------------------------------------------------------------------------------
+    # -- what a method supplies -----------------------------------------------------------------
     def param_groups(self) -> list[ParamGroup]:
         raise NotImplementedError
 
     def train_transform(self) -> Callable[[Any], Any]:
         raise NotImplementedError
 
-    def collate_fn(self) -> Callable[[list[Any]], Any]:
-        raise NotImplementedError
-
-    def setup(self, accelerator: Any, steps_per_epoch: int, total_steps: int) -> None:
-        """Called once after ``accelerator.prepare``; move private modules to the device here."""
-
-    # -- per step -------------------------------------------------------------------------------
-    def training_step(self, student: nn.Module, batch: Any, progress: Progress) -> StepOutput:
-        raise NotImplementedError
-
-    def after_optimizer_step(self, student: nn.Module, progress: Progress) -> None:
-        """Called after every real optimizer step (EMA teacher, centers)."""
-
-    def skip_step(self) -> None:
-        """Called instead of ``after_optimizer_step`` when a step was skipped (non-finite loss)."""
-
-    def schedule_values(self, progress: Progress) -> dict[str, float]:
-        """Method schedules to log (teacher temperature, EMA momentum...)."""
-        return {}
-
-    # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def student_backbone(self) -> nn.Module:
-        """The student's backbone, on the unwrapped ``self.student`` (exported as the student)."""
+    def student_backbone(self) -> Backbone:
+        """The student's backbone (exported as the student)."""
         return self.student.backbone  # type: ignore[return-value]
 
-    def eval_backbone(self) -> nn.Module:
+    def eval_backbone(self) -> Backbone:
         """The backbone whose features are evaluated and exported (the teacher for DINO)."""
         raise NotImplementedError
 
+    # -- what every method shares ---------------------------------------------------------------
+    def build_backbone(self, student: bool = True) -> Backbone:
+        """The configured backbone: the student with drop path, activation checkpointing and its
+        start weights (``model.pretrained``); a teacher copy without them. Channels-last CNNs,
+        except under DeepSpeed (ZeRO flattens parameters and refuses strided ones)."""
+        m = self.config.model
+        channels_last = m.channels_last and not uses_deepspeed()
+        if student:
+            return Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
+                            pretrained=m.pretrained, channels_last=channels_last, **m.kwargs)
+        return Backbone(m.name, m.img_size, m.patch_size, 0.0, False, channels_last=channels_last, **m.kwargs)
 
-_REGISTRY: dict[str, type[Method]] = {}
+    def train_data(self) -> Any:
+        return open_images(self.config.data, self.train_transform(), seed=self.config.train.seed)
+
+    def build_optimizer(self, global_batch: int, device: torch.device) -> torch.optim.Optimizer:
+        groups = [{"name": g.name, "params": g.params, "lr": 0.0, "weight_decay": 0.0, "apply_wd": g.weight_decay,
+                   "fixed_lr": g.fixed_lr, "frozen_epochs": g.frozen_epochs}
+                  for g in self.param_groups() if g.params]  # DeepSpeed drops empty groups; names, not positions
+        return build_optimizer(self.config.optim, groups, device)
+
+    def build_scheduler(self, optimizer: Any, steps_per_epoch: int, total_steps: int,
+                        global_batch: int) -> GroupCosineScheduler:
+        o = self.config.optim
+        base_lr = o.lr * global_batch / 256 if o.scale_lr_with_batch else o.lr
+        return GroupCosineScheduler(optimizer, base_lr, o.min_lr, int(round(o.warmup_epochs * steps_per_epoch)),
+                                    total_steps, o.weight_decay, o.weight_decay_end, steps_per_epoch)
+
+    def exports(self) -> dict[str, Export]:
+        """The evaluated backbone (DINO: the EMA teacher; SimSiam, SMD, FD: the student) and the
+        student's, in every checkpoint."""
+        evaluated, student = self.eval_backbone(), self.student_backbone()
+        return {EXPORTS["eval"]: Export(evaluated.model, evaluated.meta),
+                EXPORTS["student"]: Export(student.model, student.meta)}
 
 
-def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    def wrap(cls: type[Method]) -> type[Method]:
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = cls
-        return cls
+@dataclass
+class TeacherConfig(MethodConfig):
+    """The keys of a method that distils a frozen teacher read from a local file (SMD, FD)."""
 
-    return wrap
+    teacher_model: str = ""  # timm name of the teacher network
+    teacher_weights: str = ""  # local weights file of the teacher, or a run / checkpoint directory of this project
+    teacher_format: str = "timm"  # how the file lays out its tensors: models.weights.weight_formats()
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model keywords for the teacher
+
+    def validate(self, prefix: str) -> None:
+        if not self.teacher_model:
+            fail(f"{prefix}.teacher_model", f"{self.name} needs the timm name of its frozen teacher network")
+        if not self.teacher_weights:
+            fail(f"{prefix}.teacher_weights", f"{self.name} needs a trained teacher: a local weights file or a run "
+                                              "directory")
+        if self.teacher_format not in weight_formats():
+            fail(f"{prefix}.teacher_format", f"unknown format {self.teacher_format!r} "
+                                             f"(available: {', '.join(weight_formats())})")
+        check_kwargs_have_values(f"{prefix}.teacher_kwargs", self.teacher_kwargs)
+
+
+def load_frozen_teacher(cfg: TeacherConfig, accelerator: Any, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                        channels_last: bool = False) -> FrozenTeacher:
+    """The teacher of ``cfg`` loaded strictly (the report logged), frozen, on the device, partitioned
+    over the ranks under ZeRO-3; ``wrap`` chooses what of it is called (FD: all output tokens);
+    ``channels_last`` makes a CNN teacher channels-last."""
+    network, report = load_teacher(cfg.teacher_model, cfg.teacher_weights, cfg.teacher_format, **cfg.teacher_kwargs)
+    if channels_last and is_convnet(network):
+        network.to(memory_format=torch.channels_last)
+    total = sum(p.numel() for p in network.parameters())
+    teacher = FrozenTeacher(wrap(network) if wrap else network, accelerator)
+    log.info("teacher %s; %s%d of %d teacher parameters on rank %d", report,
+             "ZeRO-3 partitioned: " if teacher.partitioned else "", teacher.parameters_per_rank(), total,
+             accelerator.process_index)
+    return teacher
+
+
+def build_optimizer(o: Any, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW or SGD over named groups. ``optim.fused`` uses PyTorch's fused kernels (one pass over
+    each tensor on CPU and GPU) instead of the default (a Python loop over tensors on CPU)."""
+    kw: dict[str, Any] = {"fused": True} if o.fused and device.type in ("cpu", "cuda") else {}
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, betas=o.betas, **kw)
+    return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, **kw)
+
+
+_METHODS = Registry("method")
+register_method = _METHODS.register
 
 
 def method_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return _METHODS.names()
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in _REGISTRY:
-        import difflib
-
-        match = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
-        hint = f" (did you mean {match[0]!r}?)" if match else f" (available: {', '.join(method_names())})"
-        raise ConfigError(f"config error: method.name: unknown method {name!r}{hint}")
-    return _REGISTRY[name]
+    try:
+        return _METHODS.lookup(name)
+    except ValueError as e:
+        raise ConfigError(f"config error: method.name: {e}") from None
 
 
 def method_config_class(name: str) -> type[MethodConfig]:

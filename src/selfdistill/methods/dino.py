@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfdistill.config import Config, MethodConfig, ModelConfig, _fail
+from selfdistill.config import Config, MethodConfig
+from selfdistill.configkit import fail, fraction, non_negative, positive
 from selfdistill.data import MultiCropAugmentation, collate_multicrop
 from selfdistill.losses import dino_loss, ema_center
 from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, register_method
@@ -42,21 +43,12 @@ class DinoConfig(MethodConfig):
     freeze_last_layer_epochs: float = 1  # last layer learning rate is 0 for these epochs
 
     def validate(self, prefix: str) -> None:
-        for key in ("out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers"):
-            if getattr(self, key) <= 0:
-                _fail(f"{prefix}.{key}", f"must be positive, got {getattr(self, key)}")
+        positive(self, prefix, "out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "student_temp",
+                 "warmup_teacher_temp", "teacher_temp")
         if self.n_global_crops != 2:
-            _fail(f"{prefix}.n_global_crops", f"DINO uses exactly 2 global crops, got {self.n_global_crops}")
-        for key in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
-            if getattr(self, key) <= 0:
-                _fail(f"{prefix}.{key}", f"must be positive, got {getattr(self, key)}")
-        if self.warmup_teacher_temp_epochs < 0:
-            _fail(f"{prefix}.warmup_teacher_temp_epochs", "must be >= 0")
-        for key in ("center_momentum", "momentum_teacher", "momentum_teacher_end"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                _fail(f"{prefix}.{key}", f"must be in [0, 1], got {getattr(self, key)}")
-        if self.freeze_last_layer_epochs < 0:
-            _fail(f"{prefix}.freeze_last_layer_epochs", "must be >= 0")
+            fail(f"{prefix}.n_global_crops", f"DINO uses exactly 2 global crops, got {self.n_global_crops}")
+        non_negative(self, prefix, "warmup_teacher_temp_epochs", "freeze_last_layer_epochs")
+        fraction(self, prefix, "center_momentum", "momentum_teacher", "momentum_teacher_end")
 
 
 def same_size_runs(crops: list[torch.Tensor]) -> Iterator[tuple[int, int]]:
@@ -88,17 +80,60 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def build_backbones(m: ModelConfig) -> tuple[Backbone, Backbone]:
-    """The student backbone (drop path, checkpointing, start weights) and the teacher's (neither)."""
-    student = Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
-                       pretrained=m.pretrained, channels_last=m.channels_last, **m.kwargs)
-    teacher = Backbone(m.name, m.img_size, m.patch_size, 0.0, False, channels_last=m.channels_last, **m.kwargs)
-    return student, teacher
+class Centers:
+    """DINO's centering of the teacher's outputs: each center is an EMA of the mean teacher output
+    over one optimizer step and all ranks (the batch mean of DINO's update, with every
+    micro-batch of an accumulation window in it). Several centers (GLSD's view and token centers)
+    share one all-reduce."""
 
+    def __init__(self, shapes: dict[str, tuple[int, ...]], momentum: float) -> None:
+        self.momentum = momentum
+        self.values = {name: torch.zeros(shape) for name, shape in shapes.items()}
+        self._sums = {name: torch.zeros(shape) for name, shape in shapes.items()}
+        self._rows = dict.fromkeys(shapes, 0)
 
-def dino_head(cfg: DinoConfig, embed_dim: int, norm_last_layer: bool) -> DINOHead:
-    return DINOHead(embed_dim, cfg.out_dim, cfg.use_bn_in_head, norm_last_layer, cfg.head_nlayers,
-                    cfg.head_hidden_dim, cfg.head_bottleneck_dim)
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.values[name]
+
+    def to(self, device: torch.device) -> Centers:
+        self.values = {n: v.to(device) for n, v in self.values.items()}
+        self._sums = {n: v.to(device) for n, v in self._sums.items()}
+        return self
+
+    def add(self, name: str, teacher_outputs: torch.Tensor) -> None:
+        """Rows of teacher outputs ``[N, ...]`` of one micro-batch (summed over the first dimension)."""
+        outputs = teacher_outputs.detach().float()
+        self._sums[name] += outputs.sum(dim=0, keepdim=True)
+        self._rows[name] += outputs.shape[0]
+
+    def update(self, accelerator: Any = None) -> None:
+        """center <- m * center + (1 - m) * mean of the rows added since the last update, all ranks."""
+        names = list(self.values)
+        device = self._sums[names[0]].device
+        # torch.full, not torch.tensor: a fill kernel, no host-to-device copy in the step
+        stats = torch.cat([self._sums[n].flatten() for n in names]
+                          + [torch.full((1,), float(self._rows[n]), device=device) for n in names])
+        if accelerator is not None and accelerator.num_processes > 1:
+            stats = accelerator.reduce(stats, reduction="sum")
+        offset, rows = 0, stats[-len(names):]
+        for i, n in enumerate(names):
+            size = self.values[n].numel()
+            mean = (stats[offset:offset + size] / rows[i].clamp_min(1)).view_as(self.values[n])
+            self.values[n] = ema_center(self.values[n], mean, self.momentum)
+            offset += size
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the rows added since the last update (a skipped step must not move a center)."""
+        for n in self._sums:
+            self._sums[n].zero_()
+            self._rows[n] = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: v.detach().cpu() for n, v in self.values.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.values = {n: state[n].to(self._sums[n].device) for n in self.values}
 
 
 def init_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
@@ -112,21 +147,35 @@ def init_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
 
 @register_method("dino")
 class Dino(Method):
+    """Student and EMA teacher share the architecture (backbone + DINO head); the loss pulls the
+    student's distribution on every crop towards the teacher's centred, sharpened one on the
+    other global crop. GLSD and Patch-Wise DINO override :meth:`network` and
+    :meth:`center_shapes` (and their loss in :meth:`training_step`)."""
+
     config_class = DinoConfig
     last_layer_prefixes: tuple[str, ...] = ("head.last_layer.",)  # frozen for the first epoch(s)
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        cfg: DinoConfig = config.method  # type: ignore[assignment]
-        self.cfg = cfg
-        student_backbone, teacher_backbone = build_backbones(config.model)
-        self.student = MultiCropNetwork(student_backbone, dino_head(cfg, student_backbone.embed_dim, cfg.norm_last_layer))
-        self.teacher = init_teacher(MultiCropNetwork(teacher_backbone, dino_head(cfg, student_backbone.embed_dim, True)),
-                                    self.student)
-        self.center = torch.zeros(1, cfg.out_dim)
-        self._center_sum = torch.zeros(1, cfg.out_dim)
-        self._center_rows = 0
+        self.cfg: DinoConfig = config.method  # type: ignore[assignment]
+        student_backbone, teacher_backbone = self.build_backbone(), self.build_backbone(student=False)
+        self.student = self.network(student_backbone, self.cfg.norm_last_layer)
+        self.teacher = init_teacher(self.network(teacher_backbone, True), self.student)
+        self.centers = Centers(self.center_shapes(student_backbone), self.cfg.center_momentum)
         self._accelerator: Any = None
+
+    # -- what the DINO family varies ------------------------------------------------------------
+    def head(self, embed_dim: int, norm_last_layer: bool) -> DINOHead:
+        c = self.cfg
+        return DINOHead(embed_dim, c.out_dim, c.use_bn_in_head, norm_last_layer, c.head_nlayers, c.head_hidden_dim,
+                        c.head_bottleneck_dim)
+
+    def network(self, backbone: Backbone, norm_last_layer: bool) -> nn.Module:
+        """Backbone + head(s); called for the student, then for the teacher."""
+        return MultiCropNetwork(backbone, self.head(backbone.embed_dim, norm_last_layer))
+
+    def center_shapes(self, backbone: Backbone) -> dict[str, tuple[int, ...]]:
+        return {"center": (1, self.cfg.out_dim)}
 
     # -- set-up ---------------------------------------------------------------------------------
     def param_groups(self) -> list[ParamGroup]:
@@ -160,10 +209,8 @@ class Dino(Method):
 
     def setup(self, accelerator: Any, steps_per_epoch: int, total_steps: int) -> None:
         self._accelerator = accelerator
-        device = accelerator.device
-        self.teacher.to(device)
-        self.center = self.center.to(device)
-        self._center_sum = self._center_sum.to(device)
+        self.teacher.to(accelerator.device)
+        self.centers.to(accelerator.device)
 
     # -- schedules ------------------------------------------------------------------------------
     def teacher_temp(self, progress: Progress) -> float:
@@ -179,27 +226,30 @@ class Dino(Method):
         return {"teacher_temp": self.teacher_temp(progress), "teacher_momentum": self.teacher_momentum(progress)}
 
     # -- per step -------------------------------------------------------------------------------
+    def forward(self, student: nn.Module, crops: list[torch.Tensor]) -> tuple[Any, Any, torch.Tensor]:
+        """The teacher on the global crops (no gradients), the student on all: ``(teacher outputs,
+        student outputs, the student's pooled embeddings)`` as the networks give them."""
+        with torch.no_grad():
+            teacher_out, _ = self.teacher(crops[:self.cfg.n_global_crops])
+        student_out, student_embedding = student(crops)
+        return teacher_out, student_out, student_embedding
+
     def training_step(self, student: nn.Module, batch: dict[str, Any], progress: Progress) -> StepOutput:
         crops = batch["crops"]
-        n_global = self.cfg.n_global_crops
         temp = self.teacher_temp(progress)
-        with torch.no_grad():
-            teacher_logits, _ = self.teacher(crops[:n_global])
-        student_logits, student_embedding = student(crops)
-        loss = dino_loss(student_logits, teacher_logits, self.center, n_global, self.cfg.student_temp, temp)
-
-        teacher_logits = teacher_logits.detach().float()
-        self._center_sum += teacher_logits.sum(dim=0, keepdim=True)
-        self._center_rows += teacher_logits.shape[0]
-        metrics = self._collapse_signals(teacher_logits, student_embedding.detach(), temp)
+        teacher_logits, student_logits, student_embedding = self.forward(student, crops)
+        loss = dino_loss(student_logits, teacher_logits, self.centers["center"], self.cfg.n_global_crops,
+                         self.cfg.student_temp, temp)
+        self.centers.add("center", teacher_logits)
+        metrics = self.collapse_signals(teacher_logits.detach().float(), student_embedding.detach(), temp)
         return StepOutput(loss=loss, metrics=metrics, batch_size=crops[0].shape[0])
 
-    def _collapse_signals(self, teacher_logits: torch.Tensor, embedding: torch.Tensor, temp: float,
-                          center: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def collapse_signals(self, teacher_logits: torch.Tensor, embedding: torch.Tensor, temp: float,
+                         center: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Two failure modes of DINO: uniform teacher outputs (entropy -> log K) and one dominant
         prototype / constant outputs (KL to the center -> 0, embedding std -> 0). ``center``: the
         center matching ``teacher_logits`` (default: the view center)."""
-        center = self.center if center is None else center
+        center = self.centers["center"] if center is None else center
         with torch.no_grad():
             logp = F.log_softmax((teacher_logits - center) / temp, dim=-1)
             entropy = -(logp.exp() * logp).sum(-1).mean()
@@ -212,33 +262,18 @@ class Dino(Method):
     def after_optimizer_step(self, student: nn.Module, progress: Progress) -> None:
         unwrapped = self._accelerator.unwrap_model(student) if self._accelerator else student
         ema_update(self.teacher, unwrapped, self.teacher_momentum(progress))
-        self._update_center()
-
-    def _update_center(self) -> None:
-        """Center <- EMA of the mean teacher logit over the whole optimizer step and all ranks."""
-        # torch.full, not torch.tensor: a fill kernel, no host-to-device copy in the step
-        stats = torch.cat([self._center_sum.flatten(),
-                           torch.full((1,), float(self._center_rows), device=self._center_sum.device)])
-        if self._accelerator is not None and self._accelerator.num_processes > 1:
-            stats = self._accelerator.reduce(stats, reduction="sum")
-        batch_mean = (stats[:-1] / stats[-1].clamp_min(1)).view_as(self.center)
-        self.center = ema_center(self.center, batch_mean, self.cfg.center_momentum)
-        self._reset_center_stats()
+        self.centers.update(self._accelerator)
 
     def skip_step(self) -> None:
-        self._reset_center_stats()  # the skipped step's teacher outputs must not move the center
-
-    def _reset_center_stats(self) -> None:
-        self._center_sum.zero_()
-        self._center_rows = 0
+        self.centers.reset()  # the skipped step's teacher outputs must not move a center
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"teacher": self.teacher.state_dict(), "center": self.center.detach().cpu()}
+        return {"teacher": self.teacher.state_dict(), **self.centers.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.teacher.load_state_dict(state["teacher"])
-        self.center = state["center"].to(self._center_sum.device)
+        self.centers.load_state_dict(state)
 
     def eval_backbone(self) -> Backbone:
         return self.teacher.backbone

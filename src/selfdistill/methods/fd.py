@@ -11,7 +11,6 @@ evaluated, exported and fine-tuned.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,15 +20,13 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
-from selfdistill.config import Config, MethodConfig, _fail, check_kwargs_have_values
-from selfdistill.data import collate_eval
-from selfdistill.data.multicrop import _to_normalized_tensor
+from selfdistill.config import Config
+from selfdistill.configkit import fail, positive
+from selfdistill.data import collate_eval, to_normalized_tensor
 from selfdistill.losses import fd_loss
-from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, register_method
+from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, TeacherConfig, load_frozen_teacher, register_method
 from selfdistill.models import Backbone, create_timm_model
-from selfdistill.models.backbone import feature_tokens
-
-log = logging.getLogger("selfdistill")
+from selfdistill.models.networks import feature_tokens
 
 # The input normalisation CLIP was trained with (FD re-normalises the ImageNet-normalised view for it).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -37,12 +34,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
-class FdConfig(MethodConfig):
+class FdConfig(TeacherConfig):
     name: str = "fd"
-    teacher_model: str = ""  # timm name of the teacher network, e.g. vit_base_patch16_clip_quickgelu_224
-    teacher_weights: str = ""  # local weights file of the teacher
-    teacher_format: str = "timm"  # how the file is laid out: models.teachers.teacher_formats()
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model keywords (window_size)
     # The normalisation the teacher expects, when it differs from data.mean/std (CLIP's own constants).
     teacher_mean: tuple[float, float, float] | None = None
     teacher_std: tuple[float, float, float] | None = None
@@ -52,22 +45,12 @@ class FdConfig(MethodConfig):
     no_decay_keywords: list[str] = field(default_factory=list)
 
     def validate(self, prefix: str) -> None:
-        from selfdistill.models.teachers import teacher_formats
-
-        if not self.teacher_model:
-            _fail(f"{prefix}.teacher_model", "FD needs the timm name of its frozen teacher network")
-        if not self.teacher_weights:
-            _fail(f"{prefix}.teacher_weights", "FD needs a local weights file for its frozen teacher")
-        if self.teacher_format not in teacher_formats():
-            _fail(f"{prefix}.teacher_format", f"unknown format {self.teacher_format!r} "
-                                              f"(available: {', '.join(teacher_formats())})")
+        super().validate(prefix)
         if (self.teacher_mean is None) != (self.teacher_std is None):
-            _fail(f"{prefix}.teacher_mean", "set teacher_mean and teacher_std together (or neither)")
+            fail(f"{prefix}.teacher_mean", "set teacher_mean and teacher_std together (or neither)")
         if self.teacher_std is not None and any(s <= 0 for s in self.teacher_std):
-            _fail(f"{prefix}.teacher_std", f"must be positive, got {self.teacher_std}")
-        if self.smooth_l1_beta <= 0:
-            _fail(f"{prefix}.smooth_l1_beta", f"must be positive, got {self.smooth_l1_beta}")
-        check_kwargs_have_values(f"{prefix}.teacher_kwargs", self.teacher_kwargs, example="window_size: 14")
+            fail(f"{prefix}.teacher_std", f"must be positive, got {self.teacher_std}")
+        positive(self, prefix, "smooth_l1_beta")
 
 
 class FDTransform:
@@ -82,7 +65,7 @@ class FDTransform:
             v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
                                  interpolation=InterpolationMode.BILINEAR, antialias=True),
             v2.RandomHorizontalFlip(),
-            _to_normalized_tensor(mean, std),
+            to_normalized_tensor(mean, std),
         ])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
@@ -143,8 +126,7 @@ class Fd(Method):
         cfg: FdConfig = config.method  # type: ignore[assignment]
         m = config.model
         self.cfg = cfg
-        backbone = Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
-                            pretrained=m.pretrained, **m.kwargs)
+        backbone = self.build_backbone()
         _check_final_norm(backbone)
         size = config.data.global_crop_size
         with torch.device("meta"):
@@ -188,17 +170,8 @@ class Fd(Method):
         return collate_eval
 
     def setup(self, accelerator: Any, steps_per_epoch: int, total_steps: int) -> None:
-        from selfdistill.models.frozen import FrozenTeacher
-        from selfdistill.models.teachers import load_teacher
-
         cfg = self.cfg
-        model, report = load_teacher(cfg.teacher_model, cfg.teacher_weights, cfg.teacher_format, **cfg.teacher_kwargs)
-        if model.num_features != self.teacher_dim:  # pragma: no cover - the meta build said otherwise
-            raise RuntimeError(f"teacher has {model.num_features} channels, expected {self.teacher_dim}")
-        total = sum(p.numel() for p in model.parameters())
-        self.teacher = FrozenTeacher(TeacherTokens(model), accelerator)
-        log.info("%s; %d of %d teacher parameters on rank %d", report, self.teacher.parameters_per_rank(), total,
-                 accelerator.process_index)
+        self.teacher = load_frozen_teacher(cfg, accelerator, wrap=TeacherTokens)
         if cfg.teacher_mean is not None:
             # x_t = (x * std_d + mean_d - mean_t) / std_t: undo the data normalisation, apply the teacher's.
             d = self.config.data

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfdistill.config import Config, _fail
+from selfdistill.configkit import fail
 from selfdistill.losses import patch_correspondences
-from selfdistill.methods.base import Method, Progress, StepOutput, register_method
-from selfdistill.methods.dino import Dino, DinoConfig, build_backbones, dino_head, init_teacher, same_size_runs
+from selfdistill.methods.base import Progress, StepOutput, register_method
+from selfdistill.methods.dino import Dino, DinoConfig, same_size_runs
 from selfdistill.models import Backbone
 
 
@@ -89,39 +89,31 @@ def matched_token_loss(s_logits: torch.Tensor, t_probs: torch.Tensor, idx_t: tor
 class PatchwiseDino(Dino):
     config_class = PatchwiseDinoConfig
 
-    def __init__(self, config: Config) -> None:
-        Method.__init__(self, config)
-        cfg: PatchwiseDinoConfig = config.method  # type: ignore[assignment]
-        self.cfg = cfg
-        student_backbone, teacher_backbone = build_backbones(config.model)
-        vit = student_backbone.model
+    def network(self, backbone: Backbone, norm_last_layer: bool) -> nn.Module:
+        vit = backbone.model
         if not (hasattr(vit, "patch_embed") and getattr(vit, "cls_token", None) is not None
-                and getattr(vit, "global_pool", None) == "token" and student_backbone.num_prefix_tokens == 1):
-            _fail("model.name", f"patchwise_dino needs a ViT with a CLS token (no register tokens, "
-                                f"global_pool 'token'), got {config.model.name!r}")
-        dim = student_backbone.embed_dim
-        self.student = AllTokensMultiCropNetwork(student_backbone, dino_head(cfg, dim, cfg.norm_last_layer))
-        self.teacher = init_teacher(AllTokensMultiCropNetwork(teacher_backbone, dino_head(cfg, dim, True)), self.student)
-        patch = vit.patch_embed.patch_size
+                and getattr(vit, "global_pool", None) == "token" and backbone.num_prefix_tokens == 1):
+            fail("model.name", f"patchwise_dino needs a ViT with a CLS token (no register tokens, "
+                               f"global_pool 'token'), got {backbone.name!r}")
+        return AllTokensMultiCropNetwork(backbone, self.head(backbone.embed_dim, norm_last_layer))
+
+    def center_shapes(self, backbone: Backbone) -> dict[str, tuple[int, ...]]:
+        """One center row per token position of a global crop: CLS, then the patches."""
+        patch = backbone.model.patch_embed.patch_size
         patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
-        side = config.data.global_crop_size // patch
-        self.center = torch.zeros(1, 1 + side * side, cfg.out_dim)
-        self._center_sum = torch.zeros_like(self.center)
-        self._center_rows = 0
-        self._accelerator: Any = None
+        side = self.config.data.global_crop_size // patch
+        return {"center": (1, 1 + side * side, self.cfg.out_dim)}
 
     def training_step(self, student: nn.Module, batch: dict[str, Any], progress: Progress) -> StepOutput:
         crops = batch["crops"]
         n_global = self.cfg.n_global_crops
         temp = self.teacher_temp(progress)
-        with torch.no_grad():
-            teacher_out, _ = self.teacher(crops[:n_global])
-        student_out, student_embedding = student(crops)
+        teacher_out, student_out, student_embedding = self.forward(student, crops)
         device = crops[0].device
         total, n_terms = 0.0, 0
         for i in range(n_global):
             t_logits, grid_i = teacher_out[i]
-            t_probs = F.softmax((t_logits.float() - self.center) / temp, dim=-1)
+            t_probs = F.softmax((t_logits.float() - self.centers["center"]) / temp, dim=-1)
             for v, (s_logits, grid_v) in enumerate(student_out):
                 if v == i:
                     continue
@@ -132,9 +124,9 @@ class PatchwiseDino(Dino):
         loss = total / n_terms
 
         t_all = torch.cat([o[0] for o in teacher_out]).detach().float()  # [2B, 1+N, K]
-        self._center_sum += t_all.sum(dim=0, keepdim=True)
-        self._center_rows += t_all.shape[0]
+        self.centers.add("center", t_all)
         # Collapse signals on the CLS token, against its own center position.
-        metrics = self._collapse_signals(t_all[:, 0], student_embedding.detach(), temp, center=self.center[:, 0])
+        metrics = self.collapse_signals(t_all[:, 0], student_embedding.detach(), temp,
+                                        center=self.centers["center"][:, 0])
         return StepOutput(loss=loss, metrics=metrics, batch_size=crops[0].shape[0])
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfdistill.config import Config, DataConfig, MethodConfig, _fail
+from selfdistill.config import Config, DataConfig, MethodConfig
+from selfdistill.configkit import non_negative, positive
 from selfdistill.data import MultiCropAugmentation, collate_multicrop
 from selfdistill.losses import simsiam_loss
 from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, register_method
@@ -36,11 +37,8 @@ class SimSiamConfig(MethodConfig):
     sync_bn: bool = True  # BatchNorm statistics over all GPU ranks (SyncBatchNorm)
 
     def validate(self, prefix: str) -> None:
-        for key in ("proj_dim", "pred_dim"):
-            if getattr(self, key) <= 0:
-                _fail(f"{prefix}.{key}", f"must be positive, got {getattr(self, key)}")
-        if self.proj_hidden_dim < 0:
-            _fail(f"{prefix}.proj_hidden_dim", f"must be >= 0 (0: the backbone width), got {self.proj_hidden_dim}")
+        positive(self, prefix, "proj_dim", "pred_dim")
+        non_negative(self, prefix, "proj_hidden_dim")  # 0: the backbone width
 
 
 # -- pieces shared with SMD ------------------------------------------------------------------------
@@ -80,14 +78,8 @@ def maybe_sync_batchnorm(module: nn.Module, enabled: bool, config: Config) -> nn
 
 
 class TwoViewMethod(Method):
-    """What SimSiam and SMD share: a student backbone built from ``config.model``, the two-view
-    augmentation, a SyncBatchNorm student (channels-last through ``model.channels_last``, as every
-    method), and the student as the evaluated backbone."""
-
-    def build_backbone(self) -> Backbone:
-        m = self.config.model
-        return Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
-                        pretrained=m.pretrained, channels_last=m.channels_last, **m.kwargs)
+    """What SimSiam and SMD share: the two-view augmentation, a SyncBatchNorm student and the
+    student as the evaluated backbone."""
 
     def set_student(self, student: nn.Module, sync_bn: bool) -> None:
         self.student = maybe_sync_batchnorm(student, sync_bn, self.config)

@@ -7,38 +7,34 @@ batch are weighted by how far the student's distances stray from the teacher's
 (:func:`selfdistill.losses.smd_loss`). For the first ``align_epochs`` epochs a direct cosine
 alignment to the teacher is added. No SSL loss on the student, no queue, no gather.
 
-The teacher is loaded with :func:`selfdistill.models.teachers.load_teacher` (SimSiam/MoCo
+The teacher is loaded with :func:`selfdistill.models.weights.load_teacher` (SimSiam/MoCo
 checkpoints, timm files, or a run of this project) and wrapped in
 :class:`selfdistill.models.frozen.FrozenTeacher` (partitioned over the ranks under ZeRO-3).
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfdistill.config import Config, MethodConfig, _fail, check_kwargs_have_values
+from selfdistill.config import Config
+from selfdistill.configkit import non_negative, positive
+from selfdistill.engine.distributed import uses_deepspeed
 from selfdistill.losses import smd_loss
-from selfdistill.methods.base import ParamGroup, Progress, StepOutput, register_method
-from selfdistill.methods.simsiam import TwoViewMethod, has_batchnorm2d, output_std
+from selfdistill.methods.base import ParamGroup, Progress, StepOutput, TeacherConfig, load_frozen_teacher, register_method
+from selfdistill.methods.simsiam import TwoViewMethod, output_std
 from selfdistill.models import Backbone
-from selfdistill.models.backbone import create_timm_model, pooled_width
-
-log = logging.getLogger("selfdistill")
-
+from selfdistill.models.networks import create_timm_model, pooled_width
 
 @dataclass
-class SmdConfig(MethodConfig):
+class SmdConfig(TeacherConfig):
     name: str = "smd"
-    teacher_model: str = "resnet50"  # timm name of the teacher network
-    teacher_weights: str = ""  # local file (SimSiam's checkpoint_0099.pth.tar, a timm file) or a run directory
-    teacher_format: str = "simsiam"  # simsiam | moco | timm | selfdistill (see selfdistill.models.teachers)
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model keywords for the teacher
+    teacher_model: str = "resnet50"
+    teacher_format: str = "simsiam"  # SimSiam's checkpoint_0099.pth.tar; moco | timm | selfdistill (a run directory)
     teacher_dim: int = 0  # width the student's Linear maps to; 0: the teacher's width (else it must equal it)
     tau: float = 0.04  # SMD's temperature; the paper uses 0.004 for MobileNetV3-L / EfficientNet-B0/B1 students
     align_epochs: int = 2  # epochs with the cosine alignment term added (SMD: 2)
@@ -46,22 +42,9 @@ class SmdConfig(MethodConfig):
     sync_bn: bool = True  # BatchNorm statistics over all GPU ranks (SyncBatchNorm), as SMD
 
     def validate(self, prefix: str) -> None:
-        from selfdistill.models.teachers import teacher_formats
-
-        if not self.teacher_model:
-            _fail(f"{prefix}.teacher_model", "a timm model name is required")
-        if not self.teacher_weights:
-            _fail(f"{prefix}.teacher_weights", "SMD needs a trained teacher: a local weights file or run directory")
-        if self.teacher_format not in teacher_formats():
-            _fail(f"{prefix}.teacher_format",
-                  f"unknown format {self.teacher_format!r} (available: {', '.join(teacher_formats())})")
-        if self.teacher_dim < 0:
-            _fail(f"{prefix}.teacher_dim", f"must be >= 0 (0: the teacher's width), got {self.teacher_dim}")
-        if self.tau <= 0:
-            _fail(f"{prefix}.tau", f"must be positive, got {self.tau}")
-        if self.align_epochs < 0 or self.align_smd_weight < 0:
-            _fail(f"{prefix}.align_epochs", "align_epochs and align_smd_weight must be >= 0")
-        check_kwargs_have_values(f"{prefix}.teacher_kwargs", self.teacher_kwargs)
+        super().validate(prefix)
+        non_negative(self, prefix, "teacher_dim", "align_epochs", "align_smd_weight")
+        positive(self, prefix, "tau")
 
 
 class SmdStudent(nn.Module):
@@ -108,20 +91,8 @@ class Smd(TwoViewMethod):
         return [ParamGroup("student", [p for p in self.student.parameters() if p.requires_grad], weight_decay=True)]
 
     def setup(self, accelerator: Any, steps_per_epoch: int, total_steps: int) -> None:
-        from selfdistill.engine.distributed import uses_deepspeed
-        from selfdistill.models.frozen import FrozenTeacher
-        from selfdistill.models.teachers import load_teacher
-
-        c = self.cfg
-        network, report = load_teacher(c.teacher_model, c.teacher_weights, c.teacher_format, **c.teacher_kwargs)
-        if has_batchnorm2d(network) and not uses_deepspeed():  # a ResNet teacher, whatever the student
-            network.to(memory_format=torch.channels_last)
-        total = sum(p.numel() for p in network.parameters())
-        self.teacher = FrozenTeacher(network, accelerator)
-        if accelerator.is_main_process:
-            where = (f"; ZeRO-3 partitioned: {self.teacher.parameters_per_rank()} of {total} parameters on this rank"
-                     if self.teacher.partitioned else "")
-            log.info("%s%s", report, where)
+        # A CNN teacher (SimSiam's ResNet-50) runs channels-last, whatever the student, except under DeepSpeed.
+        self.teacher = load_frozen_teacher(self.cfg, accelerator, channels_last=not uses_deepspeed())
 
     def _embed_teacher(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.teacher is None:

@@ -1,4 +1,6 @@
-from selfdistill.models.backbone import Backbone, BackboneOutput, create_timm_model
+from selfdistill.models.backbone import Backbone, BackboneOutput, ModelConfig, export_backbone, load_backbone
 from selfdistill.models.heads import DINOHead
+from selfdistill.models.networks import create_timm_model
 
-__all__ = ["Backbone", "BackboneOutput", "DINOHead", "create_timm_model"]
+__all__ = ["Backbone", "BackboneOutput", "DINOHead", "ModelConfig", "create_timm_model", "export_backbone",
+           "load_backbone"]

@@ -1,109 +1,55 @@
-"""timm backbones seen as self-supervised encoders: a pooled embedding plus patch tokens."""
+"""timm backbones seen as self-supervised encoders: a pooled embedding plus patch tokens, built
+from a :class:`ModelConfig` or from exported weights."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
-import timm
 import torch
 from torch import nn
 
-# Keywords that only some timm families accept; dropped (in this order) when a family rejects them.
-_OPTIONAL_KWARGS = ("dynamic_img_size", "strict_img_size", "img_size", "patch_size")
+from selfdistill.configkit import check_kwargs_have_values, fail, positive
+from selfdistill.models.networks import create_timm_model, feature_tokens, is_convnet, pooled_width
+from selfdistill.models.weights import load_file_into, read_meta, resolve_weights, save_weights
+
+__all__ = ["Backbone", "BackboneOutput", "ModelConfig", "export_backbone", "load_backbone"]
+
+
+@dataclass
+class ModelConfig:
+    """The student backbone, built by timm name. The teacher is a copy of it."""
+
+    name: str = "vit_small_patch16_224"
+    img_size: int | None = 224  # None keeps timm's default; ViTs interpolate for other crop sizes
+    patch_size: int | None = None  # override timm's patch size (tiny demo models)
+    drop_path_rate: float = 0.1  # student only; the teacher always uses 0
+    grad_checkpointing: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)  # any other timm.create_model keyword
+    pretrained: str = ""  # a local timm-format weights file (e.g. a selfdistill export) to start from
+    channels_last: bool = True  # CNN backbones (ResNet...): NHWC weights and inputs, faster convolutions
+
+    def validate(self, prefix: str) -> None:
+        if not self.name:
+            fail(f"{prefix}.name", "a timm model name is required")
+        if self.img_size is not None:
+            positive(self, prefix, "img_size")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            fail(f"{prefix}.drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
+        check_kwargs_have_values(f"{prefix}.kwargs", self.kwargs)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ModelConfig:
+        """The config an export's metadata records (for evaluation: no drop path, no start weights)."""
+        return cls(name=meta["timm_name"], img_size=meta.get("img_size"), patch_size=meta.get("patch_size"),
+                   drop_path_rate=0.0, kwargs=dict(meta.get("kwargs") or {}))
 
 
 class BackboneOutput(NamedTuple):
     pooled: torch.Tensor  # [B, D]: CLS token for ViTs, average pool for Swin / ResNet
     tokens: torch.Tensor  # [B, T, D]: patch tokens (no prefix tokens), row-major over the grid
     grid: tuple[int, int]  # (rows, cols) of the token grid
-
-
-def create_timm_model(
-    name: str,
-    img_size: int | None = None,
-    patch_size: int | None = None,
-    drop_path_rate: float = 0.0,
-    **kwargs: Any,
-) -> nn.Module:
-    """``timm.create_model`` without a classifier, accepting any crop size where the family can.
-
-    ViTs get ``dynamic_img_size`` (position embeddings are interpolated for 96 px local crops);
-    Swin gets ``strict_img_size=False``; ResNets need neither.
-    """
-    kw: dict[str, Any] = dict(num_classes=0, drop_path_rate=drop_path_rate, dynamic_img_size=True,
-                              strict_img_size=False)
-    if img_size is not None:
-        kw["img_size"] = img_size
-    if patch_size is not None:
-        kw["patch_size"] = patch_size
-    kw.update(kwargs)
-    requested = {k for k in ("img_size", "patch_size") if k in kw}
-    while True:
-        try:
-            return timm.create_model(name, pretrained=False, **kw)
-        except TypeError as e:
-            bad = next((k for k in _OPTIONAL_KWARGS if k in kw and f"'{k}'" in str(e)), None)
-            if bad is None:
-                raise
-            if bad in requested:
-                raise ValueError(f"model.{bad} is not supported by timm model {name!r}") from None
-            del kw[bad]
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ValueError(f"model.name: unknown timm model {name!r}") from None
-            raise
-
-
-def pooled_width(model: nn.Module) -> int:
-    """Width of a classifier-less timm model's output (``forward_head(pre_logits=True)``): the
-    hidden head width where the family has one (MobileNetV3: 1280 after ``conv_head``, while
-    ``num_features`` is 960), else ``num_features``."""
-    return int(getattr(model, "head_hidden_size", None) or model.num_features)
-
-
-def load_timm_weights(model: nn.Module, path: str, what: str = "model.pretrained") -> None:
-    """Load a local timm-format state dict (safetensors, or a torch file read with
-    ``weights_only=True``) strictly: every backbone tensor must be in the file. A classifier in the
-    file is ignored (our backbones have none); anything else that does not fit is refused."""
-    from pathlib import Path
-
-    from timm.models import load_state_dict
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{what}: no such file: {path}")
-    state = load_state_dict(path, weights_only=True)
-    own = model.state_dict()
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
-    for key in [k for k in state if k not in own and k.split(".")[0] in (classifier, classifier.split(".")[0])]:
-        del state[key]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
-             if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what}: {path} does not fit {type(model).__name__}: missing {missing[:4]} "
-                         f"({len(missing)}), unexpected {unexpected[:4]} ({len(unexpected)}), shapes {wrong[:3]}")
-    model.load_state_dict(state)
-
-
-def feature_tokens(model: nn.Module, feats: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], int]:
-    """A timm ``forward_features`` output as tokens ``[B, P + T, D]`` (the ``P`` prefix tokens
-    first, then the grid row-major), the ``(rows, cols)`` grid and ``P``, for any family."""
-    if feats.ndim == 3:  # ViT-like: [B, prefix + T, D]
-        n_prefix = int(getattr(model, "num_prefix_tokens", 0))
-        n = feats.shape[1] - n_prefix
-        side = int(round(n ** 0.5))
-        return feats, (side, n // max(side, 1)), n_prefix
-    if feats.ndim == 4 and getattr(model, "output_fmt", "NCHW") == "NHWC":  # Swin
-        return feats.flatten(1, 2), (feats.shape[1], feats.shape[2]), 0
-    if feats.ndim == 4:  # NCHW (ResNet)
-        return feats.flatten(2).transpose(1, 2), (feats.shape[2], feats.shape[3]), 0
-    raise RuntimeError(f"unexpected feature shape {tuple(feats.shape)} from {type(model).__name__}")
-
-
-def is_convnet(model: nn.Module) -> bool:
-    """More than one 2-D convolution: a CNN, not a transformer with a convolutional patch embedding."""
-    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
 
 def _packed_state(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -121,18 +67,19 @@ class Backbone(nn.Module):
         super().__init__()
         self.model = create_timm_model(name, img_size, patch_size, drop_path_rate, **kwargs)
         if pretrained:
-            load_timm_weights(self.model, str(pretrained))
+            load_file_into(self.model, pretrained, "timm", what="model.pretrained")
         self.name = name
+        # What rebuilds this network (the metadata of its exports); drop path is training-only.
+        self.meta: dict[str, Any] = {"timm_name": name, "img_size": img_size, "patch_size": patch_size,
+                                     "kwargs": dict(kwargs)}
         self.embed_dim: int = pooled_width(self.model)
         self.num_prefix_tokens: int = getattr(self.model, "num_prefix_tokens", 0)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         # Convolutional networks (more than a patch-embedding convolution) run faster with NHWC
         # weights and inputs (oneDNN on CPU, cuDNN on GPU); parameter values and names are unchanged.
-        # Not under DeepSpeed: ZeRO flattens parameters into packed buffers and refuses strided ones.
-        from selfdistill.engine.distributed import uses_deepspeed
-
-        self.channels_last = channels_last and is_convnet(self.model) and not uses_deepspeed()
+        # (The caller turns it off under DeepSpeed: ZeRO flattens parameters and refuses strided ones.)
+        self.channels_last = channels_last and is_convnet(self.model)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.register_state_dict_post_hook(_packed_state)  # checkpoints and exports stay NCHW
@@ -155,3 +102,36 @@ class Backbone(nn.Module):
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding used by kNN / linear evaluation."""
         return self.forward(x).pooled
+
+
+def export_backbone(backbone: Backbone, path: str | Path) -> Path:
+    """The backbone's timm state dict as safetensors with the metadata that rebuilds it. timm loads
+    it with ``timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path))``
+    (or any other class count for a fresh classifier: the file holds none)."""
+    return save_weights(backbone.model.state_dict(), path, backbone.meta)
+
+
+def load_backbone(weights: str, model_cfg: ModelConfig | None = None, fmt: str = "timm", part: str = "eval"
+                  ) -> tuple[Backbone, ModelConfig]:
+    """A frozen backbone (eval mode) from ``weights``: an exported ``.safetensors`` (its metadata
+    names the network), a bare weights file (timm keys, or another ``fmt``; needs ``model_cfg``), a
+    checkpoint or run directory of this project (its exported ``part``: ``eval``, DINO's teacher,
+    or ``student``), or ``random`` (needs ``model_cfg``): the random-initialisation baseline."""
+    if weights == "random":
+        if model_cfg is None:
+            raise ValueError("--weights random needs the model (e.g. --model.name vit_small_patch16_224)")
+        return _evaluation_backbone(model_cfg), model_cfg
+    path = resolve_weights(weights, part)
+    if model_cfg is None:
+        meta = read_meta(path)
+        if not meta:
+            raise ValueError(f"--weights {weights}: a bare weights file; name its timm model with --model.name "
+                             "(and --model.img_size / --model.patch_size where they differ from timm's)")
+        model_cfg = ModelConfig.from_meta(meta)
+    backbone = _evaluation_backbone(model_cfg)
+    load_file_into(backbone.model, path, fmt, what=f"--weights ({model_cfg.name})")
+    return backbone, model_cfg
+
+
+def _evaluation_backbone(m: ModelConfig) -> Backbone:
+    return Backbone(m.name, m.img_size, m.patch_size, 0.0, False, **m.kwargs).eval()

@@ -1,4 +1,5 @@
-"""Epoch-seeded, rank-sharded sampling that can start mid-epoch (exact resume)."""
+"""How images are dealt to ranks: epoch-seeded training order that can start mid-epoch (exact
+resume), and evaluation shards in which every image appears exactly once over all ranks."""
 
 from __future__ import annotations
 
@@ -59,3 +60,29 @@ class EpochShardSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class ShardedEvalSampler(Sampler[int]):
+    """Strided shard of ``range(dataset_len)`` for one rank: every index exactly once overall.
+
+    Unlike ``DistributedSampler`` it never pads shards with repeated samples (which would bias an
+    evaluation), so shard sizes may differ by one; :func:`extract_features` handles that. Do not
+    pass the resulting loader through ``accelerator.prepare`` (that would shard it again).
+    """
+
+    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1) -> None:
+        if dataset_len < 0:
+            raise ValueError(f"dataset_len must be >= 0, got {dataset_len}")
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.dataset_len = dataset_len
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.dataset_len, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.dataset_len, self.world_size))

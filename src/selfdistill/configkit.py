@@ -1,0 +1,262 @@
+"""The typed-configuration toolkit every recipe of this project is built with.
+
+A recipe is a YAML file whose sections mirror dataclasses (a *root* dataclass whose fields are
+*section* dataclasses). Command-line overrides are dotted ``section.key=value`` strings whose
+values are read as YAML. Every key is checked before any work starts: an unknown key, a wrong
+type or an impossible value is a one-line :class:`ConfigError` naming the key (and the closest
+valid one).
+
+    tree = read_recipe("configs/demo.yaml", ["optim.lr=1e-3"])   # plain data, overrides applied
+    config = root_from_tree(MyRoot, tree)                         # typed, checked, validated
+
+A section validates itself in ``validate(prefix)``, with the checks below (``positive``,
+``non_negative``, ``fraction``, ``one_of``, ``interval``) or :func:`fail`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError", "Root", "build_dataclass", "check_kwargs_have_values", "closest_hint", "fail", "fraction",
+    "interval", "non_negative", "one_of", "parse_override", "positive", "read_recipe", "root_from_tree",
+    "to_plain",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line and names the key."""
+
+
+def fail(key: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"config error: {key}: {message}")
+
+
+def closest_hint(key: str, options: list[str], prefix: str = "") -> str:
+    """`` (did you mean 'x'?)`` for the closest option, else the list of valid ones."""
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    if match:
+        return f" (did you mean {prefix + match[0]!r}?)"
+    return f" (valid keys: {', '.join(options)})"
+
+
+def to_plain(obj: Any) -> Any:
+    """Tuples become lists (YAML and JSON have only lists), recursively."""
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Checks a section's validate() uses
+# --------------------------------------------------------------------------------------------
+
+
+def positive(section: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            fail(f"{prefix}.{name}", f"must be positive, got {getattr(section, name)}")
+
+
+def non_negative(section: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 0:
+            fail(f"{prefix}.{name}", f"must be >= 0, got {getattr(section, name)}")
+
+
+def fraction(section: Any, prefix: str, *names: str) -> None:
+    """Each value in [0, 1]."""
+    for name in names:
+        if not 0.0 <= getattr(section, name) <= 1.0:
+            fail(f"{prefix}.{name}", f"must be in [0, 1], got {getattr(section, name)}")
+
+
+def one_of(section: Any, prefix: str, name: str, choices: typing.Sequence[str]) -> None:
+    if getattr(section, name) not in choices:
+        fail(f"{prefix}.{name}", f"must be one of {list(choices)}, got {getattr(section, name)!r}")
+
+
+def interval(section: Any, prefix: str, name: str, low: float, high: float, open_low: bool = True) -> None:
+    """A ``(min, max)`` pair with ``low < min <= max <= high`` (``low <= min`` when not ``open_low``)."""
+    lo, hi = getattr(section, name)
+    ok_low = low < lo if open_low else low <= lo
+    if not (ok_low and lo <= hi <= high):
+        rule = f"{low:g} {'<' if open_low else '<='} min <= max" + (f" <= {high:g}" if high != float("inf") else "")
+        fail(f"{prefix}.{name}", f"must satisfy {rule}, got {(lo, hi)}")
+
+
+def check_kwargs_have_values(key: str, kwargs: dict[str, Any], example: str = "depth: 2") -> None:
+    """YAML reads ``{depth:2}`` (no space) as ``{"depth:2": None}`` and timm drops None keywords
+    silently: refuse it with the fix."""
+    for name, value in kwargs.items():
+        if value is None:
+            fail(key, f"{name!r} has no value (write {{{example}}}, with a space after ':')")
+
+
+# --------------------------------------------------------------------------------------------
+# Plain data -> dataclasses
+# --------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        fail(key, f"expected {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail(key, f"expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. output_dir=2024
+            return str(value)
+        fail(key, f"expected a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            fail(key, f"expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            fail(key, f"expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in a dataclass
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    names = [getattr(a, "__name__", str(a)) for a in args]
+    return " or ".join(names) + " or null"
+
+
+def build_dataclass(cls: type, data: dict[str, Any] | None, prefix: str) -> Any:
+    """Instantiate ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        fail(prefix, f"expected a mapping of options, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"config error: unknown key {full!r}"
+                              f"{closest_hint(str(key), names, prefix + '.' if prefix else '')}")
+        tp = hints[key]
+        kwargs[key] = build_dataclass(tp, value, full) if dataclasses.is_dataclass(tp) else _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+class Root:
+    """Mixin of a recipe's root dataclass: every section validated, and plain-data / YAML views."""
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            getattr(self, f.name).validate(f.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def root_from_tree(root_cls: type, tree: dict[str, Any], section_types: dict[str, type] | None = None) -> Any:
+    """Build and validate a root dataclass from nested plain data; ``section_types`` replaces a
+    section's annotated type (a method's own config class for the ``method`` section)."""
+    hints = {**typing.get_type_hints(root_cls), **(section_types or {})}
+    for key in tree:
+        if key not in hints:
+            raise ConfigError(f"config error: unknown section {key!r}{closest_hint(str(key), list(hints))}")
+    root = root_cls(**{name: build_dataclass(tp, tree.get(name), name) for name, tp in hints.items()})
+    root.validate()
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# YAML recipes and dotted overrides
+# --------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``optim.lr=5e-4`` -> (``optim.lr``, 5e-4); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"config error: override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"config error: override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"config error: {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The plain tree of a YAML recipe with dotted overrides applied (not yet type-checked)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config error: recipe file {str(path)!r} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config error: {path} must hold a mapping of sections")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return tree

@@ -1,0 +1,386 @@
+"""The one door for weights: every supported file is read here, its keys converted to the timm
+model's own, and loaded strictly with a report; exports are written here with the metadata that
+rebuilds their network; a run or checkpoint directory resolves to the files it exported.
+
+Reading never rebuilds a method or a run: every checkpoint holds its exports
+(``export/teacher_backbone.safetensors``, the evaluated backbone, and
+``export/student_backbone.safetensors``), and a run directory holds its final ones.
+
+A checkpoint *format* (how a file lays out its tensors) is one function registered with
+``@register_format(name)``: it takes the loaded object and the timm model and returns
+``(state_dict_in_timm_keys, dropped_keys)``. Nothing is downloaded: every path is local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from selfdistill.atomic import write_json_atomic, write_safetensors_atomic
+from selfdistill.models.networks import create_timm_model
+from selfdistill.registry import Registry
+
+__all__ = [
+    "EXPORTS", "LoadReport", "METADATA_KEY", "WEIGHT_SUFFIXES", "load_file_into", "load_strict", "load_teacher",
+    "read_meta", "read_tensors", "read_weights", "register_format", "resolve_weights", "save_weights",
+    "weight_formats", "write_sidecar",
+]
+
+METADATA_KEY = "selfdistill"
+EXPORT_DIR = "export"
+EXPORTS = {"eval": f"{EXPORT_DIR}/teacher_backbone.safetensors", "student": f"{EXPORT_DIR}/student_backbone.safetensors"}
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".tar")
+CLASSIFIER_PREFIXES = ("head", "fc", "classifier")
+
+Converter = Callable[[dict[str, Any], nn.Module], tuple[dict[str, torch.Tensor], list[str]]]
+_FORMATS = Registry("weights format")
+register_format = _FORMATS.register
+
+
+def weight_formats() -> list[str]:
+    return _FORMATS.names()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+
+def read_tensors(path: str | Path) -> dict[str, Any]:
+    """A local safetensors or torch file, the latter read with ``weights_only=True`` (never pickle code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:  # DINO / EsViT checkpoints carry their argparse ``args``: plain values, safe to rebuild
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except RuntimeError as e:
+        if "TorchScript" not in str(e):
+            raise
+        raise ValueError(f"{path} is a TorchScript archive (e.g. OpenAI's CLIP release), which cannot be read "
+                         f"without running its code; save its state dict once and pass that file: "
+                         f"torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'clip.pt')") from None
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """What an export of this project records about its network (``timm_name``, ``img_size``,
+    ``patch_size``, ``kwargs``...); empty for any other file."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+
+
+def resolve_weights(spec: str | Path, part: str = "eval") -> Path:
+    """The file to read for ``spec``: a weights file as it is; a checkpoint or run directory: its
+    export of ``part`` (``eval``: the evaluated backbone, DINO's teacher; ``student``), a run's
+    final one or else its latest checkpoint's."""
+    if part not in EXPORTS:
+        raise ValueError(f"unknown part {part!r}: use {' or '.join(EXPORTS)}")
+    path = Path(spec)
+    if path.is_file():
+        if not path.name.endswith(WEIGHT_SUFFIXES):
+            raise ValueError(f"{spec}: not a weights file (expected {', '.join(WEIGHT_SUFFIXES)})")
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{spec}: expected a weights file ({', '.join(WEIGHT_SUFFIXES)}), a checkpoint "
+                                "or run directory, or 'random'")
+    candidates = [path / EXPORTS[part]]
+    checkpoints = path / "checkpoints"
+    if checkpoints.is_dir():
+        done = sorted(p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        candidates += [p / EXPORTS[part] for p in reversed(done)]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{spec}: no {EXPORTS[part]} in the directory or its checkpoints (a run or "
+                                "checkpoint of this project holds one)")
+    return found
+
+
+def read_weights(spec: str | Path, part: str = "eval") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, meta)`` of a weights file or a run / checkpoint directory's export, in timm
+    keys where the file says so (``state_dict`` / ``model`` / ``module.`` / ``encoder.`` unwrapped)."""
+    path = resolve_weights(spec, part)
+    return _plain_timm_state(read_tensors(path)), read_meta(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into a model, strictly
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What a load did with the file; printed at start-up and kept in results."""
+
+    path: str
+    format: str
+    model: str
+    used: int = 0  # tensors loaded
+    dropped: list[str] = field(default_factory=list)  # tensors of the file the model does not use
+    new: list[str] = field(default_factory=list)  # tensors of the model the file does not hold (a fresh head)
+
+    def __str__(self) -> str:
+        left = (f"; left out {len(self.dropped)} ({', '.join(self.dropped[:5])}"
+                f"{', ...' if len(self.dropped) > 5 else ''})") if self.dropped else ""
+        return f"{self.model} from {self.path} ({self.format} format): {self.used} tensors{left}"
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str, *, may_miss: tuple[str, ...] = (),
+                may_leave: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Load ``state`` into ``model``: every model tensor must be in it (except names starting with
+    ``may_miss``) and every tensor of it used (except ``may_leave``), with equal shapes; anything
+    else is one error naming what is missing, unexpected or of the wrong shape. Returns the
+    ``(new, unused)`` names."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_missing = [k for k in missing if not (may_miss and k.startswith(may_miss))]
+    bad_unexpected = [k for k in unexpected if not (may_leave and k.startswith(may_leave))]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if bad_missing or bad_unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", bad_missing), ("unexpected", bad_unexpected)):
+            if keys:
+                parts.append(f"{label} {len(keys)} keys: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+        if wrong:
+            parts.append(f"wrong shapes: {'; '.join(wrong[:4])}")
+        raise ValueError(f"{what} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+    return missing, unexpected
+
+
+def load_file_into(model: nn.Module, path: str | Path, fmt: str = "timm", what: str = "weights") -> LoadReport:
+    """Convert the file's tensors from ``fmt`` to ``model``'s timm keys and load them strictly."""
+    try:
+        convert = _FORMATS.lookup(fmt)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no such file: {path}")
+    try:
+        state, dropped = convert(read_tensors(path), model)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    load_strict(model, state, f"{what}: {path} ({fmt} format)")
+    return LoadReport(str(path), fmt, type(model).__name__, used=len(state), dropped=sorted(dropped))
+
+
+def load_teacher(model_name: str, path: str | Path, fmt: str = "timm", **timm_kwargs: Any
+                 ) -> tuple[nn.Module, LoadReport]:
+    """A frozen timm ``model_name`` (no classifier, eval, no gradients) holding the weights of ``path``:
+    a file in ``fmt``, or a run / checkpoint directory of this project (its evaluated backbone)."""
+    file = resolve_weights(path) if Path(path).is_dir() else Path(path)
+    model = create_timm_model(model_name, **timm_kwargs)
+    report = load_file_into(model, file, fmt, what="teacher weights")
+    report.model = model_name
+    model.eval().requires_grad_(False)
+    return model, report
+
+
+# --------------------------------------------------------------------------------------------
+# Writing exports
+# --------------------------------------------------------------------------------------------
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``state`` as safetensors (atomically) with ``meta`` in its header, plus the JSON sidecar."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    write_safetensors_atomic(path, tensors, {METADATA_KEY: json.dumps(meta)})
+    write_sidecar(path, meta)
+    return path
+
+
+def write_sidecar(path: str | Path, meta: dict[str, Any]) -> Path:
+    """``<name>.json`` beside a weights file: its metadata and the line that loads it with timm."""
+    path = Path(path)
+    kw = {k: meta[k] for k in ("img_size", "patch_size") if meta.get(k) is not None}
+    kw.update(meta.get("kwargs") or {})
+    args = "".join(f", {k}={v!r}" for k, v in kw.items())
+    if meta.get("num_classes"):
+        load_with = (f"m = timm.create_model({meta['timm_name']!r}, num_classes={meta['num_classes']}{args}); "
+                     f"m.load_state_dict(safetensors.torch.load_file({str(path)!r}))")
+    else:
+        load_with = (f"timm.create_model({meta['timm_name']!r}, pretrained=True, num_classes=0{args}, "
+                     f"pretrained_cfg_overlay=dict(file={str(path)!r}))")
+    return write_json_atomic(path.with_suffix(".json"), {**meta, "load_with": load_with}, indent=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Formats
+# --------------------------------------------------------------------------------------------
+
+
+def unwrap(obj: dict[str, Any], *candidates: str) -> dict[str, Any]:
+    """The first nested dict named in ``candidates`` (``state_dict``, ``model``, ``teacher``...), else ``obj``."""
+    for key in candidates:
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def strip_prefix(state: dict[str, Any], prefix: str) -> tuple[dict[str, Any], list[str]]:
+    """Keys under ``prefix`` without it, and the keys that were not under it."""
+    kept = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return kept, [k for k in state if not k.startswith(prefix)]
+
+
+def _plain_timm_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A timm-style state dict: under ``state_dict`` / ``model`` (training checkpoints), DDP's
+    ``module.`` removed, and FD / SimMIM's ``encoder.`` (beside a ``decoder.``) unwrapped."""
+    state = dict(unwrap(obj, "state_dict", "model"))
+    if state and all(k.startswith("module.") for k in state):
+        state = strip_prefix(state, "module.")[0]
+    if any(k.startswith("encoder.") for k in state) and not any(k.startswith(("blocks.", "layers.")) for k in state):
+        state = strip_prefix(state, "encoder.")[0]
+    return state
+
+
+def _drop_classifier(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A classifier the (classifier-less) model has no place for is left out."""
+    own = model.state_dict()
+    dropped = [k for k in state if k not in own and k.split(".")[0] in CLASSIFIER_PREFIXES]
+    return {k: v for k, v in state.items() if k not in dropped}, dropped
+
+
+@register_format("timm")
+def _timm(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A timm state dict (optionally under ``state_dict``/``model``, with ``module.``); its classifier is left out."""
+    return _drop_classifier(_plain_timm_state(obj), model)
+
+
+@register_format("selfdistill")
+def _selfdistill(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An export of this project: timm keys already (a run or checkpoint directory resolves to it)."""
+    return _timm(obj, model)
+
+
+def _network_backbone(obj: dict[str, Any], network: str) -> tuple[dict[str, Any], list[str]]:
+    """The backbone of one network of a DINO-style training checkpoint (``{"student": ...,
+    "teacher": ..., "optimizer": ..., "args": ...}``): its keys under ``module.backbone.`` or
+    ``backbone.``, unprefixed. Everything else (heads, the other network, optimizer) is dropped."""
+    state = obj[network]
+    prefix = next((p for p in ("module.backbone.", "backbone.") if any(k.startswith(p) for k in state)), None)
+    if prefix is None:
+        raise ValueError(f"the {network!r} network of this checkpoint has no 'backbone.' keys "
+                         f"(first keys: {', '.join(list(state)[:4])})")
+    kept, rest = strip_prefix(state, prefix)
+    return kept, [f"{network}.{k}" for k in rest] + [k for k in obj if k != network]
+
+
+def _clip_visual(state: dict[str, Any], model: nn.Module, prefix: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """OpenAI-layout CLIP image tower (``visual.conv1``, ``visual.transformer.resblocks``...) to timm's
+    ``vit_*_clip_*`` keys with timm's own converter. The projection to the joint embedding space
+    (``visual.proj``, after ``ln_post``) and the text tower are left out: FD's target is ``ln_post``'s output."""
+    from timm.models.vision_transformer import _convert_openai_clip
+
+    if not any(k.startswith(prefix) for k in state):
+        raise ValueError(f"no {prefix!r} keys: not a CLIP state dict (first keys: {', '.join(list(state)[:4])})")
+    converted = _convert_openai_clip(state, model, prefix=prefix)
+    own = model.state_dict()
+    for key in [k for k in converted if k.startswith("head.") and k not in own]:
+        del converted[key]
+    dropped = [k for k in state if not k.startswith(prefix) or k == f"{prefix}proj"]
+    return converted, dropped
+
+
+@register_format("openai_clip")
+def _openai_clip(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """OpenAI CLIP (``clip.load(name, jit=False)[0].state_dict()``, or the JIT release's state dict):
+    the ViT visual tower for timm ``vit_base_patch16_clip_quickgelu_224`` (OpenAI trained with QuickGELU)."""
+    return _clip_visual(unwrap(obj, "state_dict"), model, "visual.")
+
+
+@register_format("open_clip")
+def _open_clip(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """OpenCLIP: a released ``open_clip_pytorch_model.bin`` or a training ``epoch_N.pt`` (``state_dict``
+    with ``module.`` keys). Native towers use OpenAI's key layout (timm ``vit_base_patch16_clip_224``,
+    GELU); a timm-trunk tower (``visual.trunk.``) holds timm keys already."""
+    state = unwrap(obj, "state_dict")
+    dropped_outer = [k for k in obj if k != "state_dict"] if state is not obj else []
+    if state and all(k.startswith("module.") for k in state):
+        state = strip_prefix(state, "module.")[0]
+    if any(k.startswith("visual.trunk.") for k in state):
+        kept, rest = strip_prefix(state, "visual.trunk.")
+        kept, head = _drop_classifier(kept, model)
+        return kept, rest + [f"visual.trunk.{k}" for k in head] + dropped_outer
+    converted, dropped = _clip_visual(state, model, "visual.")
+    return converted, dropped + dropped_outer
+
+
+@register_format("dino")
+def _dino(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """DINO ViT: the released backbone file (``dino_vitbase16_pretrain.pth``: timm keys already), or
+    a training ``checkpoint.pth`` whose ``teacher`` (the EMA network DINO evaluates) is used."""
+    if isinstance(obj.get("teacher"), dict):
+        state, dropped = _network_backbone(obj, "teacher")
+    else:
+        state, dropped = unwrap(obj, "state_dict", "model"), []
+    state, head = _drop_classifier(state, model)
+    return state, dropped + head
+
+
+@register_format("deit")
+def _deit(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """DeiT ViT (``deit_base_patch16_224-b5f2ef4d.pth``: timm keys under ``model``); the classifier
+    is left out. A distilled DeiT (``dist_token``, ``head_dist``) needs timm's ``*_distilled_*`` model."""
+    if not isinstance(obj.get("model"), dict):
+        raise ValueError(f"not a DeiT checkpoint: no 'model' dict (top-level keys: {', '.join(list(obj)[:4])})")
+    state, head = _drop_classifier(obj["model"], model)
+    return state, head + [k for k in obj if k != "model"]
+
+
+@register_format("esvit")
+def _esvit(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """EsViT Swin (``checkpoint_best.pth``): the ``teacher`` network's backbone in the original
+    Microsoft Swin layout (downsampling at the end of a stage, persistent index / mask buffers),
+    converted by timm's Swin checkpoint filter; the view and dense heads are left out. Build the
+    teacher with EsViT's window (``window_size: 14`` for its Swin-B)."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    if not isinstance(obj.get("teacher"), dict):
+        raise ValueError(f"not an EsViT checkpoint: no 'teacher' dict (top-level keys: {', '.join(list(obj)[:4])})")
+    state, dropped = _network_backbone(obj, "teacher")
+    buffers = [k for k in state if k.endswith(("relative_position_index", "attn_mask"))]
+    state, head = _drop_classifier(checkpoint_filter_fn(state, model), model)
+    return state, dropped + buffers + head
+
+
+# The encoder prefixes of SimSiam (``encoder``), MoCo v1/v2 (``encoder_q``) and MoCo v3
+# (``base_encoder``), with DDP's ``module.`` (official files) or without (single-process saves).
+_SIAMESE_ENCODERS = ("module.encoder.", "module.encoder_q.", "module.base_encoder.", "encoder.", "encoder_q.",
+                     "base_encoder.")
+
+
+@register_format("moco")
+@register_format("simsiam")
+def _simsiam(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A SimSiam / MoCo checkpoint (``{'state_dict': {'module.encoder.conv1.weight': ...}}``, e.g.
+    SimSiam's ``checkpoint_0099.pth.tar``): the encoder's torchvision ResNet keys, which are timm's
+    ResNet keys. The projector (the encoder's ``fc``), the predictor and MoCo's momentum encoder
+    and queue are left out, as SMD does."""
+    state = unwrap(obj, "state_dict")
+    prefix = next((p for p in _SIAMESE_ENCODERS if any(k.startswith(p) for k in state)), None)
+    if prefix is None:
+        raise ValueError(f"no encoder weights: expected keys starting with one of {', '.join(_SIAMESE_ENCODERS)}, "
+                         f"found e.g. {', '.join(list(state)[:4]) or 'no keys'}")
+    encoder, dropped = strip_prefix(state, prefix)
+    encoder, heads = _drop_classifier(encoder, model)
+    return encoder, dropped + [prefix + k for k in heads]

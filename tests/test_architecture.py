@@ -1,0 +1,136 @@
+"""The house rules of docs/architecture.md, checked on the code: no import cycle, each room imports
+only what it may, no private name imported across modules, and one training loop."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "selfdistill"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(name: str) -> list[tuple[str, list[str]]]:
+    """Every import of a module (function-level ones too): ``(imported module, names taken)``."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.append((base, [alias.name for alias in node.names]))
+    return found
+
+
+def _edges() -> dict[str, set[str]]:
+    """Module -> project modules it imports (``from pkg import submodule`` counts the submodule)."""
+    edges: dict[str, set[str]] = {}
+    for name in MODULES:
+        targets = set()
+        for module, names in _imports(name):
+            if module not in MODULES:
+                continue
+            subs = [f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES]
+            targets.update(subs)
+            if len(subs) < len(names) or not names:
+                targets.add(module)
+        targets.discard(name)
+        edges[name] = targets
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    assert _cycles(_edges()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():  # the check above can fail
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _under(room: str) -> list[str]:
+    return [m for m in MODULES if m == room or m.startswith(room + ".")]
+
+
+@pytest.mark.parametrize("room,forbidden", [
+    ("selfdistill.models", ("selfdistill.engine", "selfdistill.eval", "selfdistill.methods", "selfdistill.data")),
+    ("selfdistill.data", ("selfdistill.engine", "selfdistill.eval", "selfdistill.methods", "selfdistill.models")),
+    ("selfdistill.losses", ("selfdistill",)),
+    ("selfdistill.engine", ("selfdistill.methods", "selfdistill.eval", "selfdistill.recipe", "selfdistill.pretrain")),
+    ("selfdistill.methods", ("selfdistill.eval", "selfdistill.cli")),
+])
+def test_rooms_import_only_what_they_may(room, forbidden):
+    edges = _edges()
+    wrong = [(m, t) for m in _under(room) for t in edges[m] if t.startswith(forbidden) and not t.startswith(room)]
+    assert wrong == []
+
+
+def test_losses_import_only_torch_and_numpy():
+    outside = {m.split(".")[0] for m, _ in _imports("selfdistill.losses")} - set(sys.stdlib_module_names)
+    assert outside <= {"torch", "numpy"}
+
+
+def test_no_private_name_is_imported_from_another_module():
+    private = [(m, module, n) for m in MODULES for module, names in _imports(m) if module.startswith("selfdistill")
+               for n in names if n.startswith("_") and module != m]
+    assert private == []
+
+
+def test_one_training_loop():
+    """The batch loop lives in the engine only; fine-tuning is a task of it."""
+    pattern = re.compile(r"def _train_epoch|for .* in .*loader")
+    hits = [f"{m}:{i}" for m, p in MODULES.items() for i, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert hits and all(h.startswith("selfdistill.engine.") for h in hits), hits
+    finetune = MODULES["selfdistill.eval.finetune"].read_text()
+    assert not re.search(r"^\s+for .* in .*(loader|batches)", finetune, re.M)
