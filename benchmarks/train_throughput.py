@@ -66,11 +66,15 @@ class Child:
         from selfdistill.engine.throughput import GATE_ENV
 
         self.impl, self.timeout = impl, args.timeout
-        tag = f"{impl}_{time.monotonic_ns()}"
+        tag = f"{impl.split('@')[0]}_{time.monotonic_ns()}"
         self.out, self.log = workdir / f"{tag}.json", workdir / f"{tag}.log"
         common = ["--config", str(ROOT / config), *overrides]
-        if impl == "selfdistill":
-            cmd = [sys.executable, str(ROOT / "run_pretrain.py"), *common, "--benchmark", str(args.steps),
+        env = child_env(args.threads)
+        if impl.startswith("selfdistill"):
+            # "selfdistill@DIR": another checkout of the project (--against), with its own code
+            checkout = Path(impl.split("@", 1)[1]) if "@" in impl else ROOT
+            env["PYTHONPATH"] = os.pathsep.join([str(checkout / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+            cmd = [sys.executable, str(checkout / "run_pretrain.py"), *common, "--benchmark", str(args.steps),
                    "--benchmark-warmup", str(args.warmup), "--benchmark-data", args.data,
                    "--benchmark-json", str(self.out)]
         else:
@@ -79,7 +83,6 @@ class Child:
                    "--json", str(self.out)]
         go_r, self.go_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
-        env = child_env(args.threads)
         env[GATE_ENV] = f"{go_r},{ready_w}"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, env=env, cwd=str(workdir), stdout=log, stderr=subprocess.STDOUT,
@@ -196,7 +199,7 @@ def bench_recipe(name: str, config: str, overrides: list[str], batch: int, preci
             if not runs[impl]:
                 continue
             row = {"name": name, "config": config, "overrides": ov, **median_report(runs[impl]),
-                   "runs": runs[impl]}
+                   "impl": impl, "runs": runs[impl]}
             if impl in ratios and ratios[impl]:
                 row["baseline_of"] = "selfdistill"
                 row["ours_over_this"] = statistics.median(ratios[impl])
@@ -243,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
                    help="overrides for every recipe (e.g. train.compile=true)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    p.add_argument("--against", nargs="*", default=[], metavar="CHECKOUT",
+                   help="other checkouts of this project (e.g. a worktree of the commit before a change) driven in "
+                        "lock-step as more implementations: a refactor's speed, side by side")
     p.add_argument("--out", type=Path, default=None, help="write all runs and medians as JSON")
     args = p.parse_args(argv)
     if not args.suite and not args.config:
@@ -264,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             method = _method_of(config, overrides)
             overrides = [*overrides, *random_teacher(config, overrides, Path(tmp))]
             baselines = [f"lightly-{s}" for s in args.baseline] if have_lightly and method == "dino" else []
+            baselines += [f"selfdistill@{Path(d).resolve()}" for d in args.against]
             rows += bench_recipe(name, config, overrides, batch, args.precision or precisions, args, baselines,
                                  Path(tmp))
     import torch

@@ -36,7 +36,6 @@ from selfdistill.data.shard_format import INFO_NAME, has_info, read_info, shard_
 log = logging.getLogger(__name__)
 
 
-
 # -- map-style sources: folders and HF datasets ------------------------------------------------
 class MapSource:
     """A map-style dataset dealt to ranks by an epoch-seeded permutation (exact resume)."""

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 __all__ = ["extract_features", "sum_over_batches"]
 
+
 def _infer_device(feature_fn: Callable) -> torch.device | None:
     """Device of ``feature_fn``'s parameters when it is a module, else ``None`` (leave as is)."""
     if isinstance(feature_fn, torch.nn.Module):

@@ -310,7 +310,6 @@ def init_head(model: nn.Module, scale: float) -> None:
             head.bias.zero_()
 
 
-
 def _classifier_prefix(model: nn.Module) -> str:
     return (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
 

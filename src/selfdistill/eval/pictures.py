@@ -462,6 +462,7 @@ def draw_curves(series: dict[str, list[tuple[float, float]]], out_path: str | Pa
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4))
+
     def natural(name: str) -> tuple:
         return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 

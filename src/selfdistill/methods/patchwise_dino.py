@@ -129,4 +129,3 @@ class PatchwiseDino(Dino):
         metrics = self.collapse_signals(t_all[:, 0], student_embedding.detach(), temp,
                                         center=self.centers["center"][:, 0])
         return StepOutput(loss=loss, metrics=metrics, batch_size=crops[0].shape[0])
-

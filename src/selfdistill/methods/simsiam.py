@@ -55,10 +55,6 @@ def two_view_augmentation(d: DataConfig) -> MultiCropAugmentation:
         blur_radius=d.blur_radius)
 
 
-def has_batchnorm2d(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
-
-
 @torch.no_grad()
 def output_std(z: torch.Tensor) -> torch.Tensor:
     """SimSiam's collapse signal: per-dimension std of the L2-normalised outputs, times sqrt(dim):

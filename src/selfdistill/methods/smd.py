@@ -30,6 +30,7 @@ from selfdistill.methods.simsiam import TwoViewMethod, output_std
 from selfdistill.models import Backbone
 from selfdistill.models.networks import create_timm_model, pooled_width
 
+
 @dataclass
 class SmdConfig(TeacherConfig):
     name: str = "smd"
