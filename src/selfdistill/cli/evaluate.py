@@ -49,9 +49,8 @@ def _context(args: argparse.Namespace, proto: Any, weights: Any) -> Any:
     if proto.output == "results":
         out = out or weights.directory() / f"{proto.name}_results.json"
         out_dir = Path(args.output_dir) if args.output_dir else out.parent / proto.name
-    elif proto.output == "summary":
-        out = out or weights.directory() / "eval_summary" / "summary.json"
-        out_dir = Path(args.output_dir) if args.output_dir else out.parent
+    elif proto.output == "summary":  # the defaults follow the weights, which the summary YAML may name
+        out_dir = Path(args.output_dir) if args.output_dir else None
     elif proto.output == "file":
         out_dir = out.parent if out else Path(".")
     else:

@@ -176,9 +176,10 @@ class EvalContext:
     given as a factory, so a training task can make its own), the directory for the files it
     writes besides its metrics, and ``out``, the command's ``--out``."""
 
-    def __init__(self, accelerator: Any, out_dir: str | Path, out: str | Path | None = None, cpu: bool = False) -> None:
+    def __init__(self, accelerator: Any, out_dir: str | Path | None, out: str | Path | None = None,
+                 cpu: bool = False) -> None:
         self._accelerator = accelerator
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir) if out_dir is not None else None  # None: the protocol decides (summary)
         self.out = Path(out) if out is not None else None
         self.cpu = cpu  # --cpu: for a protocol that makes its own Accelerator (fine-tuning)
 
@@ -218,7 +219,8 @@ def run_protocol(name: str, weights: Weights, options: Any, ctx: EvalContext) ->
     special = {w for p in _PROTOCOLS.values() for w in p.weights} - set(proto.weights)
     if weights.spec in special and not Path(weights.spec).exists():
         raise ValueError(f"--weights {weights.spec}: not something {name} can evaluate (it needs a network)")
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.out_dir is not None:
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
     result = dict(proto.fn(weights, options, ctx))
     if proto.output != "results":
         return result

@@ -198,6 +198,8 @@ def summary_protocol(weights: Weights, options: SummaryOptions, ctx: EvalContext
     if weights.format == "timm":
         weights.format = tree.get("weights_format", "timm")
     plan = build_plan(names, sections, data)
+    ctx.out = ctx.out or weights.directory() / "eval_summary" / "summary.json"
+    ctx.out_dir = ctx.out_dir or ctx.out.parent
     summary = run_summary(weights, plan, ctx, ctx.out)
     if ctx.is_main:
         print(format_markdown(summary))
