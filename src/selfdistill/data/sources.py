@@ -1,5 +1,6 @@
-"""Where training images come from: an image folder, an HF ``datasets`` directory, or webdataset
-tar shards streamed from disk, a ``pipe:`` command, http(s) or object storage.
+"""How opened images (:func:`selfdistill.data.open_images`) become per-rank batches: a map-style
+dataset (image folder, HF ``datasets`` directory) dealt by an epoch-seeded permutation, or
+webdataset tar shards streamed from disk, a ``pipe:`` command, http(s) or object storage.
 
 Every source gives the loop the same thing: ``batches_per_epoch`` (equal on every rank, so DDP and
 DeepSpeed never wait at an epoch end for a rank that ran dry) and ``loader(epoch, start_batch)``,
