@@ -135,8 +135,12 @@ def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict[str, Any], dict[
 
 
 def load_task_state(path: str | Path) -> dict[str, Any]:
-    """The task state of a checkpoint (EMA teacher, centers...), loaded with ``weights_only=True``."""
-    return torch.load(Path(path) / TASK_STATE, map_location="cpu", weights_only=True)
+    """The task state of a checkpoint (EMA teacher, centers...), loaded with ``weights_only=True``
+    (``method_state.pt``: the name pretraining checkpoints had before the one-loop redesign)."""
+    file = Path(path) / TASK_STATE
+    if not file.is_file() and (Path(path) / "method_state.pt").is_file():
+        file = Path(path) / "method_state.pt"
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def student_state(checkpoint: str | Path) -> dict[str, Any]:
