@@ -129,8 +129,8 @@ class Trainer:
         self.run_until(self.last_step)
         self._emit("on_train_end")
         final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
-        if not final.exists():
-            self.save()
+        if not all((final / name).is_file() for name in [ckpt.LOOP_STATE, *self.task.exports()]):
+            self.save()  # (also a checkpoint written before checkpoints held their exports)
         self._check_bad_images(final=True)
         if acc.is_main_process:
             ckpt.publish_exports(final, self.run_dir, list(self.task.exports()))
