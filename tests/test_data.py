@@ -268,19 +268,24 @@ def test_corrupt_images_are_replaced_and_reported(tmp_path, caplog):
     tracker = BadSampleTracker()
     for batch in DataLoader(ds, batch_size=2, collate_fn=collate_eval):
         assert batch["image"].shape == (2, 3, 8, 8)
-        tracker.update(batch["bad"], len(batch["index"]))
-    assert (tracker.n_bad, tracker.n_seen) == (3, 4) and tracker.fraction == 0.75
+        tracker.update(batch["bad"], batch["draws"], batch["bad_draws"])
+    # draws 1 and 2 both land on bad files and both walk past c_truncated: it is one file, met twice
+    assert (tracker.n_bad, tracker.n_bad_draws, tracker.n_draws) == (2, 2, 4) and tracker.fraction == 0.5
 
-    tracker.check(max_fraction=0.8, min_seen=1)
-    tracker.check(max_fraction=0.5)  # too few samples seen to judge yet
-    with pytest.raises(RuntimeError, match=r"3 of 4 images \(75.00%\).*max_bad_fraction=0.5.*b_random"):
-        tracker.check(max_fraction=0.5, final=True)
+    tracker.check(max_fraction=0.5, whole=True)
+    tracker.check(max_fraction=0.4, min_draws=1)  # 2 of 4 drawn is no evidence that more than 40 % are bad
+    with pytest.raises(RuntimeError, match=r"2 of 4 images drawn \(50.00%\).*max_bad_fraction=0.4.*"
+                                           r"2 distinct unreadable files, first: .*b_random"):
+        tracker.check(max_fraction=0.4, whole=True)
     with pytest.raises(RuntimeError, match="c_truncated"):
-        tracker.check(max_fraction=0.5, min_seen=4)
+        tracker.check(max_fraction=0.01, min_draws=4)  # but it is evidence of more than 1 %
 
     restored = BadSampleTracker()
     restored.load_state_dict(tracker.state_dict())
-    assert (restored.n_bad, restored.n_seen, restored.first_bad) == (3, 4, [bad_random, bad_truncated])
+    assert (list(restored.bad), restored.n_draws, restored.n_bad_draws) == ([bad_random, bad_truncated], 4, 2)
+    older = BadSampleTracker()  # a checkpoint written before the counts were per draw
+    older.load_state_dict({"n_bad": 3, "n_seen": 4, "first_bad": [bad_random]})
+    assert (older.n_bad, older.n_draws, older.n_bad_draws) == (1, 4, 3)
 
 
 def test_bad_last_image_wraps_and_all_bad_raises(tmp_path):
@@ -294,12 +299,32 @@ def test_bad_last_image_wraps_and_all_bad_raises(tmp_path):
         ImageFolderDataset(tmp_path)[0]
 
 
-def test_tracker_keeps_first_paths_only():
-    tracker = BadSampleTracker()
-    tracker.update([f"bad{i}.jpg" for i in range(30)], 100)
-    tracker.update(["bad0.jpg"], 100)
-    assert tracker.n_bad == 31 and tracker.n_seen == 200 and len(tracker.first_bad) == 20
-    assert tracker.fraction == pytest.approx(0.155)
+def test_tracker_counts_files_once_and_merges_ranks():
+    rank0, rank1 = BadSampleTracker(), BadSampleTracker()
+    rank0.update([f"bad{i}.jpg" for i in range(30)], draws=100, bad_draws=3)
+    rank0.update(["bad0.jpg"], draws=100, bad_draws=1)
+    rank1.update(["bad0.jpg", "bad99.jpg"], draws=50, bad_draws=2)
+    assert rank0.n_bad == 30 and rank0.fraction == pytest.approx(4 / 200)
+    total = BadSampleTracker.combined([rank0.state_dict(), rank1.state_dict()])
+    assert (total.n_bad, total.n_draws, total.n_bad_draws) == (31, 250, 6)
+    with pytest.raises(RuntimeError) as error:
+        total.check(0.01, whole=True)
+    assert "31 distinct unreadable files" in str(error.value)
+    assert str(error.value).count(".jpg") == BadSampleTracker.max_shown_paths
+
+
+def test_tracker_fails_mid_epoch_only_on_clear_evidence():
+    noisy = BadSampleTracker()  # a 1 % dataset whose first draws happen to hold 3 bad of 96
+    noisy.update(["x"], draws=96, bad_draws=3)
+    noisy.check(0.02, min_draws=50)
+    with pytest.raises(RuntimeError, match=r"3 of 96 images drawn \(3.12%\)"):
+        noisy.check(0.02, whole=True)  # had those 96 been the whole dataset
+    clear = BadSampleTracker()  # 3 % over 10,000 draws: the bound is past 2 %
+    clear.update(["x"], draws=10_000, bad_draws=300)
+    assert 0.02 < clear.lower_bound() < 0.03
+    with pytest.raises(RuntimeError, match=r"at least 2\.\d\d% with high confidence"):
+        clear.check(0.02)
+    clear.check(0.02, min_draws=20_000)
 
 
 # -- collation -----------------------------------------------------------------------------------

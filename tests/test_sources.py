@@ -93,6 +93,8 @@ def test_corrupt_sample_is_skipped_counted_and_named(tmp_path):
     assert sorted(s["index"] for s in samples) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     bad = [b for s in samples for b in s["bad"]]
     assert bad == [f"{urls[0]}:000000003"]
+    # the damaged member was a draw of its own: 10 members read, 1 of them bad
+    assert (sum(s["draws"] for s in samples), sum(s["bad_draws"] for s in samples)) == (10, 1)
 
 
 def test_missing_shards_are_skipped_up_to_a_limit(tmp_path, caplog):

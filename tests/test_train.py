@@ -130,6 +130,48 @@ def test_corrupt_images_are_skipped_counted_and_limited(tmp_path):
         train(data, tmp_path / "strict", **{"data.max_bad_fraction": 0.0})
 
 
+@pytest.mark.parametrize("n_bad", [4, 12, 120])
+def test_bad_files_are_counted_once_each_and_fail_early(tmp_path, n_bad):
+    """400 images whose first 4 (1 %), 12 (3 %) or 120 (30 %) sort together and cannot be read, against a
+    2 % limit. A draw of a bad file walks past the rest of the cluster to the next good image; counting
+    every file walked past reported 10 bad of 400 (2.5 %) for the 1 % folder. 3 % is over the limit by too
+    little to tell from a part of the epoch and fails at its end; 30 % must fail within the first steps.
+    """
+    data = make_image_folder(tmp_path / "img", n_per_class=200 - n_bad // 2, size=8)
+    for i in range(n_bad):
+        (data / "a" / f"-bad{i:03d}.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    overrides = {"data.max_bad_fraction": 0.02, "data.bad_check_after": 48, "train.epochs": 1,
+                 "train.batch_size_per_device": 16, "train.log_every": 1}
+    if n_bad == 4:
+        train(data, out, **overrides)
+        assert rows(out)[-2]["bad_images"] == 4  # distinct files, not draws or files walked past
+        return
+    expected = r"12 of 400 images drawn \(3.00%\) could not be read" if n_bad == 12 else "with high confidence"
+    with pytest.raises(RuntimeError, match=expected + r".*max_bad_fraction=0.02; \d+ distinct unreadable files"):
+        train(data, out, **overrides)
+    last_step = max(r["step"] for r in rows(out))
+    assert last_step == 25 if n_bad == 12 else last_step <= 5, last_step  # 25 steps in the epoch
+
+
+def test_check_data_decodes_everything_before_the_first_step(tmp_path, caplog):
+    from selfdistill.data import BadDataError
+    from selfdistill.pretrain import pretraining
+
+    data = make_image_folder(tmp_path / "img", n_per_class=48, size=8)
+    for i in range(3):
+        (data / "b" / f"{i:03d}.png").write_bytes(b"")  # 3 of 96 (3.1 %), spread anywhere
+    out = tmp_path / "run"
+    config = load_config(None, tiny_overrides(data, out, **{"data.max_bad_fraction": 0.02}))
+    with pytest.raises(BadDataError, match=r"3 of 96 images drawn \(3.12%\).*3 distinct unreadable files"):
+        pretraining(config, check_data=True).fit()
+    assert not (out / "log.jsonl").exists() and ckpt.latest_checkpoint(out) is None  # before any step
+    with caplog.at_level("INFO", logger="selfdistill"):
+        pretraining(load_config(None, tiny_overrides(data, out, **{"train.epochs": 1, "data.max_bad_fraction": 0.05})),
+                    check_data=True).fit()
+    assert "checked 96 images: 3 unreadable (3.125%)" in caplog.text
+
+
 def test_gradient_accumulation_counts_optimizer_steps(image_folder, tmp_path):
     out = tmp_path / "acc"
     train(image_folder, out, **{"train.grad_accum_steps": 2})

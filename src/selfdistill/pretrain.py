@@ -21,8 +21,10 @@ from selfdistill.methods import build_method
 __all__ = ["pretraining"]
 
 
-def pretraining(config: Config, resume: str | None = None, hooks: Sequence[Hook] = ()) -> Trainer:
+def pretraining(config: Config, resume: str | None = None, hooks: Sequence[Hook] = (),
+                check_data: bool = False) -> Trainer:
     """The loop for ``config``'s method; ``fit()`` returns this rank's summary."""
     standard: list[Hook] = [OnlineKnn(config)] if config.knn.val_path else []
     standard += [RankSummary(), TrainingCurves()]
-    return Trainer(config, lambda: build_method(config), resume=resume, hooks=[*standard, *hooks])
+    return Trainer(config, lambda: build_method(config), resume=resume, hooks=[*standard, *hooks],
+                   check_data=check_data)

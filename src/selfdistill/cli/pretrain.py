@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", default=None,
                    help="'auto' continues the latest checkpoint in train.output_dir; or a checkpoint/run directory")
+    p.add_argument("--check-data", action="store_true",
+                   help="decode every training image once before the first step (folder / HF data; progress bar) "
+                        "and stop if more than data.max_bad_fraction are unreadable")
     p.add_argument("--demo", action="store_true",
                    help="prepare the embedded Fashion-MNIST demo data first and compare kNN at the end")
     b = p.add_argument_group("throughput benchmark (no checkpoints, no exports)")
@@ -77,12 +80,13 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 time.sleep(1)
 
+    from selfdistill.data import BadDataError
     from selfdistill.engine.trainer import NonFiniteLossError
     from selfdistill.pretrain import pretraining
 
     try:
-        summary = pretraining(config, resume=args.resume).fit()
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        summary = pretraining(config, resume=args.resume, check_data=args.check_data).fit()
+    except (ValueError, FileNotFoundError, NonFiniteLossError, BadDataError) as e:
         logging.getLogger("selfdistill").error("%s", e)
         return 1
     if args.demo and summary["rank"] == 0:

@@ -4,6 +4,7 @@ crop geometry, collation, and the shard writer."""
 from selfdistill.data.collate import collate_eval, collate_multicrop
 from selfdistill.data.folder import (
     IMAGE_EXTENSIONS,
+    BadDataError,
     BadSampleTracker,
     ImageFolderDataset,
     sample_seed,
@@ -21,6 +22,7 @@ from selfdistill.data.multicrop import (
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "BadDataError",
     "BadSampleTracker",
     "EvalTransform",
     "ImageFolderDataset",

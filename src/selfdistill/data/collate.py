@@ -1,7 +1,8 @@
 """Batch collation for multi-crop training samples and single-image evaluation samples.
 
-Both keep the ``"bad"`` paths of every sample (flattened) so the training loop can count
-unreadable images without a side channel from the workers.
+Both keep the ``"bad"`` paths of every sample (flattened) and the sums of ``"draws"`` /
+``"bad_draws"``, so the training loop can count unreadable images without a side channel from the
+workers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def _collate_common(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
         "bad": [path for s in samples for path in s["bad"]],
+        "draws": sum(s.get("draws", 1) for s in samples),
+        "bad_draws": sum(s.get("bad_draws", 0) for s in samples),
     }
 
 

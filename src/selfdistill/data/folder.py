@@ -7,8 +7,9 @@ Two layouts are recognised: ``root/<class>/**/<image>`` (labelled, classes sorte
 on which worker loads it, or on whether the run was resumed.
 
 An image that cannot be decoded is logged and replaced by the next readable one, so every batch
-keeps its size; the bad path travels with the sample in ``"bad"`` and :class:`BadSampleTracker`
-turns those reports into a hard failure once too large a fraction of the data is unreadable.
+keeps its size; the bad paths travel with the sample in ``"bad"`` (``"bad_draws"``: 1 when the
+drawn image itself was unreadable) and :class:`BadSampleTracker` turns those reports into a hard
+failure once too large a fraction of the data is unreadable.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import operator
 import os
 import random
@@ -184,59 +186,98 @@ class ImageFolderDataset(Dataset):
         if self.transform is not None:
             with seeded_rng(sample_seed(self.seed, epoch, index)):
                 img = self.transform(img)
-        return {"image": img, "label": self.samples[used][1], "index": used, "bad": bad}
+        return {"image": img, "label": self.samples[used][1], "index": used, "bad": bad, "draws": 1,
+                "bad_draws": int(used != index)}
 
     def __repr__(self) -> str:
         kind = f"{len(self.classes)} classes" if self.labelled else "unlabelled"
         return f"{type(self).__name__}(root={str(self.root)!r}, {len(self)} images, {kind})"
 
 
+class BadDataError(RuntimeError):
+    """More of the data is unreadable than ``data.max_bad_fraction`` allows."""
+
+
 class BadSampleTracker:
     """Counts unreadable images reported in batches and fails when there are too many.
 
     A few corrupt files in a large dataset are tolerated (they are replaced), but a mostly broken
-    dataset must stop the run instead of silently training on duplicates. Counts are per process;
-    sum them across ranks before checking if each rank sees a different shard.
+    dataset must stop the run instead of silently training on duplicates. The fraction is over
+    *draws*: a sampler draw whose own image was unreadable counts once, however many bad files the
+    replacement then walked past (a cluster of bad files is met all at once, but each is drawn only
+    as often as any other file), so it estimates the dataset's bad fraction without bias and never
+    exceeds 1. The distinct unreadable files met are kept to name them. Counts are per process;
+    :meth:`combined` merges every rank's.
     """
 
-    max_kept_paths = 20
+    max_shown_paths = 20
 
     def __init__(self) -> None:
-        self.n_bad = 0
-        self.n_seen = 0
-        self.first_bad: list[str] = []
+        self.bad: dict[str, None] = {}  # distinct unreadable files, in the order met
+        self.n_draws = 0
+        self.n_bad_draws = 0
 
-    def update(self, bad_paths: Sequence[str], n_samples: int) -> None:
-        """Add one batch: its ``"bad"`` list and the number of samples it holds."""
-        self.n_bad += len(bad_paths)
-        self.n_seen += n_samples
-        for path in bad_paths:
-            if len(self.first_bad) >= self.max_kept_paths:
-                break
-            if path not in self.first_bad:
-                self.first_bad.append(path)
+    def update(self, bad_paths: Sequence[str], draws: int, bad_draws: int) -> None:
+        """Add one batch: its ``"bad"`` paths, ``"draws"`` and ``"bad_draws"``."""
+        self.bad.update(dict.fromkeys(bad_paths))
+        self.n_draws += draws
+        self.n_bad_draws += bad_draws
+
+    @property
+    def n_bad(self) -> int:
+        """Distinct unreadable files met."""
+        return len(self.bad)
 
     @property
     def fraction(self) -> float:
-        return self.n_bad / self.n_seen if self.n_seen else 0.0
+        return self.n_bad_draws / self.n_draws if self.n_draws else 0.0
 
-    def check(self, max_fraction: float, min_seen: int = 1000, final: bool = False) -> None:
-        """Raise once the bad fraction exceeds ``max_fraction``.
+    def lower_bound(self, z: float = 4.0) -> float:
+        """Wilson score lower bound of the bad fraction: the check runs at every log step, so a single
+        look must be very unlikely (z=4: about 3 in 100,000) to fail a dataset within the limit."""
+        n = self.n_draws
+        if n == 0:
+            return 0.0
+        p, z2 = self.fraction, z * z
+        spread = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+        return max(0.0, (p + z2 / (2 * n) - spread) / (1 + z2 / n))
 
-        Early in a run a couple of bad files would look like a large fraction, so nothing is raised
-        before ``min_seen`` samples unless ``final`` says no more data is coming.
+    def check(self, max_fraction: float, min_draws: int = 1000, whole: bool = False) -> None:
+        """Raise when the bad fraction is over ``max_fraction``.
+
+        During an epoch the draws are a sample of the data, so the run stops once even the
+        :meth:`lower_bound` is over the limit (after ``min_draws`` draws): a mostly broken dataset
+        fails within the first batches, a slightly-over one as soon as the evidence is clear. With
+        ``whole`` (the draws cover whole epochs: every image drawn as often as every other) the
+        observed fraction itself is the dataset's and is compared.
         """
-        if self.fraction <= max_fraction or (self.n_seen < min_seen and not final):
+        if whole:
+            over = self.fraction > max_fraction
+        else:
+            over = self.n_draws >= min_draws and self.lower_bound() > max_fraction
+        if not over:
             return
-        raise RuntimeError(
-            f"{self.n_bad} of {self.n_seen} images ({100 * self.fraction:.2f}%) could not be read, "
-            f"more than data.max_bad_fraction={max_fraction}; first bad files: {', '.join(self.first_bad)}"
-        )
+        shown = list(self.bad)[: self.max_shown_paths]
+        sure = "" if whole else f", at least {100 * self.lower_bound():.2f}% with high confidence"
+        raise BadDataError(
+            f"{self.n_bad_draws} of {self.n_draws} images drawn ({100 * self.fraction:.2f}%{sure}) could not be "
+            f"read, more than data.max_bad_fraction={max_fraction}; {self.n_bad} distinct unreadable files, first: "
+            f"{', '.join(shown)}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n_bad": self.n_bad, "n_seen": self.n_seen, "first_bad": list(self.first_bad)}
+        return {"bad": list(self.bad), "n_draws": self.n_draws, "n_bad_draws": self.n_bad_draws}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.n_bad = int(state["n_bad"])
-        self.n_seen = int(state["n_seen"])
-        self.first_bad = list(state["first_bad"])
+        self.bad = dict.fromkeys(state.get("bad", state.get("first_bad", [])))
+        self.n_draws = int(state.get("n_draws", state.get("n_seen", 0)))  # n_seen / n_bad: an older checkpoint
+        self.n_bad_draws = int(state.get("n_bad_draws", state.get("n_bad", 0)))
+
+    @classmethod
+    def combined(cls, states: Sequence[dict[str, Any]]) -> BadSampleTracker:
+        """One tracker for every rank's state: the union of their bad files, the sums of their draws."""
+        total = cls()
+        for state in states:
+            part = cls()
+            part.load_state_dict(state)
+            total.update(list(part.bad), part.n_draws, part.n_bad_draws)
+        return total

@@ -120,4 +120,4 @@ class HFImageDataset(Dataset):
         if self.transform is not None:
             with seeded_rng(sample_seed(self.seed, epoch, index)):
                 img = self.transform(img)
-        return {"image": img, "label": label, "index": current, "bad": bad}
+        return {"image": img, "label": label, "index": current, "bad": bad, "draws": 1, "bad_draws": int(current != index)}

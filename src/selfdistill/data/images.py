@@ -13,6 +13,7 @@ Nothing outside ``data/`` decides formats.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Callable
@@ -22,10 +23,11 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 from selfdistill.configkit import fail, fraction, non_negative, one_of
 from selfdistill.data.collate import collate_eval
-from selfdistill.data.folder import ImageFolderDataset
+from selfdistill.data.folder import BadSampleTracker, ImageFolderDataset
 from selfdistill.data.hf import HFImageDataset, is_hf_directory
 from selfdistill.data.sampler import ShardedEvalSampler
 from selfdistill.data.shard_format import has_info
@@ -44,7 +46,8 @@ class SourceConfig:
     path: str = ""  # folder | HF dataset directory | shard dir, brace pattern(s) joined by '::', pipe:, http(s), s3://
     format: str = "auto"  # auto (detect_format) | folder | hf | wds
     num_workers: int = 8
-    max_bad_fraction: float = 0.01  # fail when more than this fraction of images cannot be read
+    max_bad_fraction: float = 0.01  # fail when more than this fraction of images cannot be read (distinct files)
+    bad_check_after: int = 1000  # images met over all ranks before that fraction is checked (always at the end)
     decode_size: int = 0  # >0: decode JPEGs at a reduced DCT scale whose sides stay >= this (faster); 0: full size
     samples_per_epoch: int = 0  # wds: samples in an epoch over all ranks (0: the shards' _info.json total)
     shuffle_buffer: int = 1000  # wds: samples shuffled in memory per loader worker
@@ -57,7 +60,7 @@ class SourceConfig:
     def validate(self, prefix: str) -> None:
         one_of(self, prefix, "format", FORMATS)
         non_negative(self, prefix, "num_workers", "decode_size", "samples_per_epoch", "shuffle_buffer",
-                     "shard_retries")
+                     "shard_retries", "bad_check_after")
         fraction(self, prefix, "max_missing_shards", "max_bad_fraction")
 
 
@@ -142,6 +145,31 @@ class ImageSet:
         return DataLoader(self.dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
                           sampler=ShardedEvalSampler(len(self.dataset), rank, world_size),
                           generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+
+    def scan(self, rank: int = 0, world_size: int = 1, batch_size: int = 64, progress: bool = True) -> BadSampleTracker:
+        """Decode this rank's share of the images once, without augmentation: the unreadable files
+        of a folder or HF dataset before a long run meets them (shards: ``selfdistill-shards verify``)."""
+        if self.dataset is None:
+            raise ValueError(f"{self.source.path}: checking every image first reads folder and HF data; check "
+                             "shards with `selfdistill-shards verify --dir DIR`")
+        plain = copy.copy(self.dataset)
+        plain.transform = None
+        sampler = ShardedEvalSampler(len(plain), rank, world_size)
+        loader = DataLoader(plain, batch_size=batch_size, num_workers=self.source.num_workers, collate_fn=_draws_only,
+                            sampler=sampler)
+        tracker = BadSampleTracker()
+        with tqdm(total=len(sampler), desc="checking images", unit="img", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for batch in loader:
+                tracker.update(batch["bad"], batch["draws"], batch["bad_draws"])
+                bar.update(batch["draws"])
+                bar.set_postfix(unreadable=tracker.n_bad)
+        return tracker
+
+
+def _draws_only(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"bad": [path for s in samples for path in s["bad"]], "draws": len(samples),
+            "bad_draws": sum(s["bad_draws"] for s in samples)}
 
 
 def open_images(source: SourceConfig | str, transform: Callable[[Any], Any] | None = None, *,

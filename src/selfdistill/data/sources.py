@@ -203,7 +203,9 @@ class ShardStream(IterableDataset):
             if self.transform is not None:
                 with seeded_rng(sample_seed(self.seed, self.epoch, index)):
                     img = self.transform(img)
-            yield {"image": img, "label": label, "index": index, "bad": pending_bad}
+            # each damaged member skipped before this sample was a draw of its own
+            yield {"image": img, "label": label, "index": index, "bad": pending_bad, "draws": 1 + len(pending_bad),
+                   "bad_draws": len(pending_bad)}
             pending_bad = []
 
 

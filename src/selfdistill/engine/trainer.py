@@ -58,16 +58,19 @@ class LoopState:
 class Trainer:
     """The loop. ``make_task`` is called once the Accelerator exists and every rank is seeded
     alike (identical initial weights); ``data(task)``, when given, replaces the task's training
-    images (a benchmark serves one synthetic batch)."""
+    images (a benchmark serves one synthetic batch); ``check_data`` decodes every training image once
+    before the first step."""
 
     def __init__(self, config: Any, make_task: Callable[[], Task], resume: str | None = None,
-                 hooks: Sequence[Hook] = (), data: Callable[[Task], Any] | None = None) -> None:
+                 hooks: Sequence[Hook] = (), data: Callable[[Task], Any] | None = None,
+                 check_data: bool = False) -> None:
         self.config = config
         self.make_task = make_task
         self.resume = resume
         self.run_dir = Path(config.train.output_dir)
         self.extra_hooks = list(hooks)
         self.data = data
+        self.check_data = check_data
         self.results: dict[str, Any] = {}  # what hooks report at the end (fit's return value)
 
     # ------------------------------------------------------------------------------------------
@@ -85,7 +88,7 @@ class Trainer:
         self.task = task = self.make_task()
         set_seed(t.seed + acc.process_index)  # then per-rank randomness (drop path)
 
-        images = self.data(task) if self.data is not None else task.train_data()
+        self.images = images = self.data(task) if self.data is not None else task.train_data()
         self.source = images.train_source(t.batch_size_per_device, acc.process_index, acc.num_processes,
                                           task.collate_fn(), t.overfit_batches, acc.device.type == "cuda")
         self.steps_per_epoch = self.source.batches_per_epoch // t.grad_accum_steps
@@ -119,6 +122,8 @@ class Trainer:
         if acc.is_main_process:
             write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
         acc.wait_for_everyone()
+        if self.check_data:
+            self._check_images()
         if resume_from is not None:
             self._restore(resume_from)
         elif self.resume == "auto" and acc.is_main_process:
@@ -131,7 +136,8 @@ class Trainer:
         final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
         if not all((final / name).is_file() for name in [ckpt.LOOP_STATE, *self.task.exports()]):
             self.save()  # (also a checkpoint written before checkpoints held their exports)
-        self._check_bad_images(final=True)
+        self._bad_images().check(cfg.data.max_bad_fraction, cfg.data.bad_check_after,
+                                 whole=self.state.batch_in_epoch == 0)
         if acc.is_main_process:
             ckpt.publish_exports(final, self.run_dir, list(self.task.exports()))
         acc.wait_for_everyone()
@@ -150,6 +156,7 @@ class Trainer:
                 self._train_epoch(bar, last_step)
                 if self.state.batch_in_epoch:  # stopped inside an epoch
                     break
+                self._bad_images().check(self.config.data.max_bad_fraction, whole=True)  # exact over whole epochs
                 self._emit("on_epoch_end")
                 every = t.checkpoint_every_epochs
                 if every and self.state.epoch % every == 0 and \
@@ -185,7 +192,7 @@ class Trainer:
                 grad_norm = norm if norm is not None else grad_norm
             st.batch_in_epoch += 1
             st.samples_seen += out.batch_size
-            self.bad.update(batch.get("bad", []), out.batch_size)
+            self.bad.update(batch.get("bad", []), batch.get("draws", out.batch_size), batch.get("bad_draws", 0))
             self.logger.accumulate(out, t_data, time.perf_counter() - t0, finite)
             if not acc.sync_gradients:
                 continue
@@ -238,14 +245,15 @@ class Trainer:
 
     def _log(self, values: dict[str, float], progress: Progress, grad_norm: Any, bar: Any) -> None:
         st = self.state
+        bad = self._bad_images()
         row_values = {**values, **self.task.schedule_values(progress), "skipped_steps": st.skipped_steps,
-                      "bad_images": self.bad.n_bad}
+                      "bad_images": bad.n_bad}
         if grad_norm is not None:
             row_values["grad_norm"] = grad_norm
         row = self.logger.flush(st.step, st.step / self.steps_per_epoch, row_values)
         if row:
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{values.get('lr', 0.0):.2e}")
-        self._check_bad_images(final=False)
+        bad.check(self.config.data.max_bad_fraction, self.config.data.bad_check_after)
 
     def _emit(self, event: str, *args: Any) -> None:
         for hook in self.hooks:
@@ -283,14 +291,28 @@ class Trainer:
                 f"(train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); stopping. "
                 f"Last good checkpoint: {last or 'none yet'}. Lower optim.lr or raise optim.warmup_epochs.")
 
-    def _check_bad_images(self, final: bool) -> None:
-        """Collective: the unreadable-image fraction over all ranks against data.max_bad_fraction."""
-        counts = torch.tensor([float(self.bad.n_bad), float(self.bad.n_seen)], device=self.accelerator.device)
+    def _check_images(self) -> None:
+        """Collective: every rank decodes its share of the images; fails before training on too many bad."""
+        acc = self.accelerator
+        found = self._combined(self.images.scan(acc.process_index, acc.num_processes,
+                                                progress=acc.is_main_process and self.config.train.progress_bar))
+        if acc.is_main_process:
+            log.info("checked %d images: %d unreadable (%.3f%%)%s", found.n_draws, found.n_bad, 100 * found.fraction,
+                     "".join(f"\n  {path}" for path in list(found.bad)[: found.max_shown_paths]))
+        found.check(self.config.data.max_bad_fraction, whole=True)
+
+    def _bad_images(self) -> BadSampleTracker:
+        """Collective: every rank's unreadable images, each file once (one rank may meet another's)."""
+        return self._combined(self.bad)
+
+    def _combined(self, tracker: BadSampleTracker) -> BadSampleTracker:
+        """Collective: the trackers of every rank as one."""
+        states = [tracker.state_dict()]
         if self.accelerator.num_processes > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        total = BadSampleTracker()
-        total.load_state_dict({**self.bad.state_dict(), "n_bad": int(counts[0]), "n_seen": int(counts[1])})
-        total.check(self.config.data.max_bad_fraction, final=final)
+            from accelerate.utils import gather_object
+
+            states = gather_object(states)
+        return BadSampleTracker.combined(states)
 
     # ------------------------------------------------------------------------------------------
     def save(self) -> Path:
