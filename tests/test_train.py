@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +70,18 @@ def test_resume_matches_uninterrupted_run(image_folder, tmp_path):
     losses_full = [r["loss"] for r in rows(full) if "loss" in r]
     losses_part = [r["loss"] for r in rows(part) if "loss" in r]
     assert losses_part == losses_full
+
+    # provenance.json: one record per launch, the resume saying where it came from
+    launches = json.loads((part / "provenance.json").read_text())
+    assert [(r["step"], r["resumed_from"]) for r in launches] == [(0, None), (3, str(ckpt.checkpoint_dir(part, 3)))]
+    first = launches[0]
+    assert first["world_size"] == 1 and first["hosts"] == {socket.gethostname(): [0]}
+    assert first["packages"]["torch"] == torch.__version__.split("+")[0] and "timm" in first["packages"]
+    assert first["command"][0] == sys.executable
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode == 0:  # the tests run from a checkout
+        assert first["code"]["commit"] == head.stdout.strip()
 
 
 def test_last_layer_frozen_for_first_epoch_and_teacher_follows_student(image_folder, tmp_path):

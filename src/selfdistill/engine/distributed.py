@@ -30,13 +30,18 @@ def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 
+def process_argv(pid: int) -> list[str]:
+    """The command line of process ``pid`` (Linux /proc; empty when unreadable)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
 def _parent_accelerate_num_processes() -> int:
     """``--num_processes`` of an ``accelerate launch`` that started this process, else 0."""
-    try:
-        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-    except OSError:
-        return 0
-    argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    argv = process_argv(os.getppid())
     if "launch" not in argv or not any("accelerate" in a for a in argv[: argv.index("launch") + 1]):
         return 0
     rest = argv[argv.index("launch") + 1:]

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from selfdistill.atomic import write_text_atomic
 from selfdistill.data import BadSampleTracker
 from selfdistill.engine import checkpoint as ckpt
+from selfdistill.engine import provenance
 from selfdistill.engine.distributed import configure_deepspeed, make_accelerator
 from selfdistill.engine.logger import RunLogger
 from selfdistill.engine.task import Hook, Progress, Task
@@ -128,6 +129,7 @@ class Trainer:
             self._restore(resume_from)
         elif self.resume == "auto" and acc.is_main_process:
             log.info("--resume auto: no checkpoint in %s, starting fresh", self.run_dir)
+        self._record_provenance(resume_from)
         if cfg.train.trackers:
             acc.init_trackers(self.task.tracker_project, config=flat_config(cfg.to_dict()))
         self._emit("on_train_start")
@@ -291,6 +293,20 @@ class Trainer:
                 f"(train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}); stopping. "
                 f"Last good checkpoint: {last or 'none yet'}. Lower optim.lr or raise optim.warmup_epochs.")
 
+    def _record_provenance(self, resumed_from: Path | None) -> None:
+        """Collective: this launch's code, packages, command lines and hosts, appended to the run's
+        ``provenance.json`` (the run directory says what produced it)."""
+        acc = self.accelerator
+        ranks = self._gather(provenance.rank_record())
+        if acc.is_main_process:
+            if self.deepspeed:
+                stage = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+                distributed = f"deepspeed zero-{stage}"
+            else:
+                distributed = "ddp" if acc.num_processes > 1 else "single process"
+            provenance.record_launch(self.run_dir, provenance.launch_record(
+                acc, ranks, str(resumed_from) if resumed_from else None, self.state.step, distributed))
+
     def _check_images(self) -> None:
         """Collective: every rank decodes its share of the images; fails before training on too many bad."""
         acc = self.accelerator
@@ -307,12 +323,15 @@ class Trainer:
 
     def _combined(self, tracker: BadSampleTracker) -> BadSampleTracker:
         """Collective: the trackers of every rank as one."""
-        states = [tracker.state_dict()]
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
+        return BadSampleTracker.combined(self._gather(tracker.state_dict()))
 
-            states = gather_object(states)
-        return BadSampleTracker.combined(states)
+    def _gather(self, item: Any) -> list[Any]:
+        """Collective: ``item`` (picklable) of every rank, in rank order."""
+        if self.accelerator.num_processes == 1:
+            return [item]
+        from accelerate.utils import gather_object
+
+        return gather_object([item])
 
     # ------------------------------------------------------------------------------------------
     def save(self) -> Path:
