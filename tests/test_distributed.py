@@ -62,13 +62,14 @@ def test_accelerate_config_file_for_two_cpu_processes(tmp_path):
     # Online kNN with features sharded over the two ranks and gathered back: colour-coded classes.
     knn = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "knn/" in line]
     assert len(knn) == 1 and knn[0]["knn/top1_k1"] == 100.0
-    # The checkpoint's position and schedules belong to 2 ranks: one rank must refuse it clearly.
+    # One rank with the same per-device batch halves the global batch: refused, with the ways on.
     single = _launch([sys.executable], data, out, "--resume", "auto")
     assert single.returncode == 1
-    assert "written by 2 ranks but this run has 1" in single.stderr
-    assert "--part student" in single.stderr and "model.pretrained=" in single.stderr
+    assert "trained with global batch 16 (8 per device x 2 ranks x 1 accumulation)" in single.stderr
+    assert "train.batch_size_per_device=16 train.grad_accum_steps=1" in single.stderr
+    assert "--resume-elastic" in single.stderr
 
-    # The way it names: consolidated student weights start a one-rank run.
+    # Another way on: consolidated student weights start a new one-rank run.
     from safetensors.torch import load_file
 
     from selfdistill.cli.evaluate import main as eval_main

@@ -16,6 +16,9 @@ from selfdistill.data.images import SourceConfig
 from selfdistill.models.backbone import ModelConfig
 
 
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
+
+
 @dataclass
 class DataConfig(SourceConfig):
     """Training images (the source keys) and the multi-crop augmentation (DINO's ImageNet defaults)."""
@@ -87,8 +90,15 @@ class TrainConfig:
     progress_bar: bool = True
     compile: bool = False  # torch.compile the backbones (student and teacher) in place; slow first steps
     keep_freed_memory: bool = True  # CPU: glibc keeps freed activations for the next step (no page faults)
+    # on these signals every rank finishes its optimizer step, a checkpoint is written, exit code 75 ([]: none)
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    checkpoint_every_minutes: float = 0.0  # also a checkpoint when this long has passed since the last (0: off)
 
     def validate(self, prefix: str) -> None:
+        for name in self.preempt_signals:
+            if name not in PREEMPT_SIGNALS:
+                fail(f"{prefix}.preempt_signals", f"unknown signal {name!r} (use {', '.join(PREEMPT_SIGNALS)})")
+        non_negative(self, prefix, "checkpoint_every_minutes")
         positive(self, prefix, "epochs", "batch_size_per_device", "grad_accum_steps", "log_every", "checkpoint_every",
                  "keep_checkpoints", "max_nonfinite_steps")
         non_negative(self, prefix, "max_steps", "overfit_batches", "checkpoint_every_epochs")

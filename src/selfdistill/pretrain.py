@@ -22,9 +22,9 @@ __all__ = ["pretraining"]
 
 
 def pretraining(config: Config, resume: str | None = None, hooks: Sequence[Hook] = (),
-                check_data: bool = False) -> Trainer:
+                check_data: bool = False, resume_elastic: bool = False) -> Trainer:
     """The loop for ``config``'s method; ``fit()`` returns this rank's summary."""
     standard: list[Hook] = [OnlineKnn(config)] if config.knn.val_path else []
     standard += [RankSummary(), TrainingCurves()]
     return Trainer(config, lambda: build_method(config), resume=resume, hooks=[*standard, *hooks],
-                   check_data=check_data)
+                   check_data=check_data, resume_elastic=resume_elastic)

@@ -61,7 +61,8 @@ def _context(args: argparse.Namespace, proto: Any, weights: Any) -> Any:
 def run_command(args: argparse.Namespace) -> int:
     from selfdistill.atomic import write_json_atomic
     from selfdistill.engine.distributed import relaunch_if_needed
-    from selfdistill.engine.trainer import NonFiniteLossError
+    from selfdistill.data import BadDataError
+    from selfdistill.engine.trainer import NonFiniteLossError, Preempted
     from selfdistill.eval.protocols import Weights, get_protocol, model_config_from, options_from_args, run_protocol
 
     proto = get_protocol(args.command)
@@ -73,9 +74,12 @@ def run_command(args: argparse.Namespace) -> int:
     ctx = _context(args, proto, weights)
     try:
         result = run_protocol(proto.name, weights, options, ctx)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, BadDataError) as e:
         logging.getLogger("selfdistill").error("%s", e)
         return 1
+    except Preempted as e:  # fine-tuning: checkpoint written, continue with --resume auto
+        logging.getLogger("selfdistill").warning("%s", e)
+        return e.exit_code
     if proto.output == "summary":
         return 1 if result.get("failed") else 0
     if proto.output == "results" and ctx.is_main:

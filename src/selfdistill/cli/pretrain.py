@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--resume", default=None,
                    help="'auto' continues the latest checkpoint in train.output_dir; or a checkpoint/run directory")
+    p.add_argument("--resume-elastic", action="store_true",
+                   help="let the resumed run use another global batch (ranks x per-device batch x accumulation) than "
+                        "the checkpoint: position and schedules are re-derived from the images seen")
     p.add_argument("--check-data", action="store_true",
                    help="decode every training image once before the first step (folder / HF data; progress bar) "
                         "and stop if more than data.max_bad_fraction are unreadable")
@@ -81,14 +84,18 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1)
 
     from selfdistill.data import BadDataError
-    from selfdistill.engine.trainer import NonFiniteLossError
+    from selfdistill.engine.trainer import NonFiniteLossError, Preempted
     from selfdistill.pretrain import pretraining
 
     try:
-        summary = pretraining(config, resume=args.resume, check_data=args.check_data).fit()
+        summary = pretraining(config, resume=args.resume, check_data=args.check_data,
+                              resume_elastic=args.resume_elastic).fit()
     except (ValueError, FileNotFoundError, NonFiniteLossError, BadDataError) as e:
         logging.getLogger("selfdistill").error("%s", e)
         return 1
+    except Preempted as e:  # the checkpoint is written; exit 75 asks the launcher script to requeue
+        logging.getLogger("selfdistill").warning("%s", e)
+        return e.exit_code
     if args.demo and summary["rank"] == 0:
         _report_demo(config)
     return 0

@@ -23,15 +23,14 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from selfdistill.configkit import fail, fraction, non_negative, one_of
 from selfdistill.data.collate import collate_eval
-from selfdistill.data.folder import BadSampleTracker, ImageFolderDataset
+from selfdistill.data.folder import ImageFolderDataset
 from selfdistill.data.hf import HFImageDataset, is_hf_directory
 from selfdistill.data.sampler import ShardedEvalSampler
 from selfdistill.data.shard_format import has_info
-from selfdistill.data.sources import MapSource, ShardSource, ShardStream, expand_urls, shard_info
+from selfdistill.data.sources import MapSource, ShardSource, ShardStream, expand_urls, loader_worker_init, shard_info
 
 __all__ = ["FORMATS", "ImageSet", "SourceConfig", "detect_format", "open_images"]
 
@@ -140,31 +139,24 @@ class ImageSet:
         if self.dataset is None:
             stream = ShardStream(self.urls, self.transform, rank, world_size, seed=0, resampled=False,
                                  draft_size=self.source.decode_size)
-            return DataLoader(stream, batch_size=batch_size, collate_fn=collate_fn,
+            return DataLoader(stream, batch_size=batch_size, collate_fn=collate_fn, worker_init_fn=loader_worker_init,
                               num_workers=min(workers, len(self.urls[rank::world_size])))
         return DataLoader(self.dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn,
                           sampler=ShardedEvalSampler(len(self.dataset), rank, world_size),
+                          worker_init_fn=loader_worker_init,
                           generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
 
-    def scan(self, rank: int = 0, world_size: int = 1, batch_size: int = 64, progress: bool = True) -> BadSampleTracker:
-        """Decode this rank's share of the images once, without augmentation: the unreadable files
-        of a folder or HF dataset before a long run meets them (shards: ``selfdistill-shards verify``)."""
+    def check_loader(self, rank: int = 0, world_size: int = 1, batch_size: int = 64) -> DataLoader:
+        """This rank's share of the images, each decoded once without augmentation, in batches of
+        ``{"bad", "draws", "bad_draws"}`` (the images themselves dropped): the unreadable files of a
+        folder or HF dataset before a long run meets them (shards: ``selfdistill-shards verify``)."""
         if self.dataset is None:
             raise ValueError(f"{self.source.path}: checking every image first reads folder and HF data; check "
                              "shards with `selfdistill-shards verify --dir DIR`")
         plain = copy.copy(self.dataset)
         plain.transform = None
-        sampler = ShardedEvalSampler(len(plain), rank, world_size)
-        loader = DataLoader(plain, batch_size=batch_size, num_workers=self.source.num_workers, collate_fn=_draws_only,
-                            sampler=sampler)
-        tracker = BadSampleTracker()
-        with tqdm(total=len(sampler), desc="checking images", unit="img", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for batch in loader:
-                tracker.update(batch["bad"], batch["draws"], batch["bad_draws"])
-                bar.update(batch["draws"])
-                bar.set_postfix(unreadable=tracker.n_bad)
-        return tracker
+        return DataLoader(plain, batch_size=batch_size, num_workers=self.source.num_workers, collate_fn=_draws_only,
+                          sampler=ShardedEvalSampler(len(plain), rank, world_size), worker_init_fn=loader_worker_init)
 
 
 def _draws_only(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -15,8 +15,11 @@ statistics but not the same samples as the uninterrupted one.
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
+import multiprocessing
+import multiprocessing.util  # its exit function is registered first, so ours below runs before it
 import os
 import random
 import shutil
@@ -35,6 +38,32 @@ from selfdistill.data.sampler import EpochShardSampler
 from selfdistill.data.shard_format import INFO_NAME, has_info, read_info, shard_urls
 
 log = logging.getLogger(__name__)
+
+
+def _ignore_stop(signum: int, frame: Any) -> None:
+    pass
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """Loader workers leave stopping to the training process: a SIGTERM / SIGUSR1 sent to every
+    process of a job (SLURM does) would otherwise kill them (PyTorch's worker handler dies on a
+    SIGTERM not sent by its parent) and the training process would fail in the very step it must
+    finish to write its preemption checkpoint. They still exit with their parent. A Python handler,
+    not SIG_IGN, so programs a worker starts (``pipe:`` shards) get the default back on exec."""
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT"):
+        signal.signal(getattr(signal, name), _ignore_stop)
+
+
+@atexit.register
+def _stop_loader_workers() -> None:
+    """A process that exits without closing its loaders (an exception: a peer rank died) kills its
+    workers itself: multiprocessing's exit would SIGTERM them, which they ignore (above), and then
+    wait for them forever, which under torchrun means until its shutdown timeout kills the rank."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 # -- map-style sources: folders and HF datasets ------------------------------------------------
@@ -59,7 +88,7 @@ class MapSource:
             num_workers=self.num_workers, collate_fn=self.collate_fn, pin_memory=self.pin_memory,
             # A private generator: creating the loader must not consume the global RNG (exact resume).
             generator=torch.Generator().manual_seed(self.seed), persistent_workers=False,
-            prefetch_factor=4 if self.num_workers else None)
+            prefetch_factor=4 if self.num_workers else None, worker_init_fn=loader_worker_init)
 
 
 # -- webdataset shards -------------------------------------------------------------------------
@@ -272,5 +301,5 @@ class ShardSource:
                              max_missing_fraction=self.max_missing_fraction, draft_size=self.draft_size)
         batches = wds.DataPipeline(stream, wds.batched(self.batch_size, collation_fn=self.collate_fn, partial=False))
         loader = wds.WebLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                               prefetch_factor=4 if self.num_workers else None)
+                               prefetch_factor=4 if self.num_workers else None, worker_init_fn=loader_worker_init)
         return loader.with_epoch(self.batches_per_epoch - start_batch)

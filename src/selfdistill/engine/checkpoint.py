@@ -5,12 +5,14 @@ DeepSpeed, the ZeRO partitions). Beside it: the task's own state (EMA teacher, c
 and the loop's position as plain tensors / JSON, read back with ``weights_only=True`` (Accelerate's
 ``register_for_checkpointing`` would unpickle them), and the task's exports (the networks the run
 publishes, full fp32 weights whatever the backend), so reading a checkpoint's weights never needs
-the method that wrote it.
+the method that wrote it. A DeepSpeed checkpoint resumed on another rank count is read through
+DeepSpeed's universal checkpoint, converted once into the checkpoint's ``universal/``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,8 +21,11 @@ from typing import Any
 import torch
 
 from selfdistill.atomic import atomic_path, torch_save_atomic, write_json_atomic, write_text_atomic
+from selfdistill.engine.elastic import Layout
 from selfdistill.models.weights import read_meta, save_weights, write_sidecar
 from selfdistill.params import full_state_dict
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step_"
@@ -28,6 +33,7 @@ TASK_STATE = "task_state.pt"
 LOOP_STATE = "loop_state.json"
 CONFIG = "config.yaml"
 DEEPSPEED_TAG = "pytorch_model"  # the directory Accelerate's save_state gives the ZeRO files
+UNIVERSAL = "universal"  # a DeepSpeed checkpoint converted for another rank count
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -110,28 +116,72 @@ def read_loop_state(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / LOOP_STATE).read_text())
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore Accelerate's state in place; return (task_state, loop_state).
+def saved_layout(path: str | Path) -> Layout:
+    """The batch layout a checkpoint was trained with (from its own config for checkpoints written
+    before the loop state recorded it)."""
+    state = read_loop_state(Path(path))
+    batch, accum = state.get("batch_size_per_device", 0), state.get("grad_accum_steps", 0)
+    if not batch:
+        import yaml
 
-    Refused before anything is loaded when the checkpoint was written by another number of ranks:
-    the position inside the epoch and the global batch (so every schedule) depend on it.
-    """
-    loop_state = read_loop_state(path)
-    written_by = loop_state.get("world_size", 1)
-    if written_by != accelerator.num_processes:
-        raise ValueError(
-            f"checkpoint {path} was written by {written_by} ranks but this run has {accelerator.num_processes}. "
-            "An exact resume needs the same rank count (the position inside the epoch, the global batch and "
-            "so every schedule depend on it, and ZeRO shards optimizer state per rank). To go on with "
-            f"{accelerator.num_processes} ranks instead, start a new run from the consolidated weights: "
-            f"`run_eval.py export --weights {path} --part student --out student.safetensors`, then "
-            "`run_pretrain.py ... model.pretrained=student.safetensors` (heads, optimizer state and "
-            "schedules start afresh). DeepSpeed's universal checkpoint (ds_to_universal) is not supported.")
-    accelerator.load_state(str(path))
+        train = (yaml.safe_load((Path(path) / CONFIG).read_text()) or {}).get("train", {})
+        batch, accum = int(train.get("batch_size_per_device", 64)), int(train.get("grad_accum_steps", 1))
+    return Layout(int(state.get("world_size", 1)), int(batch), int(accum or 1))
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / DEEPSPEED_TAG).is_dir()
+
+
+def load_checkpoint(accelerator: Any, path: Path, universal: bool = False) -> dict[str, Any]:
+    """Restore Accelerate's state in place; return the task state. ``universal``: a DeepSpeed
+    checkpoint written by another rank count, read through DeepSpeed's universal checkpoint (the
+    engine must have been built with ``checkpoint.load_universal``)."""
+    if universal:
+        groups = [g for opt in accelerator._optimizers for g in opt.param_groups]
+        own = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        accelerator.load_state(str(universal_checkpoint(accelerator, path)))
+        # Two slips of DeepSpeed's ZeRO-3 universal load (0.19), undone: every parameter group gets the
+        # first group's settings (a frozen last layer would train, biases take weight decay), and every
+        # parameter's Adam step counter is one shared tensor (each group's step advances it again).
+        for group, settings in zip(groups, own):
+            group.update(settings)
+        for opt in accelerator._optimizers:
+            while hasattr(opt, "optimizer"):  # Accelerate's wrapper -> DeepSpeed's -> torch's
+                opt = opt.optimizer
+            for state in opt.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+    else:
+        accelerator.load_state(str(path))
     for model in accelerator._models:  # ZeRO-3: drop parameters the load left gathered (stale fetch trace)
         if hasattr(model, "empty_partition_cache") and getattr(model, "zero_optimization_stage", lambda: 0)() == 3:
             model.empty_partition_cache()
-    return load_task_state(path), loop_state
+    return load_task_state(path)
+
+
+def universal_checkpoint(accelerator: Any, path: str | Path) -> Path:
+    """Collective: the DeepSpeed checkpoint ``path`` in DeepSpeed's universal format (any partition
+    count), converted once by ``ds_to_universal`` into ``path/universal/`` (kept for the next resume)."""
+    import subprocess
+    import sys
+
+    target = Path(path) / UNIVERSAL
+    if accelerator.is_main_process and not (target / DEEPSPEED_TAG).is_dir():
+        log.info("%s was written by another number of ranks: converting it to DeepSpeed's universal checkpoint "
+                 "(once, into %s)", path, target)
+        tmp = Path(path) / f".tmp-{UNIVERSAL}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(Path(path) / DEEPSPEED_TAG), "--output_folder", str(tmp / DEEPSPEED_TAG),
+               "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"ds_to_universal could not convert {path}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    accelerator.wait_for_everyone()
+    return target
 
 
 def load_task_state(path: str | Path) -> dict[str, Any]:

@@ -82,6 +82,22 @@ def relaunch_if_needed(argv: list[str] | None = None) -> None:
     os.execvpe(cmd[0], cmd, env)
 
 
+def join_torchelastic_attempt(backend: str) -> None:
+    """Under torchrun, join the ranks of this attempt in a namespace of its own.
+
+    torchrun restarts every rank when one dies (``--max_restarts``). The restarted ranks meet in the
+    agent's store, which still holds the previous attempt's keys (this torch no longer prefixes them
+    per attempt), so a rank could read the address of a rank that died and fail to connect or hang
+    (seen on 2 gloo ranks). Accelerate and DeepSpeed then use this process group as it is."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or torch.distributed.is_initialized():
+        return
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    store = torch.distributed.PrefixStore(f"/selfdistill/attempt_{attempt}", agent)
+    torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                         world_size=world_size_from_env())
+
+
 def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with: list[str],
                      project_dir: str | None):
     """Build the Accelerator with the right backend and verify the world size."""
@@ -99,6 +115,8 @@ def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with:
     if uses_deepspeed():
         check_deepspeed_launch(cpu)
     world = world_size_from_env()
+    if world > 1:
+        join_torchelastic_attempt("gloo" if on_cpu else "nccl")
     if on_cpu and world > 1 and uses_deepspeed():
         PartialState(backend="gloo")  # DeepSpeed through Accelerate otherwise leaves every rank at 0
     accelerator = Accelerator(
@@ -139,12 +157,14 @@ def check_deepspeed_launch(cpu: bool) -> None:
                 "from the YAML; precision comes from train.precision, clipping from the JSON / optim.clip_grad")
 
 
-def configure_deepspeed(accelerator, micro_batch_size: int, clip_grad: float, precision: str = "fp32") -> None:
+def configure_deepspeed(accelerator, micro_batch_size: int, clip_grad: float, precision: str = "fp32",
+                        load_universal: bool = False) -> None:
     """Fill the DeepSpeed values Accelerate cannot infer here, and check the ones a JSON fixes.
 
     We never hand our data loader to ``prepare`` (its sampler is ours), so the micro-batch size is
     set explicitly; ``gradient_clipping: "auto"`` would silently become 1.0, so it takes
-    ``optim.clip_grad``, and an explicit JSON value must agree with the recipe.
+    ``optim.clip_grad``, and an explicit JSON value must agree with the recipe. ``load_universal``:
+    the run resumes a checkpoint of another rank count, read in DeepSpeed's universal format.
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
@@ -155,6 +175,8 @@ def configure_deepspeed(accelerator, micro_batch_size: int, clip_grad: float, pr
         raise ValueError(f"the DeepSpeed config sets train_micro_batch_size_per_gpu={mb} but "
                          f"train.batch_size_per_device={micro_batch_size}; use \"auto\" or make them equal")
     conf["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if load_universal:
+        conf.setdefault("checkpoint", {})["load_universal"] = True
     for key in ("bf16", "fp16"):
         enabled = conf.get(key, {}).get("enabled", "auto")
         if enabled not in ("auto", None) and bool(enabled) != (precision == key):

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from selfdistill.atomic import write_text_atomic
+
 
 class RunLogger:
     def __init__(self, accelerator: Any, run_dir: Path) -> None:
@@ -61,9 +63,23 @@ class RunLogger:
         self.write(row, step)
         return row
 
-    def write(self, row: dict[str, Any], step: int) -> None:
+    def truncate_after(self, step: int) -> int:
+        """Collective: drop the rows after ``step`` (what a crashed or preempted attempt logged past
+        the checkpoint a run resumes from, trained again now); returns how many were dropped."""
+        dropped = 0
+        if self.acc.is_main_process and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+            dropped = len([line for line in lines if line.strip()]) - len(kept)
+            if dropped:
+                write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
+        self.acc.wait_for_everyone()
+        return dropped
+
+    def write(self, row: dict[str, Any], step: int, track: bool = True) -> None:
+        """One row of ``log.jsonl`` (main process); also to the trackers unless an event row (``track``)."""
         if self.acc.is_main_process:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-        if self.acc.trackers:
+        if track and self.acc.trackers:
             self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)

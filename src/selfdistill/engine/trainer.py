@@ -26,13 +26,15 @@ from selfdistill.atomic import write_text_atomic
 from selfdistill.data import BadSampleTracker
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine import provenance
-from selfdistill.engine.distributed import configure_deepspeed, make_accelerator
+from selfdistill.engine.distributed import configure_deepspeed, make_accelerator, uses_deepspeed
+from selfdistill.engine.elastic import Layout, plan_resume
 from selfdistill.engine.logger import RunLogger
+from selfdistill.engine.preemption import Preempted, StopFlag, watch_signals
 from selfdistill.engine.task import Hook, Progress, Task
 
 log = logging.getLogger("selfdistill")
 
-__all__ = ["LoopState", "NonFiniteLossError", "Trainer", "compile_backbones", "keep_freed_memory"]
+__all__ = ["LoopState", "NonFiniteLossError", "Preempted", "Trainer", "compile_backbones", "keep_freed_memory"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,7 +51,9 @@ class LoopState:
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
     samples_seen: int = 0  # on this rank
-    world_size: int = 1
+    world_size: int = 1  # the batch layout the state belongs to (resuming on another one: engine.elastic)
+    batch_size_per_device: int = 0
+    grad_accum_steps: int = 0
     bad: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,11 +64,11 @@ class Trainer:
     """The loop. ``make_task`` is called once the Accelerator exists and every rank is seeded
     alike (identical initial weights); ``data(task)``, when given, replaces the task's training
     images (a benchmark serves one synthetic batch); ``check_data`` decodes every training image once
-    before the first step."""
+    before the first step; ``resume_elastic`` lets a resume change the global batch."""
 
     def __init__(self, config: Any, make_task: Callable[[], Task], resume: str | None = None,
                  hooks: Sequence[Hook] = (), data: Callable[[Task], Any] | None = None,
-                 check_data: bool = False) -> None:
+                 check_data: bool = False, resume_elastic: bool = False) -> None:
         self.config = config
         self.make_task = make_task
         self.resume = resume
@@ -72,6 +76,7 @@ class Trainer:
         self.extra_hooks = list(hooks)
         self.data = data
         self.check_data = check_data
+        self.resume_elastic = resume_elastic
         self.results: dict[str, Any] = {}  # what hooks report at the end (fit's return value)
 
     # ------------------------------------------------------------------------------------------
@@ -103,23 +108,45 @@ class Trainer:
         optimizer = task.build_optimizer(self.global_batch, acc.device)
         if t.compile:
             compile_backbones(task)
-        configure_deepspeed(acc, t.batch_size_per_device, self.config.optim.clip_grad, t.precision)
+        # Known before the engine is built: a DeepSpeed checkpoint of another rank count is read in
+        # DeepSpeed's universal format, which the engine must be configured for.
+        self.resume_from = ckpt.resolve_resume(self.resume, self.run_dir)
+        self.universal = uses_deepspeed() and self.resume_from is not None and \
+            ckpt.is_deepspeed_checkpoint(self.resume_from) and \
+            ckpt.saved_layout(self.resume_from).world_size != acc.num_processes
+        configure_deepspeed(acc, t.batch_size_per_device, self.config.optim.clip_grad, t.precision, self.universal)
         self.student, self.optimizer = acc.prepare(task.student, optimizer)
         self.deepspeed = getattr(acc.state, "deepspeed_plugin", None) is not None
         self.scheduler = task.build_scheduler(self.optimizer, self.steps_per_epoch, self.total_steps, self.global_batch)
         task.setup(acc, self.steps_per_epoch, self.total_steps)
         self.hooks = [*task.hooks(), *self.extra_hooks]
         self.bad = BadSampleTracker()
-        self.state = LoopState(world_size=acc.num_processes)
+        self.layout = Layout(acc.num_processes, t.batch_size_per_device, t.grad_accum_steps)
+        self.state = LoopState(world_size=acc.num_processes, batch_size_per_device=t.batch_size_per_device,
+                               grad_accum_steps=t.grad_accum_steps)
         self.logger = RunLogger(acc, self.run_dir)
+        self.stop = StopFlag()  # raised by train.preempt_signals while fit() runs
+        self._saved_at: tuple[int, int, int] | None = None  # the loop position of the last checkpoint
+        self._last_save_time = time.monotonic()
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Build, resume, train to the last step, write the final checkpoint and its exports;
-        returns what the hooks reported (``results``)."""
+        returns what the hooks reported (``results``). On a ``train.preempt_signals`` signal: the
+        step finished on every rank, a checkpoint, then :class:`Preempted` (exit code 75)."""
         self.build()
         acc, cfg = self.accelerator, self.config
-        resume_from = ckpt.resolve_resume(self.resume, self.run_dir)
+        with watch_signals(cfg.train.preempt_signals, self.stop):
+            try:
+                self._fit()
+            except Preempted:
+                acc.end_training()
+                raise
+        return self.results
+
+    def _fit(self) -> None:
+        acc, cfg = self.accelerator, self.config
+        resume_from = self.resume_from
         if acc.is_main_process:
             write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
         acc.wait_for_everyone()
@@ -132,6 +159,7 @@ class Trainer:
         self._record_provenance(resume_from)
         if cfg.train.trackers:
             acc.init_trackers(self.task.tracker_project, config=flat_config(cfg.to_dict()))
+        self._last_save_time = time.monotonic()
         self._emit("on_train_start")
         self.run_until(self.last_step)
         self._emit("on_train_end")
@@ -145,7 +173,6 @@ class Trainer:
         acc.wait_for_everyone()
         self._emit("on_final_checkpoint", final)
         acc.end_training()
-        return self.results
 
     def run_until(self, last_step: int) -> None:
         """Train epoch after epoch until ``last_step`` optimizer steps are done; at each whole
@@ -171,7 +198,7 @@ class Trainer:
     def _train_epoch(self, bar: Any, last_step: int) -> None:
         acc, t, st = self.accelerator, self.config.train, self.state
         micro_per_epoch = self.steps_per_epoch * t.grad_accum_steps
-        step_ok, grad_norm = True, None
+        step_ok, stop, due, grad_norm = True, False, False, None
         data_iter = iter(self.source.loader(st.epoch, st.batch_in_epoch))
         while st.batch_in_epoch < micro_per_epoch and st.step < last_step:
             self._emit("on_step_start")
@@ -187,8 +214,9 @@ class Trainer:
             with acc.accumulate(self.student):
                 with self.autocast():
                     out = self.task.training_step(self.student, batch, progress)
-                finite = self._all_finite(out.loss)
+                finite, stop_now, due_now = self._agree(out.loss)
                 step_ok &= finite
+                stop, due = stop or stop_now, due or due_now
                 self._emit("on_phase_end", "forward")
                 norm = self._backward_and_step(out.loss, finite, step_ok)
                 grad_norm = norm if norm is not None else grad_norm
@@ -215,6 +243,11 @@ class Trainer:
                 self._log(values, progress, grad_norm, bar)
             if stepped and st.step % t.checkpoint_every == 0 and st.step < last_step:
                 self.save()
+            if stop and st.step < last_step:  # (at the last step the run simply finishes)
+                self._preempt()
+            if due and stepped and st.step < last_step:  # train.checkpoint_every_minutes
+                self.save()
+                due = False
             if epoch_done:
                 return
 
@@ -271,12 +304,29 @@ class Trainer:
             return torch.autocast(device_type=self.accelerator.device.type, dtype=dtype)
         return self.accelerator.autocast()
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """One host sync per micro-batch, agreed by all ranks so no rank steps alone."""
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool, bool]:
+        """One host sync per micro-batch, agreed by all ranks so no rank acts alone: is the loss
+        finite everywhere, has any rank been asked to stop (a signal may reach one node only), is a
+        timed checkpoint due (rank 0's clock decides)."""
+        minutes = self.config.train.checkpoint_every_minutes
+        due = self.accelerator.is_main_process and minutes > 0 and \
+            time.monotonic() - self._last_save_time >= 60 * minutes
+        flags = torch.cat([(~torch.isfinite(loss.detach())).float().reshape(1),
+                           torch.tensor([float(bool(self.stop)), float(due)], device=loss.device)])
         if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        return bool(bad.item() == 0)
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        nonfinite, stop, due_anywhere = flags.tolist()
+        return nonfinite == 0, stop > 0, due_anywhere > 0
+
+    def _preempt(self) -> None:
+        """Collective: the checkpoint of this step (unless just written), then :class:`Preempted`."""
+        st = self.state
+        path = self.save()
+        heard = self._gather((self.stop.name, time.monotonic() - self.stop.at) if self.stop else None)
+        name, seconds = max((h for h in heard if h), key=lambda h: h[1])  # from the first rank to hear it
+        self.logger.write({"event": "preempted", "signal": name, "step": st.step, "epoch": st.epoch,
+                           "checkpoint_seconds_after_signal": round(seconds, 3)}, st.step, track=False)
+        raise Preempted(name, st.step, path, seconds)
 
     def _on_nonfinite(self) -> None:
         st = self.state
@@ -310,8 +360,15 @@ class Trainer:
     def _check_images(self) -> None:
         """Collective: every rank decodes its share of the images; fails before training on too many bad."""
         acc = self.accelerator
-        found = self._combined(self.images.scan(acc.process_index, acc.num_processes,
-                                                progress=acc.is_main_process and self.config.train.progress_bar))
+        loader = self.images.check_loader(acc.process_index, acc.num_processes)
+        mine = BadSampleTracker()
+        with tqdm(total=len(loader.sampler), desc="checking images", unit="img", dynamic_ncols=True,
+                  disable=not (acc.is_main_process and self.config.train.progress_bar)) as bar:
+            for batch in loader:
+                mine.update(batch["bad"], batch["draws"], batch["bad_draws"])
+                bar.update(batch["draws"])
+                bar.set_postfix(unreadable=mine.n_bad)
+        found = self._combined(mine)
         if acc.is_main_process:
             log.info("checked %d images: %d unreadable (%.3f%%)%s", found.n_draws, found.n_bad, 100 * found.fraction,
                      "".join(f"\n  {path}" for path in list(found.bad)[: found.max_shown_paths]))
@@ -336,19 +393,38 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def save(self) -> Path:
         """Collective: a checkpoint at the current step (student, optimizer, RNG, task state,
-        loop position, exports)."""
-        self.state.bad = self.bad.state_dict()
-        return ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.task.state_dict(),
-                                    self.state.to_dict(), self.config.to_yaml(), self.config.train.keep_checkpoints,
-                                    self.task.exports())
+        loop position, exports); none again at a position already saved."""
+        st = self.state
+        self._last_save_time = time.monotonic()
+        if self._saved_at == (st.step, st.epoch, st.batch_in_epoch):
+            return ckpt.checkpoint_dir(self.run_dir, st.step)
+        st.bad = self._bad_images().state_dict()  # every rank's, so any rank count can resume it
+        path = ckpt.save_checkpoint(self.accelerator, self.run_dir, st.step, self.task.state_dict(), st.to_dict(),
+                                    self.config.to_yaml(), self.config.train.keep_checkpoints, self.task.exports())
+        self._saved_at = (st.step, st.epoch, st.batch_in_epoch)
+        return path
 
     def _restore(self, path: Path) -> None:
-        task_state, loop_state = ckpt.load_checkpoint(self.accelerator, path)
-        self.task.load_state_dict(task_state)
-        self.state = LoopState(**loop_state)
-        self.bad.load_state_dict(self.state.bad)
+        """Collective: continue from checkpoint ``path``, on this batch layout (refused before
+        anything is loaded when the global batch changed without ``resume_elastic``)."""
+        state, change = plan_resume(ckpt.read_loop_state(path), ckpt.saved_layout(path), self.layout,
+                                    self.steps_per_epoch, self.resume_elastic)
+        self.task.load_state_dict(ckpt.load_checkpoint(self.accelerator, path, self.universal))
+        self.state = LoopState(**{**state, "world_size": self.layout.world_size,
+                                  "batch_size_per_device": self.layout.batch_size_per_device,
+                                  "grad_accum_steps": self.layout.grad_accum_steps})
+        if self.accelerator.is_main_process:  # the saved counts are every rank's already
+            self.bad.load_state_dict(self.state.bad)
+        dropped = self.logger.truncate_after(self.state.step)
+        self.logger.write({"event": "resumed", "step": self.state.step, "epoch": self.state.epoch,
+                           "checkpoint": str(path), "world_size": self.accelerator.num_processes,
+                           "dropped_log_rows": dropped, **({"layout_change": change} if change else {})},
+                          self.state.step, track=False)
         if self.accelerator.is_main_process:
-            log.info("resumed from %s (step %d, epoch %d)", path, self.state.step, self.state.epoch)
+            log.info("resumed from %s (step %d, epoch %d)%s", path, self.state.step, self.state.epoch,
+                     f"; {dropped} log rows past it (trained again now) dropped" if dropped else "")
+            if change:
+                log.warning("%s", change)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

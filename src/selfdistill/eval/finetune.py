@@ -726,9 +726,10 @@ class FinetuneValidation(Hook):
         loop.results.update(results)
 
 
-def finetuning(config: FinetuneConfig, resume: str | None = None, hooks: tuple[Hook, ...] = ()) -> Trainer:
+def finetuning(config: FinetuneConfig, resume: str | None = None, hooks: tuple[Hook, ...] = (),
+               resume_elastic: bool = False) -> Trainer:
     """The loop for a fine-tuning recipe; ``fit()`` returns the results (also ``finetune_results.json``)."""
-    return Trainer(config, lambda: FinetuneTask(config), resume=resume, hooks=hooks)
+    return Trainer(config, lambda: FinetuneTask(config), resume=resume, hooks=hooks, resume_elastic=resume_elastic)
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,6 +745,9 @@ class FinetuneOptions:
         "metavar": "section.key=value"})
     resume: str = field(default="", metadata={
         "help": "'auto' continues the latest checkpoint in train.output_dir; or a checkpoint/run directory"})
+    resume_elastic: bool = field(default=False, metadata={
+        "help": "let the resumed run use another global batch than the checkpoint (position and schedules "
+                "re-derived from the images seen)", "switch": True})
     print_config: bool = field(default=False, metadata={"help": "print the resolved config as YAML and exit",
                                                         "switch": True})
 
@@ -773,4 +777,4 @@ def finetune_protocol(weights: Weights, options: FinetuneOptions, ctx: EvalConte
     if options.print_config:
         print(config.to_yaml(), end="")
         return {}
-    return finetuning(config, resume=options.resume or None).fit()
+    return finetuning(config, resume=options.resume or None, resume_elastic=options.resume_elastic).fit()
