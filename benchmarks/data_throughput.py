@@ -1,6 +1,8 @@
 """Loader throughput of DINO multi-crop (2x224 + 10x96) from an image folder, webdataset shards and
-an HF dataset, with full-size and reduced-size JPEG decoding, against what a ViT-S/16 training
-step consumes on the same machine.
+an HF dataset, with full-size and reduced-size JPEG decoding, with the whole augmentation in the
+loader workers (``data.augment_on=workers``) or only decoding and cutting there
+(``data.augment_on=device``, then the rest timed on this CPU per image as the device-side cost),
+against what a ViT-S/16 training step consumes on the same machine.
 
     python benchmarks/data_throughput.py --out benchmarks/results/data_cpu.json
 
@@ -12,6 +14,7 @@ own training source (``open_images(...).train_source``) for ``--batches`` batche
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -66,22 +69,36 @@ def make_hf(folder: Path, out: Path) -> Path:
     return out
 
 
-def loader_images_per_s(fmt: str, path: Path, workers: int, decode_size: int, args: argparse.Namespace) -> float:
-    from selfdistill.recipe import load_config
+def loader_images_per_s(fmt: str, path: Path, workers: int, decode_size: int, augment_on: str,
+                        args: argparse.Namespace) -> tuple[float, float]:
+    """Images/s out of the loader, and the device-side milliseconds per image (``augment_on=device``:
+    the timed batches finished afterwards on this CPU, as the training process would; else 0)."""
+    from selfdistill.engine.prefetch import to_device
     from selfdistill.methods import build_method
+    from selfdistill.recipe import load_config
 
     config = load_config(None, [f"data.format={fmt}", f"data.path={path}", f"data.num_workers={workers}",
                                 f"data.decode_size={decode_size}", f"train.batch_size_per_device={args.batch}",
-                                "model.name=vit_small_patch16_224"])
+                                f"data.augment_on={augment_on}", "model.name=vit_small_patch16_224"])
     method = build_method(config)
-    source = method.train_data().train_source(args.batch, 0, 1, method.collate_fn())
+    images = method.train_data()
+    source = images.train_source(args.batch, 0, 1, method.collate_fn())
     batches = iter(source.loader(0))
     next(batches)  # warm-up: worker start, first decodes
     t0 = time.perf_counter()
-    n = 0
-    for _ in range(args.batches):
-        n += len(next(batches)["index"])
-    return n / (time.perf_counter() - t0)
+    got = [next(batches) for _ in range(args.batches)]
+    seconds = time.perf_counter() - t0
+    n = sum(len(b["index"]) for b in got)
+    device = torch.device(args.device)
+    got = [to_device(b, device) for b in got]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    images.finish(copy.deepcopy(got[0]))  # warm-up (kernels, allocator)
+    sync()
+    t0 = time.perf_counter()
+    for batch in got:
+        images.finish(batch)
+    sync()
+    return n / seconds, 1000 * (time.perf_counter() - t0) / n if augment_on == "device" else 0.0
 
 
 def decode_images_per_s(folder: Path, sizes: tuple[int, ...], rounds: int = 10) -> dict[str, float]:
@@ -151,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--decode-size", type=int, default=160, help="reduced-size decoding (data.decode_size) to compare")
     p.add_argument("--formats", nargs="+", default=["folder", "wds", "hf"])
+    p.add_argument("--augment-on", nargs="+", default=["workers", "device"], choices=["workers", "device"])
+    p.add_argument("--device", default="cpu", help="where the device half of augment_on=device is timed (cuda)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-steps", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path("runs/bench_data"))
@@ -162,17 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         paths["hf"] = make_hf(folder, args.workdir / "hf")
 
     decode_only = decode_images_per_s(folder, (0, args.decode_size))
-    configs = [(fmt, workers, decode) for fmt in args.formats for workers in args.workers
-               for decode in (0, args.decode_size)]
-    runs: dict[tuple, list[float]] = {c: [] for c in configs}
+    configs = [(fmt, workers, decode, where) for fmt in args.formats for workers in args.workers
+               for decode in (0, args.decode_size) for where in args.augment_on]
+    runs: dict[tuple, list[tuple[float, float]]] = {c: [] for c in configs}
     for _ in range(args.repeats):  # round-robin, so slow phases of the machine hit every configuration
-        for fmt, workers, decode in configs:
-            runs[(fmt, workers, decode)].append(loader_images_per_s(fmt, paths[fmt], workers, decode, args))
+        for c in configs:
+            runs[c].append(loader_images_per_s(c[0], paths[c[0]], c[1], c[2], c[3], args))
     rows = []
-    for (fmt, workers, decode), values in runs.items():
-        ips = float(np.median(values))
-        row = {"format": fmt, "workers": workers, "decode_size": decode, "images_per_s": ips,
-               "images_per_s_per_worker": ips / workers, "runs": values}
+    for (fmt, workers, decode, where), values in runs.items():
+        ips = float(np.median([v[0] for v in values]))
+        row = {"format": fmt, "workers": workers, "decode_size": decode, "augment_on": where, "images_per_s": ips,
+               "images_per_s_per_worker": ips / workers,
+               "device_ms_per_image": float(np.median([v[1] for v in values])), "runs": values}
         rows.append(row)
         print(json.dumps(row), flush=True)
     train_ips = training_images_per_s(args)
@@ -180,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
               "date": time.strftime("%Y-%m-%d"),
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},
-              "rows": rows, "decode_only_images_per_s": decode_only, "train_vit_s16_images_per_s": train_ips}
+              "rows": rows, "decode_only_images_per_s": decode_only, "train_vit_s16_images_per_s": train_ips,
+              "device": args.device}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(markdown(report, args.decode_size))
@@ -189,19 +210,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(report: dict, decode_size: int) -> str:
     train = report["train_vit_s16_images_per_s"]
-    lines = ["| source | workers | decode | images/s | per worker | loader / ViT-S/16 step |", "|---|---|---|---|---|---|"]
+    lines = ["| source | workers | decode | augment on | images/s | per worker | vs workers path "
+             f"| device ms / image ({report.get('device', 'cpu')}) | loader / ViT-S/16 step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["format"], r["workers"], r["decode_size"]): r["images_per_s"] for r in report["rows"]
+            if r.get("augment_on", "workers") == "workers"}
     for r in report["rows"]:
         decode = "full" if r["decode_size"] == 0 else f">= {r['decode_size']} px"
-        lines.append(f"| {r['format']} | {r['workers']} | {decode} | {r['images_per_s']:.1f} | "
-                     f"{r['images_per_s_per_worker']:.1f} | {r['images_per_s'] / train:.2f} |")
+        where = r.get("augment_on", "workers")
+        ref = base.get((r["format"], r["workers"], r["decode_size"]))
+        speedup = f"{r['images_per_s'] / ref:.2f}x" if ref and where == "device" else ""
+        cost = f"{r['device_ms_per_image']:.2f}" if where == "device" else ""
+        lines.append(f"| {r['format']} | {r['workers']} | {decode} | {where} | {r['images_per_s']:.1f} | "
+                     f"{r['images_per_s_per_worker']:.1f} | {speedup} | {cost} | {r['images_per_s'] / train:.2f} |")
     d = report["decode_only_images_per_s"]
     lines.append(f"\nJPEG decoding alone (500x375): full {d['0']:.0f} images/s, reduced (>= {decode_size} px) "
                  f"{d[str(decode_size)]:.0f} images/s: {d[str(decode_size)] / d['0']:.2f}x")
     lines.append(f"\nViT-S/16 DINO training step (2x224 + 10x96, fp32, this machine): {train:.2f} images/s")
-    by = {(r["format"], r["workers"], r["decode_size"]): r["images_per_s"] for r in report["rows"]}
-    for (fmt, workers, decode), ips in by.items():
-        if decode == 0 and (fmt, workers, decode_size) in by:
-            lines.append(f"- {fmt}, {workers} worker(s): reduced-size decoding {by[(fmt, workers, decode_size)] / ips:.2f}x")
+    by = {(r["format"], r["workers"], r["decode_size"], r.get("augment_on", "workers")): r["images_per_s"]
+          for r in report["rows"]}
+    for (fmt, workers, decode, where), ips in by.items():
+        if decode == 0 and (fmt, workers, decode_size, where) in by:
+            lines.append(f"- {fmt}, {workers} worker(s), augment on {where}: reduced-size decoding "
+                         f"{by[(fmt, workers, decode_size, where)] / ips:.2f}x")
     return "\n".join(lines)
 
 

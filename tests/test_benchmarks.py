@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,21 @@ def test_data_throughput_benchmark_runs_and_reports(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert {(row["format"], row["decode_size"]) for row in report["rows"]} == {
-        ("folder", 0), ("folder", 160), ("wds", 0), ("wds", 160)}
+    assert {(row["format"], row["decode_size"], row["augment_on"]) for row in report["rows"]} == {
+        (f, d, a) for f in ("folder", "wds") for d in (0, 160) for a in ("workers", "device")}
     assert all(row["images_per_s"] > 0 for row in report["rows"]) and report["train_vit_s16_images_per_s"] > 0
-    assert "| wds | 1 | full |" in r.stdout
+    assert all((row["device_ms_per_image"] > 0) == (row["augment_on"] == "device") for row in report["rows"])
+    assert "| wds | 1 | full | device |" in r.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_cpu_dry_mode(tmp_path):
+    """benchmarks/gpu_check.sh is what a GPU machine runs; here its dry mode (CPU, tiny shapes)."""
+    r = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry"], capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = json.loads((tmp_path / "gpu_check_train_dry.json").read_text())
+    data = json.loads((tmp_path / "gpu_check_data_dry.json").read_text())
+    assert train["rows"] and all(row["images_per_s"] > 0 for row in train["rows"])
+    assert {row["augment_on"] for row in data["rows"]} == {"workers", "device"}
+    assert all(row["device_ms_per_image"] > 0 for row in data["rows"] if row["augment_on"] == "device")

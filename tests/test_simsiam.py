@@ -100,9 +100,8 @@ def test_two_views_follow_the_moco_v2_recipe():
     assert len(out["crops"]) == 2 and all(c.shape == (3, 16, 16) for c in out["crops"])
     areas = [(h * w) / (40 * 40) for _, _, h, w in out["boxes"].tolist()]
     assert all(0.19 <= a <= 1.0 for a in areas)
-    jitter = aug.color.transforms[0].transforms[0]
-    assert (jitter.brightness, jitter.contrast, jitter.saturation) == ((0.6, 1.4),) * 3 and jitter.hue == (-0.1, 0.1)
-    assert [f.transforms[0].p for f in aug.finish] == [0.5] * 3 and [f.transforms[1].p for f in aug.finish] == [0.0] * 3
+    assert aug.jitter_ranges == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))
+    assert aug.blur_p == (0.5,) * 3 and aug.solarize_p == (0.0,) * 3
 
 
 def test_predictor_keeps_the_peak_lr_while_the_encoder_decays(image_folder, tmp_path):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from selfdistill.configkit import Root, fail, interval, non_negative, one_of, positive
 from selfdistill.data.images import SourceConfig
+from selfdistill.data.multicrop import AUGMENT_ON
 from selfdistill.models.backbone import ModelConfig
 
 
@@ -31,6 +32,7 @@ class DataConfig(SourceConfig):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian blur radius range (px), DINO's for 224 px
+    augment_on: str = "auto"  # workers | device (workers cut, the training device finishes) | auto: device on a GPU
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -39,6 +41,7 @@ class DataConfig(SourceConfig):
         interval(self, prefix, "global_crop_scale", 0.0, 1.0)
         interval(self, prefix, "local_crop_scale", 0.0, 1.0)
         interval(self, prefix, "blur_radius", 0.0, float("inf"), open_low=False)
+        one_of(self, prefix, "augment_on", AUGMENT_ON)
         if any(s <= 0 for s in self.std):
             fail(f"{prefix}.std", f"must be positive, got {self.std}")
 

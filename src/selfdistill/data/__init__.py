@@ -10,9 +10,11 @@ from selfdistill.data.folder import (
     sample_seed,
     seeded_rng,
 )
-from selfdistill.data.images import ImageSet, SourceConfig, detect_format, open_images
+from selfdistill.data.images import ImageSet, SourceConfig, detect_format, finish_on_device, open_images
 from selfdistill.data.multicrop import (
+    AUGMENT_ON,
     EvalTransform,
+    augment_on_device,
     MultiCropAugmentation,
     crop_pixel_centres,
     sample_crop_box,
@@ -21,6 +23,7 @@ from selfdistill.data.multicrop import (
 )
 
 __all__ = [
+    "AUGMENT_ON",
     "IMAGE_EXTENSIONS",
     "BadDataError",
     "BadSampleTracker",
@@ -28,11 +31,13 @@ __all__ = [
     "ImageFolderDataset",
     "ImageSet",
     "MultiCropAugmentation",
+    "augment_on_device",
     "SourceConfig",
     "collate_eval",
     "collate_multicrop",
     "crop_pixel_centres",
     "detect_format",
+    "finish_on_device",
     "open_images",
     "sample_crop_box",
     "sample_seed",

@@ -78,15 +78,30 @@ def _find_images(folder: Path, extensions: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
-def decode_rgb(source: Any, draft_size: int = 0) -> Image.Image:
+def decode_rgb(source: Any, draft_size: int = 0, plan: Callable[[int, int], Any] | None = None,
+               seed: int = 0) -> Image.Image:
     """Fully decode an image (path or file object) as RGB; truncated or corrupt data raise here,
     not in the transform. ``draft_size > 0``: a JPEG is decoded at the smallest DCT scale (1/2, 1/4,
-    1/8) whose sides are still at least ``draft_size`` pixels, several times cheaper than full size."""
+    1/8) whose sides are still at least ``draft_size`` pixels, several times cheaper than full size.
+
+    ``plan`` (a transform that cuts crops for the device): called with the full ``(width, height)``
+    under the sample's seeded RNG, it returns ``(draws, reduction)``; a JPEG is then decoded at that
+    DCT reduction, and the draws and the full size travel in the image's ``info`` to the transform."""
     with Image.open(source) as img:
-        if draft_size > 0 and img.format == "JPEG":
+        full = img.size
+        planned = None
+        if plan is not None:
+            with seeded_rng(seed):
+                planned = plan(*full)
+        if planned is not None and planned[1] > 1 and img.format == "JPEG":
+            img.draft("RGB", (math.ceil(full[0] / planned[1]), math.ceil(full[1] / planned[1])))
+        elif draft_size > 0 and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
-        return img.convert("RGB")
+        rgb = img.convert("RGB")
+    if planned is not None:
+        rgb.info.update(crop_draws=planned[0], full_size=full)
+    return rgb
 
 
 class ImageFolderDataset(Dataset):
@@ -160,15 +175,16 @@ class ImageFolderDataset(Dataset):
             raise IndexError(f"index {index} out of range for dataset of size {n}")
         return epoch, index % n
 
-    def _read_first_good(self, index: int) -> tuple[Image.Image, int, list[str]]:
+    def _read_first_good(self, index: int, seed: int) -> tuple[Image.Image, int, list[str]]:
         """Decode sample ``index``, or the next readable one after it (wrapping round)."""
         bad: list[str] = []
         n = len(self.samples)
+        plan = getattr(self.transform, "plan", None)
         for offset in range(n):
             current = (index + offset) % n
             path = self.samples[current][0]
             try:
-                return decode_rgb(path, self.draft_size), current, bad
+                return decode_rgb(path, self.draft_size, plan, seed), current, bad
             except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
                 self._report_bad(path, err)
                 bad.append(path)
@@ -182,9 +198,10 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = self._parse_key(key)
-        img, used, bad = self._read_first_good(index)
+        seed = sample_seed(self.seed, epoch, index)
+        img, used, bad = self._read_first_good(index, seed)
         if self.transform is not None:
-            with seeded_rng(sample_seed(self.seed, epoch, index)):
+            with seeded_rng(seed):
                 img = self.transform(img)
         return {"image": img, "label": self.samples[used][1], "index": used, "bad": bad, "draws": 1,
                 "bad_draws": int(used != index)}

@@ -97,20 +97,22 @@ class HFImageDataset(Dataset):
             return [-1] * len(self)
         return [int(x) for x in self.data[self.label_column]]
 
-    def _read(self, index: int) -> tuple[Image.Image, int]:
+    def _read(self, index: int, seed: int = 0) -> tuple[Image.Image, int]:
         """One Arrow row read: the decoded image and its label."""
         row = self.data[index]
         value = row[self.image_column]
-        img = decode_rgb(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"], self.draft_size)
+        img = decode_rgb(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"], self.draft_size,
+                         getattr(self.transform, "plan", None), seed)
         return img, int(row[self.label_column]) if self.label_column else -1
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        seed = sample_seed(self.seed, epoch, index)
         bad: list[str] = []
         for offset in range(len(self)):
             current = (index + offset) % len(self)
             try:
-                img, label = self._read(current)
+                img, label = self._read(current, seed)
                 break
             except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
                 log.warning("skipping unreadable image %s[%d] (%s)", self.image_column, current, err)
@@ -118,6 +120,6 @@ class HFImageDataset(Dataset):
         else:
             raise RuntimeError("no image of the HF dataset could be read")
         if self.transform is not None:
-            with seeded_rng(sample_seed(self.seed, epoch, index)):
+            with seeded_rng(seed):
                 img = self.transform(img)
         return {"image": img, "label": label, "index": current, "bad": bad, "draws": 1, "bad_draws": int(current != index)}

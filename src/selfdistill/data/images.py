@@ -32,7 +32,7 @@ from selfdistill.data.sampler import ShardedEvalSampler
 from selfdistill.data.shard_format import has_info
 from selfdistill.data.sources import MapSource, ShardSource, ShardStream, expand_urls, loader_worker_init, shard_info
 
-__all__ = ["FORMATS", "ImageSet", "SourceConfig", "detect_format", "open_images"]
+__all__ = ["FORMATS", "ImageSet", "SourceConfig", "detect_format", "finish_on_device", "open_images"]
 
 FORMATS = ("auto", "folder", "hf", "wds")
 STREAM_PREFIXES = ("pipe:", "s3://", "http://", "https://", "gs://")
@@ -118,6 +118,11 @@ class ImageSet:
         idx = torch.randperm(self.n_samples, generator=g)[:n].sort().values
         return dataclasses.replace(self, dataset=Subset(self.dataset, idx.tolist()), n_samples=n)
 
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A training batch where it trains: the device half of the augmentation when the
+        transform cut its crops for it (``data.augment_on: device``), else the batch as it is."""
+        return finish_on_device(self.transform, batch)
+
     def train_source(self, batch_size: int, rank: int, world_size: int, collate_fn: Callable,
                      repeat_batches: int = 0, pin_memory: bool = False) -> MapSource | ShardSource:
         """Training batches for one rank: an epoch-seeded permutation (map-style, exact resume) or
@@ -157,6 +162,10 @@ class ImageSet:
         plain.transform = None
         return DataLoader(plain, batch_size=batch_size, num_workers=self.source.num_workers, collate_fn=_draws_only,
                           sampler=ShardedEvalSampler(len(plain), rank, world_size), worker_init_fn=loader_worker_init)
+
+
+def finish_on_device(transform: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    return transform.finish(batch) if getattr(transform, "on_device", False) else batch
 
 
 def _draws_only(samples: list[dict[str, Any]]) -> dict[str, Any]:

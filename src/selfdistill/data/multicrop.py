@@ -9,7 +9,10 @@ and :func:`token_centres` each backbone token's cell.
 
 All randomness comes from Python's :mod:`random` and torch's global CPU generator, in the same
 order as the original torchvision pipeline, so seeding both (as ``ImageFolderDataset`` does per
-sample) makes the augmentation reproducible.
+sample) makes the augmentation reproducible. Every choice of a crop is drawn first
+(:meth:`MultiCropAugmentation.draw`, a :class:`CropDraw`), then applied: on PIL crops in the loader
+worker (``data.augment_on: workers``), or, with ``on_device``, the workers only cut and the
+training process applies the same draws to the whole batch (:mod:`selfdistill.data.device_augment`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,8 +29,20 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["EvalTransform", "MultiCropAugmentation", "crop_pixel_centres", "sample_crop_box", "to_normalized_tensor",
-           "token_centres"]
+from selfdistill.data.device_augment import finish_views
+
+__all__ = ["AUGMENT_ON", "CropDraw", "EvalTransform", "MultiCropAugmentation", "augment_on_device", "crop_pixel_centres",
+           "sample_crop_box", "to_normalized_tensor", "token_centres"]
+
+AUGMENT_ON = ("auto", "workers", "device")
+
+
+def augment_on_device(setting: str, cpu: bool = False) -> bool:
+    """``data.augment_on`` resolved: ``auto`` finishes crops on a GPU where there is one (unless the
+    run is forced onto the CPU), in the loader workers otherwise."""
+    if setting == "auto":
+        return torch.cuda.is_available() and not cpu
+    return setting == "device"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -124,29 +140,31 @@ def token_centres(
     return crop_pixel_centres(boxes, flips, (rows, cols))
 
 
-class _GaussianBlur:
-    """PIL Gaussian blur with a random radius, applied when ``random.random() <= p`` (as DINO)."""
+@dataclass(frozen=True)
+class CropDraw:
+    """One crop's random choices: the box ``(top, left, height, width)`` in source pixels, the output
+    side, the flip, colour jitter (applied?, the order of brightness / contrast / saturation / hue,
+    their factors), grayscale, the blur sigma (0: none) and solarize."""
 
-    def __init__(self, p: float, radius: tuple[float, float]) -> None:
-        self.p = p
-        self.radius = radius
+    box: tuple[int, int, int, int]
+    size: int
+    flip: bool
+    jitter: bool
+    order: tuple[int, ...]
+    factors: tuple[float, ...]
+    gray: bool
+    sigma: float
+    solarize: bool
 
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if random.random() > self.p:
-            return img
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.radius)))
-
-
-class _Solarize:
-    """PIL solarization at threshold 128, applied when ``random.random() < p`` (as DINO)."""
-
-    def __init__(self, p: float) -> None:
-        self.p = p
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if random.random() < self.p:
-            return ImageOps.solarize(img, threshold=128)
-        return img
+    @staticmethod
+    def stack(draws: Sequence[CropDraw]) -> dict[str, torch.Tensor]:
+        """The photometric parameters of a sample's crops as tensors (``[V]``, ``[V, 4]``)."""
+        return {"jitter": torch.tensor([d.jitter for d in draws]),
+                "order": torch.tensor([d.order for d in draws], dtype=torch.int64),
+                "factors": torch.tensor([d.factors for d in draws], dtype=torch.float32),
+                "gray": torch.tensor([d.gray for d in draws]),
+                "sigma": torch.tensor([d.sigma for d in draws], dtype=torch.float32),
+                "solarize": torch.tensor([d.solarize for d in draws])}
 
 
 def to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
@@ -169,6 +187,9 @@ class MultiCropAugmentation:
     - ``"boxes"``: float32 ``[V, 4]``, each ``(top, left, height, width)`` in source pixels.
     - ``"flips"``: bool ``[V]``, whether the crop was mirrored after resizing.
     - ``"image_size"``: int64 ``[2]``, the source ``(H, W)``.
+
+    With ``on_device`` the crops are uint8 (cut and resized, not flipped) and ``"params"`` holds the
+    photometric draws (:meth:`CropDraw.stack`); :meth:`finish` completes a collated batch.
     """
 
     n_global_crops = 2
@@ -204,17 +225,13 @@ class MultiCropAugmentation:
         self.ratio = tuple(ratio)
         self.flip_p = flip_p
 
-        brightness, contrast, saturation, hue = color_jitter
-        self.color = v2.Compose([
-            v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=color_jitter_p),
-            v2.RandomGrayscale(p=grayscale_p),
-        ])
-        # One blur + solarize stage per crop kind: global 1, global 2, local.
-        self.finish = [
-            v2.Compose([_GaussianBlur(blur_p[k], blur_radius), _Solarize(solarize_p[k])])
-            for k in range(3)
-        ]
+        self.color_jitter_p, self.grayscale_p = color_jitter_p, grayscale_p
+        self.blur_p, self.solarize_p, self.blur_radius = tuple(blur_p), tuple(solarize_p), tuple(blur_radius)
+        jitter = v2.ColorJitter(*color_jitter)  # its checked ranges; None where a factor cannot change
+        self.jitter_ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.to_tensor = to_normalized_tensor(mean, std)
+        self.on_device = False  # set by data.augment_on: workers cut, the training process finishes
 
     @property
     def n_crops(self) -> int:
@@ -225,36 +242,93 @@ class MultiCropAugmentation:
         """Output side length of each crop, in the order they are returned."""
         return [self.global_size] * self.n_global_crops + [self.local_size] * self.n_local_crops
 
-    def _crop(
-        self, img: Image.Image, size: int, scale: tuple[float, float], finish: v2.Compose
-    ) -> tuple[torch.Tensor, tuple[int, int, int, int], bool]:
-        """One view: random resized crop, flip, colour, blur/solarize, normalize."""
-        box = sample_crop_box(img.height, img.width, scale, self.ratio)
-        view = F.resized_crop(img, *box, size=[size, size], interpolation=InterpolationMode.BICUBIC)
-        flipped = bool(torch.rand(1).item() < self.flip_p)
-        if flipped:
+    def draw(self, height: int, width: int) -> list[CropDraw]:
+        """Every random choice of every crop of a ``height x width`` image, drawn in the order of
+        torchvision's ``RandomResizedCrop -> RandomHorizontalFlip -> RandomApply(ColorJitter) ->
+        RandomGrayscale`` (torch's generator) and DINO's blur and solarize (Python's ``random``)."""
+        kinds = [(self.global_size, self.global_scale, 0), (self.global_size, self.global_scale, 1)]
+        kinds += [(self.local_size, self.local_scale, 2)] * self.n_local_crops
+        return [self._draw_one(height, width, size, scale, k) for size, scale, k in kinds]
+
+    def _draw_one(self, height: int, width: int, size: int, scale: tuple[float, float], kind: int) -> CropDraw:
+        box = sample_crop_box(height, width, scale, self.ratio)
+        flip = bool(torch.rand(1).item() < self.flip_p)
+        order, factors, jitter = (0, 1, 2, 3), (1.0, 1.0, 1.0, 0.0), bool(torch.rand(1) < self.color_jitter_p)
+        if jitter:
+            order = tuple(torch.randperm(4).tolist())
+            factors = tuple(float(torch.empty(1).uniform_(r[0], r[1]).item()) if r is not None else identity
+                            for r, identity in zip(self.jitter_ranges, (1.0, 1.0, 1.0, 0.0)))
+        gray = bool(torch.rand(1) < self.grayscale_p)
+        sigma = random.uniform(*self.blur_radius) if random.random() <= self.blur_p[kind] else 0.0
+        solarize = random.random() < self.solarize_p[kind]
+        return CropDraw(box, size, flip, jitter, order, factors, gray, sigma, solarize)
+
+    def _finish_pil(self, view: Image.Image, d: CropDraw) -> Image.Image:
+        """The photometric chain on one PIL crop (the worker path)."""
+        if d.flip:
             view = F.horizontal_flip(view)
-        view = finish(self.color(view))
-        return self.to_tensor(view), box, flipped
+        if d.jitter:
+            ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+            for k in d.order:
+                if self.jitter_ranges[k] is not None:
+                    view = ops[k](view, d.factors[k])
+        if d.gray:
+            view = F.rgb_to_grayscale(view, num_output_channels=3)
+        if d.sigma > 0:
+            view = view.filter(ImageFilter.GaussianBlur(radius=d.sigma))
+        if d.solarize:
+            view = ImageOps.solarize(view, threshold=128)
+        return view
+
+    def plan(self, width: int, height: int) -> tuple[list[CropDraw], int] | None:
+        """Cutting for the device: every crop drawn before the image is decoded (the decoder calls
+        this under the sample's seeded RNG, so the draws are the ones ``__call__`` would make), and
+        the largest JPEG DCT reduction (1, 2, 4, 8) that leaves every crop box at least its output
+        size: a large photo is decoded at 1/2 or 1/4 scale without upsampling any crop."""
+        if not self.on_device:
+            return None
+        draws = self.draw(height, width)
+        fit = min(min(d.box[2], d.box[3]) / d.size for d in draws)
+        reduction = 1
+        while reduction < 8 and fit >= 2 * reduction:
+            reduction *= 2
+        return draws, reduction
+
+    def _cut(self, img: Image.Image, d: CropDraw, full: tuple[int, int]) -> Image.Image:
+        """Crop box ``d.box`` (full-size pixels) resized to ``d.size`` from ``img``, which may have
+        been decoded at a reduced scale (then PIL reads the box at fractional coordinates)."""
+        if img.size == full:
+            return F.resized_crop(img, *d.box, size=[d.size, d.size], interpolation=InterpolationMode.BICUBIC)
+        sx, sy = img.width / full[0], img.height / full[1]
+        top, left, h, w = d.box
+        return img.resize((d.size, d.size), Image.BICUBIC, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
 
     def __call__(self, img: Image.Image) -> dict[str, Any]:
         img = img.convert("RGB")
-        kinds = [(self.global_size, self.global_scale, self.finish[0]),
-                 (self.global_size, self.global_scale, self.finish[1])]
-        kinds += [(self.local_size, self.local_scale, self.finish[2])] * self.n_local_crops
-
-        crops, boxes, flips = [], [], []
-        for size, scale, finish in kinds:
-            crop, box, flipped = self._crop(img, size, scale, finish)
-            crops.append(crop)
-            boxes.append(box)
-            flips.append(flipped)
-        return {
+        full = img.info.get("full_size", img.size)  # (width, height) before a reduced decode
+        draws = img.info.get("crop_draws") or self.draw(full[1], full[0])
+        cuts = [self._cut(img, d, full) for d in draws]
+        if self.on_device:  # uint8 crops and their parameters; flips and colour on the device
+            crops = [F.pil_to_tensor(view) for view in cuts]
+        else:
+            crops = [self.to_tensor(self._finish_pil(view, d)) for view, d in zip(cuts, draws)]
+        sample = {
             "crops": crops,
-            "boxes": torch.tensor(boxes, dtype=torch.float32),
-            "flips": torch.tensor(flips, dtype=torch.bool),
-            "image_size": torch.tensor([img.height, img.width], dtype=torch.int64),
+            "boxes": torch.tensor([d.box for d in draws], dtype=torch.float32),
+            "flips": torch.tensor([d.flip for d in draws], dtype=torch.bool),
+            "image_size": torch.tensor([full[1], full[0]], dtype=torch.int64),
         }
+        if self.on_device:
+            sample["params"] = CropDraw.stack(draws)
+        return sample
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The device half of ``on_device``: the collated uint8 crops of ``batch`` (on any device)
+        flipped, jittered, grayed, blurred, solarized and normalised in place of the workers."""
+        if "params" in batch:
+            batch["crops"] = finish_views(batch["crops"], batch["flips"], batch.pop("params"), self.mean, self.std,
+                                          self.blur_radius[1])
+        return batch
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(global_size={self.global_size}, local_size={self.local_size}, "

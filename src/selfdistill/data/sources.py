@@ -221,16 +221,17 @@ class ShardStream(IterableDataset):
         pending_bad: list[str] = []
         for raw in self._shuffled(self._samples()):
             name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+            index = _key_index(raw.get("__key__", ""))
+            seed = sample_seed(self.seed, self.epoch, index)
             try:
-                img = _decode_sample(raw, self.draft_size)
+                img = _decode_sample(raw, self.draft_size, getattr(self.transform, "plan", None), seed)
                 label = int(raw["cls"].decode()) if "cls" in raw else -1
             except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
                 log.warning("skipping unreadable sample %s (%s: %s)", name, type(err).__name__, err)
                 pending_bad.append(name)
                 continue
-            index = _key_index(raw.get("__key__", ""))
             if self.transform is not None:
-                with seeded_rng(sample_seed(self.seed, self.epoch, index)):
+                with seeded_rng(seed):
                     img = self.transform(img)
             # each damaged member skipped before this sample was a draw of its own
             yield {"image": img, "label": label, "index": index, "bad": pending_bad, "draws": 1 + len(pending_bad),
@@ -241,11 +242,12 @@ class ShardStream(IterableDataset):
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 
 
-def _decode_sample(raw: dict[str, Any], draft_size: int = 0) -> Image.Image:
+def _decode_sample(raw: dict[str, Any], draft_size: int = 0, plan: Callable | None = None,
+                   seed: int = 0) -> Image.Image:
     data = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
     if data is None:
         raise ValueError(f"no image member (one of {IMAGE_KEYS}) in sample with {sorted(raw)}")
-    return decode_rgb(io.BytesIO(data), draft_size)
+    return decode_rgb(io.BytesIO(data), draft_size, plan, seed)
 
 
 def _key_index(key: str) -> int:

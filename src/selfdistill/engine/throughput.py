@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from selfdistill.data import finish_on_device
 from selfdistill.engine.task import Hook, Task
 from selfdistill.engine.trainer import Trainer
 
@@ -223,6 +224,9 @@ class SyntheticImages:
     def train_source(self, batch_size: int, rank: int, world_size: int, collate_fn: Callable, repeat_batches: int = 0,
                      pin_memory: bool = False) -> SyntheticSource:
         return SyntheticSource(self.transform, collate_fn, batch_size, seed=self.seed)
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return finish_on_device(self.transform, batch)
 
 
 class SyntheticSource:

@@ -30,6 +30,7 @@ from selfdistill.engine.distributed import configure_deepspeed, make_accelerator
 from selfdistill.engine.elastic import Layout, plan_resume
 from selfdistill.engine.logger import RunLogger
 from selfdistill.engine.preemption import Preempted, StopFlag, watch_signals
+from selfdistill.engine.prefetch import DeviceBatches
 from selfdistill.engine.task import Hook, Progress, Task
 
 log = logging.getLogger("selfdistill")
@@ -199,14 +200,13 @@ class Trainer:
         acc, t, st = self.accelerator, self.config.train, self.state
         micro_per_epoch = self.steps_per_epoch * t.grad_accum_steps
         step_ok, stop, due, grad_norm = True, False, False, None
-        data_iter = iter(self.source.loader(st.epoch, st.batch_in_epoch))
+        data_iter = DeviceBatches(self.source.loader(st.epoch, st.batch_in_epoch), acc.device, self.images.finish)
         while st.batch_in_epoch < micro_per_epoch and st.step < last_step:
             self._emit("on_step_start")
             t0 = time.perf_counter()
-            batch = next(data_iter)
+            host, batch = next(data_iter)
             t_data = time.perf_counter() - t0
-            self._emit("on_batch", batch)
-            batch = to_device(batch, acc.device)
+            self._emit("on_batch", host)
             self._emit("on_phase_end", "data")
             values = self.scheduler.step_update(st.step)
             progress = Progress(st.step, st.epoch, self.steps_per_epoch, self.total_steps,
@@ -425,16 +425,6 @@ class Trainer:
                      f"; {dropped} log rows past it (trained again now) dropped" if dropped else "")
             if change:
                 log.warning("%s", change)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [to_device(v, device) for v in batch]
-    return batch
 
 
 def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
