@@ -89,6 +89,7 @@ def loader_images_per_s(fmt: str, path: Path, workers: int, decode_size: int, au
     got = [next(batches) for _ in range(args.batches)]
     seconds = time.perf_counter() - t0
     n = sum(len(b["index"]) for b in got)
+    del batches  # the workers stop (no prefetching beside the device-side timing)
     device = torch.device(args.device)
     got = [to_device(b, device) for b in got]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -64,7 +64,8 @@ class LoopState:
 class Trainer:
     """The loop. ``make_task`` is called once the Accelerator exists and every rank is seeded
     alike (identical initial weights); ``data(task)``, when given, replaces the task's training
-    images (a benchmark serves one synthetic batch); ``check_data`` decodes every training image once
+    images (``train_source`` and ``finish`` as :class:`~selfdistill.data.ImageSet`; a benchmark
+    serves one synthetic batch); ``check_data`` decodes every training image once
     before the first step; ``resume_elastic`` lets a resume change the global batch."""
 
     def __init__(self, config: Any, make_task: Callable[[], Task], resume: str | None = None,
