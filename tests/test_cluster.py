@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image_folder, run_training, tiny_overrides
+from conftest import logged_losses, make_image_folder, run_training, tiny_overrides
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine.task import Hook
 from selfdistill.engine.trainer import Preempted
@@ -25,10 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in rows(out) if "loss" in r]
 
 
 def final_state(out: Path) -> tuple[dict, dict]:
@@ -43,7 +39,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(s_a[k], s_b[k]), k
     for k in m_a["teacher"]:
         assert torch.equal(m_a["teacher"][k], m_b["teacher"][k]), k
-    assert losses(a) == losses(b)
+    assert logged_losses(a) == logged_losses(b)
 
 
 class SignalAt(Hook):
@@ -420,7 +416,7 @@ def test_resume_with_another_global_batch_is_refused_unless_elastic(images, tmp_
 
 def max_difference(a: Path, b: Path) -> tuple[float, float]:
     """Largest difference of the logged losses (step by step) and of the final teachers."""
-    la, lb = losses(a), losses(b)
+    la, lb = logged_losses(a), logged_losses(b)
     assert len(la) == len(lb) == STEPS
     teacher_a, teacher_b = final_state(a)[1]["teacher"], final_state(b)[1]["teacher"]
     loss_diff = max(abs(x - y) for x, y in zip(la, lb))

@@ -46,16 +46,11 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self.name is not None
 
-    def raise_(self, name: str) -> None:
-        if self.name is None:
-            self.name, self.at = name, time.monotonic()
-
     def handler(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        first = self.name is None
-        self.raise_(name)
-        if first:  # logging from a handler is safe enough here: the main thread runs it between bytecodes
-            log.warning("%s received: finishing this optimizer step, then a checkpoint and exit %d", name,
+        if self.name is None:  # the first signal is the one reported
+            self.name, self.at = signal.Signals(signum).name, time.monotonic()
+            # logging from a handler is safe enough here: the main thread runs it between bytecodes
+            log.warning("%s received: finishing this optimizer step, then a checkpoint and exit %d", self.name,
                         EXIT_CODE)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,8 @@ class Trainer:
                              f"train.grad_accum_steps={t.grad_accum_steps}")
         self.total_steps = t.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
-        self.global_batch = t.batch_size_per_device * acc.num_processes * t.grad_accum_steps
+        self.layout = Layout(acc.num_processes, t.batch_size_per_device, t.grad_accum_steps)
+        self.global_batch = self.layout.global_batch
 
         optimizer = task.build_optimizer(self.global_batch, acc.device)
         if t.compile:
@@ -115,7 +116,7 @@ class Trainer:
         self.resume_from = ckpt.resolve_resume(self.resume, self.run_dir)
         self.universal = uses_deepspeed() and self.resume_from is not None and \
             ckpt.is_deepspeed_checkpoint(self.resume_from) and \
-            ckpt.saved_layout(self.resume_from).world_size != acc.num_processes
+            ckpt.saved_layout(self.resume_from).world_size != self.layout.world_size
         configure_deepspeed(acc, t.batch_size_per_device, self.config.optim.clip_grad, t.precision, self.universal)
         self.student, self.optimizer = acc.prepare(task.student, optimizer)
         self.deepspeed = getattr(acc.state, "deepspeed_plugin", None) is not None
@@ -123,9 +124,7 @@ class Trainer:
         task.setup(acc, self.steps_per_epoch, self.total_steps)
         self.hooks = [*task.hooks(), *self.extra_hooks]
         self.bad = BadSampleTracker()
-        self.layout = Layout(acc.num_processes, t.batch_size_per_device, t.grad_accum_steps)
-        self.state = LoopState(world_size=acc.num_processes, batch_size_per_device=t.batch_size_per_device,
-                               grad_accum_steps=t.grad_accum_steps)
+        self.state = LoopState(**asdict(self.layout))
         self.logger = RunLogger(acc, self.run_dir)
         self.stop = StopFlag()  # raised by train.preempt_signals while fit() runs
         self._saved_at: tuple[int, int, int] | None = None  # the loop position of the last checkpoint
@@ -411,9 +410,7 @@ class Trainer:
         state, change = plan_resume(ckpt.read_loop_state(path), ckpt.saved_layout(path), self.layout,
                                     self.steps_per_epoch, self.resume_elastic)
         self.task.load_state_dict(ckpt.load_checkpoint(self.accelerator, path, self.universal))
-        self.state = LoopState(**{**state, "world_size": self.layout.world_size,
-                                  "batch_size_per_device": self.layout.batch_size_per_device,
-                                  "grad_accum_steps": self.layout.grad_accum_steps})
+        self.state = LoopState(**{**state, **asdict(self.layout)})
         if self.accelerator.is_main_process:  # the saved counts are every rank's already
             self.bad.load_state_dict(self.state.bad)
         dropped = self.logger.truncate_after(self.state.step)
