@@ -108,6 +108,7 @@ def _under(room: str) -> list[str]:
     ("selfdistill.losses", ("selfdistill",)),
     ("selfdistill.engine", ("selfdistill.methods", "selfdistill.eval", "selfdistill.recipe", "selfdistill.pretrain")),
     ("selfdistill.methods", ("selfdistill.eval", "selfdistill.cli")),
+    ("selfdistill.planner", ("selfdistill.eval", "selfdistill.cli", "selfdistill.pretrain")),
 ])
 def test_rooms_import_only_what_they_may(room, forbidden):
     edges = _edges()

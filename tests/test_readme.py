@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from selfdistill.cli.evaluate import build_parser as eval_parser
+from selfdistill.cli.plan import build_parser as plan_parser
 from selfdistill.cli.pretrain import build_parser as pretrain_parser
 from selfdistill.cli.shards import build_parser as shards_parser
 from selfdistill.recipe import load_config
@@ -31,5 +32,6 @@ def _options(parser):
 
 
 def test_every_cli_option_is_documented():
-    for option in [*_options(pretrain_parser()), *_options(eval_parser()), *_options(shards_parser())]:
+    for option in [*_options(pretrain_parser()), *_options(eval_parser()), *_options(shards_parser()),
+                   *_options(plan_parser())]:
         assert option in README, option

@@ -199,7 +199,7 @@ def test_channels_last_resnet_trains_checkpoints_and_exports(tmp_path):
 
 
 def test_keep_freed_memory_respects_malloc_variables(monkeypatch):
-    from selfdistill.engine.trainer import keep_freed_memory
+    from selfdistill.engine.memory import keep_freed_memory
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # e.g. the memory benchmark measuring live memory
     assert keep_freed_memory() is False

@@ -33,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "and stop if more than data.max_bad_fraction are unreadable")
     p.add_argument("--demo", action="store_true",
                    help="prepare the embedded Fashion-MNIST demo data first and compare kNN at the end")
+    p.add_argument("--plan", action="store_true",
+                   help="plan the ZeRO strategy, micro-batch and accumulation instead of training; every other "
+                        "option is selfdistill-plan's (run_pretrain.py --plan --help)")
+    m = p.add_argument_group("memory measurement (what selfdistill-plan --verify runs)")
+    m.add_argument("--measure-memory", metavar="DIR", default=None,
+                   help="run --measure-steps steps on one synthetic batch as launched, no checkpoints; write each "
+                        "rank's memory (peak, forward + backward, state counted by kind) to DIR/rank{N}.json")
+    m.add_argument("--measure-steps", type=int, default=3, metavar="N",
+                   help="optimizer steps to run (default 3: the first allocates the optimizer state, DDP rebuilds "
+                        "its buckets in the second; the last one's forward + backward is reported)")
+    m.add_argument("--measure-flops", action="store_true", help="also count the FLOPs of one more step")
     b = p.add_argument_group("throughput benchmark (no checkpoints, no exports)")
     b.add_argument("--benchmark", type=int, default=0, metavar="N",
                    help="time N optimizer steps of the recipe through the trainer and print images/s, the step "
@@ -46,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--plan" in argv:
+        from selfdistill.cli.plan import main as plan
+
+        return plan([a for a in argv if a != "--plan"])
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
@@ -57,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.benchmark:
         return _benchmark(config, args)
+    if args.measure_memory:
+        from selfdistill.engine.distributed import relaunch_if_needed
+        from selfdistill.planner import measure_run
+
+        relaunch_if_needed()
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        measure_run(config, args.measure_memory, args.measure_steps, args.measure_flops)
+        return 0
 
     from selfdistill.engine.distributed import relaunch_if_needed
 

@@ -29,13 +29,14 @@ from selfdistill.engine import provenance
 from selfdistill.engine.distributed import configure_deepspeed, make_accelerator, uses_deepspeed
 from selfdistill.engine.elastic import Layout, plan_resume
 from selfdistill.engine.logger import RunLogger
+from selfdistill.engine.memory import keep_freed_memory
 from selfdistill.engine.preemption import Preempted, StopFlag, watch_signals
 from selfdistill.engine.prefetch import DeviceBatches
 from selfdistill.engine.task import Hook, Progress, Task
 
 log = logging.getLogger("selfdistill")
 
-__all__ = ["LoopState", "NonFiniteLossError", "Preempted", "Trainer", "compile_backbones", "keep_freed_memory"]
+__all__ = ["LoopState", "NonFiniteLossError", "Preempted", "Trainer", "compile_backbones"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -453,29 +454,3 @@ def compile_backbones(task: Task) -> int:
                 seen.add(id(module))
                 module.compile()  # the Backbone's own call (forward_features + pooling), as methods call it
     return len(seen)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory in the process instead of returning it to the system.
-
-    Activations are freed and allocated again every step; by default glibc serves large blocks
-    with fresh ``mmap`` pages, so every step pays page faults and zeroing (5-8% of a CPU step
-    here). Not done when the user set any ``MALLOC_*`` variable (e.g. to measure live memory) or
-    the C library is not glibc. Returns whether the settings were applied.
-    """
-    import ctypes
-    import ctypes.util
-    import os
-
-    if any(k.startswith("MALLOC_") for k in os.environ):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = mallopt(m_mmap_threshold, 1 << 30)  # blocks up to 1 GiB come from the heap (reusable)
-    ok &= mallopt(m_trim_threshold, 1 << 62)  # never shrink the heap
-    ok &= mallopt(m_top_pad, 256 << 20)  # grow it in 256 MiB steps
-    return bool(ok)
