@@ -94,3 +94,13 @@ def test_model_kwargs_without_values_are_refused():
     with pytest.raises(ConfigError, match=r"model.kwargs: 'depth:2' has no value"):
         load_config(None, ["model.kwargs={depth:2}"])
     assert load_config(None, ["model.kwargs={depth: 2}"]).model.kwargs == {"depth": 2}
+
+
+def test_timm_names_are_checked_with_the_closest_names_and_tags_refused():
+    with pytest.raises(ConfigError, match=r"model.name: unknown timm model 'vit_smal_patch16_224' "
+                                          r"\(closest: vit_small_patch16_224"):
+        load_config(None, ["model.name=vit_smal_patch16_224"])
+    with pytest.raises(ConfigError, match=r"pretrained tag 'dino'.*model.name=vit_small_patch16_224 .*model.pretrained"):
+        load_config(None, ["model.name=vit_small_patch16_224.dino"])
+    with pytest.raises(ConfigError, match=r"method.teacher_model: unknown timm model 'resnet5O'"):
+        load_config(None, ["method.name=smd", "method.teacher_model=resnet5O", "method.teacher_weights=w"])

@@ -122,3 +122,19 @@ def test_two_ranks_stream_shards_with_two_workers_each(tmp_path):
     assert [s["samples_seen"] for s in summaries] == [32, 32]  # 32 images / (8 x 2 ranks) x 2 epochs x 8
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_fsdp_is_refused_with_the_zero3_alternative(monkeypatch):
+    from selfdistill.engine.distributed import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"FSDP is not supported.*ZeRO-3.*gpu_8_zero3.yaml"):
+        make_accelerator("fp32", 1, True, [], None)
+
+
+def test_a_launcher_precision_that_disagrees_with_the_recipe_is_refused(monkeypatch):
+    from selfdistill.engine.distributed import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ValueError, match=r"mixed precision bf16 .* train.precision=fp32; .*train.precision=bf16"):
+        make_accelerator("fp32", 1, True, [], None)

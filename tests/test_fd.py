@@ -187,7 +187,7 @@ def test_token_grid_mismatch_and_missing_teacher_are_clear_errors(setup_files, t
     with pytest.raises(ConfigError, match="method.teacher_weights"):
         load_config(None, ["method.name=fd", "method.teacher_model=vit_base_patch16_224"])
     with pytest.raises(ConfigError, match="method.teacher_format: unknown format 'clip'"):
-        load_config(None, ["method.name=fd", "method.teacher_model=x", "method.teacher_weights=x",
+        load_config(None, ["method.name=fd", "method.teacher_model=vit_tiny_patch16_224", "method.teacher_weights=x",
                            "method.teacher_format=clip"])
     # A BEiT student that normalises only its pooled vector would regress un-normalised tokens.
     fc_norm = fd_overrides(setup_files["data"], tmp_path, setup_files["vit"],

@@ -244,9 +244,9 @@ def test_config_errors_and_recipes():
     with pytest.raises(ConfigError, match="model.weights: required"):
         load_finetune_config(None, ["data.path=/x", "data.val_path=/y"])
     with pytest.raises(ConfigError, match=r"unknown key 'optim.layer_decy' \(did you mean 'optim.layer_decay'\?\)"):
-        load_finetune_config(None, ["model.weights=random", "model.name=x", "optim.layer_decy=0.6"])
+        load_finetune_config(None, ["model.weights=random", "model.name=vit_tiny_patch16_224", "optim.layer_decy=0.6"])
     with pytest.raises(ConfigError, match="needs an even batch"):
-        load_finetune_config(None, ["model.weights=random", "model.name=x", "data.path=/x", "data.val_path=/y",
+        load_finetune_config(None, ["model.weights=random", "model.name=vit_tiny_patch16_224", "data.path=/x", "data.val_path=/y",
                                     "train.batch_size_per_device=7"])
     vit = load_finetune_config(ROOT / "configs/finetune_fd_vit_base16.yaml", ["model.weights=w"])
     assert (vit.model.name, vit.model.global_pool, vit.model.drop_path_rate) == ("beit_base_patch16_224", "avg", 0.3)

@@ -104,6 +104,15 @@ def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        raise ValueError("FSDP is not supported: the EMA teacher, the exports and resuming are built for DDP and "
+                         "DeepSpeed; to shard weights, gradients and optimizer state use ZeRO-3 "
+                         "(accelerate launch --config_file accelerate_configs/gpu_8_zero3.yaml ...)")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher not in ("", "no") and launcher != precision:  # "no" is also Accelerate's default: not a request
+        raise ValueError(f"the launcher asks for mixed precision {launcher} (accelerate launch --mixed_precision or "
+                         f"the accelerate config) but the recipe says train.precision={precision}; make them agree: "
+                         f"train.precision={launcher}, or launch with --mixed_precision no")
     on_cpu = cpu or not torch.cuda.is_available()
     if precision == "fp16" and on_cpu:
         raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")

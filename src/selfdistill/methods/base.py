@@ -23,7 +23,7 @@ from selfdistill.engine.distributed import uses_deepspeed
 from selfdistill.engine.task import Export, ParamGroup, Progress, StepOutput, Task
 from selfdistill.models import Backbone
 from selfdistill.models.frozen import FrozenTeacher
-from selfdistill.models.networks import is_convnet
+from selfdistill.models.networks import check_timm_name, is_convnet
 from selfdistill.models.weights import EXPORTS, load_teacher, weight_formats
 from selfdistill.registry import Registry
 from selfdistill.schedules import GroupCosineScheduler
@@ -111,6 +111,7 @@ class TeacherConfig(MethodConfig):
     def validate(self, prefix: str) -> None:
         if not self.teacher_model:
             fail(f"{prefix}.teacher_model", f"{self.name} needs the timm name of its frozen teacher network")
+        check_timm_name(f"{prefix}.teacher_model", self.teacher_model, f"{prefix}.teacher_weights")
         if not self.teacher_weights:
             fail(f"{prefix}.teacher_weights", f"{self.name} needs a trained teacher: a local weights file or a run "
                                               "directory")

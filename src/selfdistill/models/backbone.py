@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from selfdistill.configkit import check_kwargs_have_values, fail, positive
-from selfdistill.models.networks import create_timm_model, feature_tokens, is_convnet, pooled_width
+from selfdistill.models.networks import check_timm_name, create_timm_model, feature_tokens, is_convnet, pooled_width
 from selfdistill.models.weights import load_file_into, read_meta, resolve_weights, save_weights
 
 __all__ = ["Backbone", "BackboneOutput", "ModelConfig", "export_backbone", "load_backbone"]
@@ -33,6 +33,7 @@ class ModelConfig:
     def validate(self, prefix: str) -> None:
         if not self.name:
             fail(f"{prefix}.name", "a timm model name is required")
+        check_timm_name(f"{prefix}.name", self.name, f"{prefix}.pretrained")
         if self.img_size is not None:
             positive(self, prefix, "img_size")
         if not 0.0 <= self.drop_path_rate < 1.0:

@@ -9,10 +9,30 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["create_timm_model", "feature_tokens", "is_convnet", "pooled_width"]
+__all__ = ["check_timm_name", "create_timm_model", "feature_tokens", "is_convnet", "pooled_width"]
 
 # Keywords that only some timm families accept; dropped (in this order) when a family rejects them.
 _OPTIONAL_KWARGS = ("dynamic_img_size", "strict_img_size", "img_size", "patch_size")
+
+
+def check_timm_name(key: str, name: str, weights_key: str) -> None:
+    """A one-line config error unless ``name`` is a timm architecture: an unknown name gets the
+    closest ones timm knows; a pretrained tag (``vit_small_patch16_224.dino``) is refused, because
+    nothing is downloaded here and the weights come from ``weights_key`` (a local file)."""
+    import difflib
+
+    from timm.models import split_model_name_tag
+
+    from selfdistill.configkit import fail
+
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        fail(key, f"unknown timm model {name!r}" + (f" (closest: {', '.join(close)})" if close else
+                                                     " (timm.list_models() lists them)"))
+    if tag:
+        fail(key, f"{name!r} is timm's architecture {arch!r} with its pretrained tag {tag!r}; the name builds "
+                  f"random weights, so give {key}={arch} and the weights as a local file in {weights_key}")
 
 
 def create_timm_model(name: str, img_size: int | None = None, patch_size: int | None = None,
