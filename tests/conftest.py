@@ -84,7 +84,16 @@ def run_training(data: Path, out: Path, *extra: str, resume: str | None = None, 
     from selfdistill.recipe import load_config
     from selfdistill.pretrain import pretraining
 
-    return pretraining(load_config(None, [*tiny_overrides(data, out, **overrides), *extra]), resume=resume).fit()
+    return pretraining(load_config(None, merged(tiny_overrides(data, out, **overrides), *extra)), resume=resume).fit()
+
+
+def merged(*overrides: str | list[str]) -> list[str]:
+    """Dotted overrides with later ones replacing earlier ones of the same key (the command line
+    refuses a key given twice; the tests build on the tiny recipe)."""
+    flat = [o for item in overrides for o in ([item] if isinstance(item, str) else item)]
+    options = [o for o in flat if o.startswith("-") or "=" not in o]  # command-line flags and their values
+    dotted = dict(o.split("=", 1) for o in flat if o not in options)
+    return [f"{k}={v}" for k, v in dotted.items()] + options
 
 
 def logged_losses(out: Path) -> list[float]:
@@ -114,7 +123,7 @@ def accelerate_launch(launcher: list[str], data: Path, out: Path, *extra: str, s
     env.pop("WORLD_SIZE", None)
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     r = subprocess.run([accelerate, "launch", *launcher, str(script or ROOT / "run_pretrain.py"),
-                        *tiny_overrides(data, out), *extra],
+                        *merged(tiny_overrides(data, out), *extra)],
                        capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
     if check:
         assert r.returncode == 0, r.stderr[-4000:]

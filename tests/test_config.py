@@ -104,3 +104,51 @@ def test_timm_names_are_checked_with_the_closest_names_and_tags_refused():
         load_config(None, ["model.name=vit_small_patch16_224.dino"])
     with pytest.raises(ConfigError, match=r"method.teacher_model: unknown timm model 'resnet5O'"):
         load_config(None, ["method.name=smd", "method.teacher_model=resnet5O", "method.teacher_weights=w"])
+
+
+def test_recipes_build_on_a_base_and_stack(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("model:\n  name: vit_tiny_patch16_224\n  kwargs: {depth: 4, embed_dim: 96}\n"
+                                        "optim:\n  lr: 1.0e-3\n  min_lr: 1.0e-5\n")
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../base.yaml\noptim:\n  lr: 2.0e-3\nmodel:\n  kwargs: {depth: 2}\n")
+    (tmp_path / "extra.yaml").write_text("optim:\n  min_lr: 0.0\n")
+    sources: dict[str, str] = {}
+    c = load_config([tmp_path / "sub" / "child.yaml", tmp_path / "extra.yaml"], ["train.epochs=3"], sources)
+    assert c.model.name == "vit_tiny_patch16_224" and c.model.kwargs == {"depth": 2}  # a value replaces the base's
+    assert (c.optim.lr, c.optim.min_lr, c.train.epochs) == (2e-3, 0.0, 3)
+    assert sources["model.name"].endswith("base.yaml") and sources["optim.lr"].endswith("child.yaml")
+    assert sources["optim.min_lr"].endswith("extra.yaml") and sources["train.epochs"] == "override"
+
+    (tmp_path / "loop_a.yaml").write_text("base: loop_b.yaml\n")
+    (tmp_path / "loop_b.yaml").write_text("base: loop_a.yaml\n")
+    with pytest.raises(ConfigError, match="recipe bases form a loop"):
+        load_config(tmp_path / "loop_a.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml' does not exist \(the base of .*orphan.yaml"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+def test_an_override_given_twice_is_an_error():
+    with pytest.raises(ConfigError, match=r"optim.lr is overridden twice .*give it once"):
+        load_config(None, ["optim.lr=1e-3", "train.epochs=2", "optim.lr=2e-3"])
+
+
+def test_patchwise_recipe_is_the_dino_recipe_with_three_keys_changed():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    dino, pw = (load_config(root / f"{n}.yaml").to_dict() for n in ("dino_vit_small16", "patchwise_dino_vit_small16"))
+    changed = {(s, k) for s in dino for k in dino[s] if k in pw[s] and dino[s][k] != pw[s][k]}
+    assert changed == {("method", "name"), ("method", "out_dim"), ("train", "output_dir")}
+
+
+def test_print_config_says_where_each_value_came_from(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "run_pretrain.py"), "--config",
+                        str(root / "configs/patchwise_dino_vit_small16.yaml"), "optim.lr=1e-3", "--print-config"],
+                       capture_output=True, text=True, check=True)
+    lines = r.stdout.splitlines()
+    assert any(l.startswith("  name: patchwise_dino  # ") and l.endswith("patchwise_dino_vit_small16.yaml") for l in lines)
+    assert any(l.startswith("  head_hidden_dim: 2048  # ") and l.endswith("dino_vit_small16.yaml") for l in lines)
+    assert "  lr: 0.001  # override" in lines and "  n_global_crops: 2  # default" in lines
+    printed = yaml.safe_load(r.stdout)  # still a recipe
+    (tmp_path / "saved.yaml").write_text(r.stdout)
+    assert load_config(tmp_path / "saved.yaml").to_dict() == printed

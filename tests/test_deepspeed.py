@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DDP_2PROC, REPEATED_BATCH, accelerate_launch, make_image_folder, tiny_overrides, zero_launcher
+from conftest import (DDP_2PROC, REPEATED_BATCH, accelerate_launch, make_image_folder, merged, tiny_overrides,
+                      zero_launcher)
 from selfdistill.engine import checkpoint as ckpt
 
 pytest.importorskip("deepspeed")
@@ -65,7 +66,7 @@ def initial_student(data) -> dict[str, torch.Tensor]:
     from selfdistill.methods import build_method
 
     set_seed(0)
-    config = load_config(None, [*tiny_overrides(data, data.parent / "unused"), *REPEATED_4])
+    config = load_config(None, merged(tiny_overrides(data, data.parent / "unused"), *REPEATED_4))
     return {k: v.clone() for k, v in build_method(config).student.state_dict().items()}
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image_folder, tiny_overrides
+from conftest import make_image_folder, merged, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def _launch(prefix: list[str], data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [*prefix, str(ROOT / "run_pretrain.py"), *tiny_overrides(data, out), *extra]
+    cmd = [*prefix, str(ROOT / "run_pretrain.py"), *merged(tiny_overrides(data, out), *extra)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))

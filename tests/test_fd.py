@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged_losses, make_image_folder
+from conftest import logged_losses, make_image_folder, merged
 from safetensors.torch import load_file, save_file
 
 from selfdistill.recipe import load_config
@@ -57,14 +57,14 @@ def plain(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def fd_overrides(data: Path, out: Path, teacher: Path, *extra: str) -> list[str]:
     """A 2-block BEiT-style student (FD's: no absolute position embedding, one shared relative
     position bias, layer scale 0.1) learning a 2-block ViT teacher's 16 px, 4x4-token map."""
-    return ["method.name=fd", "method.teacher_model=vit_tiny_patch16_224", f"method.teacher_weights={teacher}",
+    return merged(["method.name=fd", "method.teacher_model=vit_tiny_patch16_224", f"method.teacher_weights={teacher}",
             "method.teacher_kwargs={img_size: 16, patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2}",
             "model.name=beit_base_patch16_224", "model.img_size=16", "model.patch_size=4", "model.drop_path_rate=0.1",
             f"model.kwargs={BEIT}", f"data.path={data}", "data.global_crop_size=16",
             "data.global_crop_scale=[0.08, 1.0]",
             "data.num_workers=0", "optim.warmup_epochs=1", "optim.weight_decay=0.05", "optim.weight_decay_end=0.05",
             f"train.output_dir={out}", "train.epochs=2", "train.batch_size_per_device=8", "train.log_every=1",
-            "train.trackers=[]", "train.progress_bar=false", "knn.image_size=16", "knn.k=[1, 3]", *extra]
+            "train.trackers=[]", "train.progress_bar=false", "knn.image_size=16", "knn.k=[1, 3]", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_image_folder, run_training
+from conftest import make_image_folder, merged, run_training
 from selfdistill.configkit import ConfigError
 from selfdistill.eval.finetune import (
     SHARED_RPB,
@@ -44,10 +44,10 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def overrides(train: Path, val: Path, out: Path, *extra: str) -> list[str]:
-    return [f"data.path={train}", f"data.val_path={val}", "data.input_size=32", "data.num_workers=0",
+    return merged([f"data.path={train}", f"data.val_path={val}", "data.input_size=32", "data.num_workers=0",
             f"train.output_dir={out}", "train.epochs=2", "train.batch_size_per_device=8", "train.log_every=1",
             "train.trackers=[]", "train.progress_bar=false", "eval.batch_size=8", "optim.warmup_epochs=1",
-            "optim.scale_lr_with_batch=false", "optim.lr=1e-3", *extra]
+            "optim.scale_lr_with_batch=false", "optim.lr=1e-3", *extra])
 
 
 def finetune(train: Path, val: Path, out: Path, *extra: str, resume: str | None = None) -> dict:

@@ -63,7 +63,7 @@ def test_folder_round_trip(folder: Path, tmp_path: Path) -> None:
     assert [s["name"] for s in info["shards"]] == [f"shard-{i:06d}.tar" for i in range(5)]
     assert [s["samples"] for s in info["shards"]] == [5, 5, 5, 5, 3]
     assert info["total_samples"] == 23
-    assert sorted(os.listdir(out)) == ["_info.json"] + [f"shard-{i:06d}.tar" for i in range(5)]
+    assert sorted(os.listdir(out)) == ["_info.json"] + [f"shard-{i:06d}.tar" for i in range(5)] + ["wids-index.json"]
     for record in info["shards"]:
         assert os.path.getsize(out / record["name"]) == record["bytes"]
         with tarfile.open(out / record["name"]) as tar:  # fixed headers: reproducible bytes
@@ -346,3 +346,27 @@ def test_unreadable_image_is_skipped_and_recorded(folder: Path, tmp_path: Path) 
     assert [src for s in info["shards"] for src in s["skipped"]] == [str(bad)]
     assert str(bad) not in {json.loads(s["json"])["source"] for s in read_back(out)}
     assert shards.verify_shards(out, progress=False).ok
+
+
+def test_timm_and_wids_read_a_written_directory(folder: Path, tmp_path: Path) -> None:
+    """_info.json carries timm's webdataset schema (the directory's name is the split) and
+    wids-index.json is a wids index: both libraries read every sample with its label."""
+    import timm.data
+    import wids
+
+    out = tmp_path / "train"
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5") == 0
+    info = shard_format.read_info(out)
+    assert info["splits"]["train"]["shard_lengths"] == [5, 5, 5, 5, 3] and info["splits"]["train"]["num_samples"] == 23
+
+    dataset = timm.data.create_dataset("wds/selfdistill", root=str(out), split="train", is_training=False)
+    assert len(dataset) == 23
+    read = [(img.size, int(target)) for img, target in dataset]
+    assert len(read) == 23 and {t for _, t in read} == {0, 1, 2} and {s for s, _ in read} == {(40, 30)}
+
+    index = wids.ShardListDataset(str(out / "wids-index.json"))
+    assert len(index) == 23
+    samples = [index[i] for i in range(23)]
+    labels = sorted(int(s[".cls"]) for s in samples)
+    assert labels == sorted(int(s["cls"]) for s in read_back(out))
+    assert all(any(k in s for k in (".jpg", ".png")) for s in samples)

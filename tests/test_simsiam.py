@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged_losses, make_image_folder, tiny_overrides
+from conftest import logged_losses, make_image_folder, merged, tiny_overrides
 from safetensors.torch import load_file
 
 from selfdistill.recipe import load_config
@@ -28,10 +28,10 @@ REPEATED = ["train.overfit_batches=1", "optim.warmup_epochs=0", "train.epochs=6"
 def resnet_overrides(data: Path, out: Path, *extra: str) -> list[str]:
     """The tiny recipe of conftest with a 4-block, 8-32 channel ResNet-18 at 16 px and SGD."""
     base = [o for o in tiny_overrides(data, out) if not o.startswith(("method.", "model."))]
-    return [*base, "model.name=resnet18", "model.img_size=null", "model.patch_size=null", "model.drop_path_rate=0.0",
+    return merged([*base, "model.name=resnet18", "model.img_size=null", "model.patch_size=null", "model.drop_path_rate=0.0",
             f"model.kwargs={TINY_RESNET}", "data.global_crop_size=16", "data.global_crop_scale=[0.2, 1.0]",
             "knn.image_size=16", "optim.name=sgd", "optim.lr=0.05", "optim.min_lr=0.0", "optim.weight_decay=1e-4",
-            "optim.weight_decay_end=1e-4", "optim.clip_grad=0.0", *extra]
+            "optim.weight_decay_end=1e-4", "optim.clip_grad=0.0", *extra])
 
 
 def train(data: Path, out: Path, *extra: str, resume: str | None = None):
@@ -130,14 +130,14 @@ def test_predictor_keeps_the_peak_lr_while_the_encoder_decays(image_folder, tmp_
 def test_resnet_student_is_channels_last_with_packed_state_dict():
     from selfdistill.methods import build_method
 
-    cfg = load_config(None, [*SIMSIAM, "model.name=resnet18", "model.img_size=null", f"model.kwargs={TINY_RESNET}"])
+    cfg = load_config(None, merged([*SIMSIAM, "model.name=resnet18", "model.img_size=null", f"model.kwargs={TINY_RESNET}"]))
     method = build_method(cfg)
     conv = method.student.backbone.model.conv1.weight
     assert method.student.backbone.channels_last  # model.channels_last (default true), as for DINO
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert all(v.is_contiguous() for v in method.student.state_dict().values())
-    vit = build_method(load_config(None, [*SIMSIAM, "model.name=vit_tiny_patch16_224", "model.img_size=16",
-                                          "model.patch_size=4", "model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}"]))
+    vit = build_method(load_config(None, merged([*SIMSIAM, "model.name=vit_tiny_patch16_224", "model.img_size=16",
+                                                 "model.patch_size=4", "model.kwargs={depth: 1, embed_dim: 32, num_heads: 2}"])))
     assert not vit.student.backbone.channels_last
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import logged_losses, make_image_folder
+from conftest import logged_losses, make_image_folder, merged
 from safetensors.torch import load_file
 from test_simsiam import SIMSIAM, TINY_RESNET, check_two_ranks, launch_two_ranks, resnet_overrides, train
 
@@ -123,8 +123,8 @@ def simsiam_checkpoint(path: Path, prefix: str = "module.encoder.", seed: int = 
     from selfdistill.methods import build_method
 
     torch.manual_seed(seed)
-    cfg = load_config(None, [*SIMSIAM, "model.name=resnet18", "model.img_size=null", f"model.kwargs={TINY_RESNET}",
-                             "model.channels_last=false"])
+    cfg = load_config(None, merged([*SIMSIAM, "model.name=resnet18", "model.img_size=null", f"model.kwargs={TINY_RESNET}",
+                                    "model.channels_last=false"]))
     net = build_method(cfg).student
     with torch.no_grad():
         for p in net.backbone.parameters():

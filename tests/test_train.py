@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_image_folder, run_training, tiny_overrides
+from conftest import logged_losses, make_image_folder, run_training, tiny_overrides
+from selfdistill.configkit import ConfigError
 from selfdistill.recipe import load_config
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine.trainer import NonFiniteLossError
@@ -226,3 +228,36 @@ def test_fp16_on_cpu_is_refused_before_any_work(image_folder, tmp_path):
     with pytest.raises(ValueError, match="fp16 needs a GPU; use bf16 or fp32 on CPU"):
         train(image_folder, tmp_path / "fp16", **{"train.precision": "fp16"})
     assert not (tmp_path / "fp16").exists()
+
+
+def test_pretraining_optimizers_come_from_timm_with_the_named_groups(image_folder, tmp_path):
+    """optim.name takes any timm optimizer; the method's groups (names, lr = 0, no decay) are kept;
+    sgd stays plain momentum SGD (timm's own sgd is Nesterov); adamw is PyTorch's fused AdamW."""
+    import timm.optim
+
+    from selfdistill.methods import build_method
+    from selfdistill.methods.base import build_optimizer
+
+    config = load_config(None, tiny_overrides(image_folder, tmp_path / "x"))
+    task = build_method(config)
+    groups = [{"name": g.name, "params": g.params, "lr": 0.0, "weight_decay": 0.0} for g in task.param_groups() if g.params]
+    for name, cls in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("lars", timm.optim.Lars),
+                      ("lamb", timm.optim.Lamb)):
+        config.optim.name = name
+        opt = build_optimizer(config.optim, groups, torch.device("cpu"))
+        assert type(opt) is cls, name
+        assert [g["name"] for g in opt.param_groups] == [g["name"] for g in groups]
+        if name == "sgd":
+            assert opt.defaults["nesterov"] is False and opt.defaults["momentum"] == 0.9
+        if name == "adamw":
+            assert opt.defaults["fused"] is True
+    with pytest.raises(ConfigError, match=r"optim.name: unknown optimizer 'lasr' \(closest: lars"):
+        load_config(None, ["optim.name=lasr"])
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_lars_trains(image_folder, tmp_path):
+    out = tmp_path / "lars"
+    run_training(image_folder, out, "train.max_steps=3", "optim.name=lars", "optim.kwargs={trust_clip: true}")
+    losses = logged_losses(out)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

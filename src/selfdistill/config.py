@@ -10,8 +10,9 @@ file. Fine-tuning reuses the ``data`` source keys (:class:`~selfdistill.data.Sou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from selfdistill.configkit import Root, fail, interval, non_negative, one_of, positive
+from selfdistill.configkit import Root, check_kwargs_have_values, fail, interval, non_negative, one_of, positive
 from selfdistill.data.images import SourceConfig
 from selfdistill.data.multicrop import AUGMENT_ON
 from selfdistill.models.backbone import ModelConfig
@@ -56,14 +57,24 @@ class OptimConfig:
     warmup_epochs: float = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
-    momentum: float = 0.9  # SGD only
+    momentum: float = 0.9  # optimizers with momentum (sgd, lars, ...)
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 3.0  # global L2 norm; 0 disables
     scale_lr_with_batch: bool = True
     fused: bool = True  # PyTorch's fused AdamW/SGD kernels (CPU and GPU); false: PyTorch's default loop
+    kwargs: dict[str, Any] = field(default_factory=dict)  # more keywords for the optimizer (e.g. lars: trust_clip)
 
     def validate(self, prefix: str) -> None:
-        one_of(self, prefix, "name", ("adamw", "sgd"))
+        import difflib
+
+        from timm.optim import list_optimizers
+
+        names = sorted({*list_optimizers(), "sgd"})
+        if self.name not in names:
+            close = difflib.get_close_matches(self.name, names, n=3, cutoff=0.6)
+            fail(f"{prefix}.name", f"unknown optimizer {self.name!r}" + (f" (closest: {', '.join(close)})" if close
+                                                                         else " (timm.optim.list_optimizers() has them)"))
+        check_kwargs_have_values(f"{prefix}.kwargs", self.kwargs, example="trust_clip: true")
         non_negative(self, prefix, "lr", "min_lr", "weight_decay", "weight_decay_end", "warmup_epochs", "clip_grad")
         if self.lr == 0:
             fail(f"{prefix}.lr", "must be > 0")

@@ -7,6 +7,7 @@ type or an impossible value is a one-line :class:`ConfigError` naming the key (a
 valid one).
 
     tree = read_recipe("configs/demo.yaml", ["optim.lr=1e-3"])   # plain data, overrides applied
+    tree = read_recipe(["base.yaml", "mine.yaml"], sources=where)  # stacked; where: key -> file
     config = root_from_tree(MyRoot, tree)                         # typed, checked, validated
 
 A section validates itself in ``validate(prefix)``, with the checks below (``positive``,
@@ -243,20 +244,85 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def read_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The plain tree of a YAML recipe with dotted overrides applied (not yet type-checked)."""
+def read_recipe(paths: str | Path | typing.Sequence[str | Path] | None = None, overrides: list[str] | None = None,
+                sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """The plain tree of YAML recipes with dotted overrides applied (not yet type-checked).
+
+    Several recipes stack, later ones winning key by key; a recipe may name another as its
+    ``base`` (a path relative to it), which it then overrides the same way. Within a section a value
+    replaces the base's whole (lists and mappings such as ``model.kwargs`` included). An override
+    given twice is an error. ``sources``, when given, receives ``{"section.key": where it was set}``."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
     tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config error: recipe file {str(path)!r} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config error: {path} must hold a mapping of sections")
+    sources = {} if sources is None else sources
+    for path in paths:
+        _merge(tree, _read_yaml(Path(path), ()), sources)
+    seen: dict[str, Any] = {}
     for item in overrides or []:
         key, value = parse_override(item)
+        if key in seen:
+            raise ConfigError(f"config error: {key} is overridden twice ({seen[key]!r}, then {value!r}); give it once")
+        seen[key] = value
         _set_dotted(tree, key, value)
+        sources[key] = "override"
     return tree
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """One recipe file with its ``base`` chain merged under it; leaves are ``(value, path)`` pairs."""
+    if not path.is_file():
+        raise ConfigError(f"config error: recipe file {str(path)!r} does not exist"
+                          + (f" (the base of {str(chain[-1])!r})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"config error: recipe bases form a loop: {' -> '.join(map(str, (*chain, path)))}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping of sections")
+    merged: dict[str, Any] = {}
+    base = tree.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"config error: {path}: base must be a recipe path, got {base!r}")
+        merged = _read_yaml(path.parent / base, (*chain, path.resolve()))
+    for section, values in tree.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update({k: (v, str(path)) for k, v in values.items()})
+        else:
+            merged[section] = {k: (v, str(path)) for k, v in values.items()} if isinstance(values, dict) \
+                else (values, str(path))
+    return merged
+
+
+def _merge(tree: dict[str, Any], layer: dict[str, Any], sources: dict[str, str]) -> None:
+    """Put a file's ``(value, source)`` leaves into ``tree`` (key by key within sections)."""
+    for section, values in layer.items():
+        if isinstance(values, tuple):  # a section that is not a mapping: left for the type check
+            tree[section], sources[section] = values
+            continue
+        node = tree.setdefault(section, {})
+        if not isinstance(node, dict):
+            node = tree[section] = {}
+        for key, (value, source) in values.items():
+            node[key] = value
+            sources[f"{section}.{key}"] = source
+
+
+def annotated_yaml(tree: dict[str, Any], sources: dict[str, str]) -> str:
+    """``tree`` (sections of keys) as YAML with ``# where it was set`` after every key (a recipe
+    file, ``override`` or ``default``); still valid YAML, so it can be saved as a recipe."""
+    lines = []
+    for section, values in tree.items():
+        lines.append(f"{section}:")
+        for key, value in values.items():
+            text = yaml.safe_dump(value, default_flow_style=True, width=10**9, sort_keys=False)
+            text = text.removesuffix("\n...\n").strip()
+            dotted = f"{section}.{key}"
+            deeper = [v for k, v in sources.items() if k.startswith(dotted + ".")]  # e.g. model.kwargs.depth=3
+            lines.append(f"  {key}: {text}  # {sources.get(dotted) or (deeper[-1] if deeper else 'default')}")
+    return "\n".join(lines) + "\n"

@@ -608,6 +608,17 @@ def teacher_bytes(task: Any) -> int:
     return sum(storages(module_tensors(getattr(task, "teacher", None))).values())
 
 
+def optimizer_kind(name: str) -> str:
+    """How the state accounting counts an optimizer: ``adamw`` (two fp32 moments per parameter: the
+    Adam family, LAMB, and, on the safe side, every optimizer with betas) or ``sgd`` (one: SGD,
+    LARS and other momentum methods)."""
+    from timm.optim import get_optimizer_info
+
+    if name in ("adamw", "sgd"):
+        return name
+    return "adamw" if get_optimizer_info(name).has_betas else "sgd"
+
+
 def probe_command(config_path: Path, out_dir: Path, steps: int, flops: bool) -> list[str]:
     cmd = [sys.executable, "-m", "selfdistill.cli.pretrain", "--config", str(config_path),
            "--measure-memory", str(out_dir), "--measure-steps", str(steps)]
@@ -647,7 +658,7 @@ def profile_recipe(config: Any, recipe: str = "", batches: tuple[int, int] = (2,
                 forward["on" if ckpt else "off"].append(result["forward_bytes"])
                 if flops:
                     first = result
-    return Profile(recipe=recipe, precision=config.train.precision, optimizer=config.optim.name,
+    return Profile(recipe=recipe, precision=config.train.precision, optimizer=optimizer_kind(config.optim.name),
                    device=first["device"], groups=first["groups"], frozen=first["frozen"], buffers=first["buffers"],
                    teacher_bytes=first["teacher_bytes"], task_bytes=first["task_bytes"],
                    teacher_partitioned=first["teacher_frozen"],
@@ -684,7 +695,7 @@ def launch_overrides(row: Row) -> list[str]:
             f"model.grad_checkpointing={str(row.ckpt).lower()}"]
 
 
-def write_launch(out: str | os.PathLike, row: Row, target: Target, recipe: str | None, overrides: list[str],
+def write_launch(out: str | os.PathLike, row: Row, target: Target, recipe: str | list[str] | None, overrides: list[str],
                  precision: str, clip_grad: float, cpu: bool = False) -> dict[str, Path]:
     """``accelerate.yaml`` (+ ``deepspeed.json``), ``overrides.txt`` and ``launch.sh`` for ``row``:
     ``launch.sh [more overrides]`` starts the run from any directory."""
@@ -697,9 +708,12 @@ def write_launch(out: str | os.PathLike, row: Row, target: Target, recipe: str |
     if strategy.deepspeed:
         files["deepspeed"] = out / "deepspeed.json"
         write_json_atomic(files["deepspeed"], deepspeed_config(strategy, clip_grad), indent=2)
-    every = [*overrides, *launch_overrides(row)]
+    planned = launch_overrides(row)
+    keys = {o.split("=", 1)[0] for o in planned}
+    every = [o for o in overrides if o.split("=", 1)[0] not in keys] + planned  # the plan's values win
     write_text_atomic(files["overrides"], "".join(f"{o}\n" for o in every))
-    config_arg = f" --config {shlex.quote(str(Path(recipe).resolve()))}" if recipe else ""
+    recipes = [recipe] if isinstance(recipe, str) else list(recipe or [])
+    config_arg = "".join(f" --config {shlex.quote(str(Path(r).resolve()))}" for r in recipes)
     script = (f"#!/usr/bin/env bash\n# {row.strategy}, activation checkpointing {'on' if row.ckpt else 'off'}: "
               f"micro-batch {row.micro_batch} x {target.ranks} ranks x {row.accumulation} accumulation = global "
               f"batch {target.global_batch}; predicted peak {row.peak / GIB:.2f} GiB per rank\n"
@@ -711,8 +725,8 @@ def write_launch(out: str | os.PathLike, row: Row, target: Target, recipe: str |
     return files
 
 
-def verify(profile: Profile, row: Row, target: Target, recipe: str | None, overrides: list[str], precision: str,
-           clip_grad: float, out: Path, micro_cap: int = 0, steps: int = 3) -> dict[str, Any]:
+def verify(profile: Profile, row: Row, target: Target, recipe: str | list[str] | None, overrides: list[str],
+           precision: str, clip_grad: float, out: Path, micro_cap: int = 0, steps: int = 3) -> dict[str, Any]:
     """One real run of ``row``'s setting scaled to this machine (its GPUs, or 2 gloo ranks on a CPU;
     the micro-batch at most ``micro_cap`` when given): the launch files written, started with
     ``--measure-memory``, and the measured peak per rank against the prediction."""

@@ -3,6 +3,7 @@ the method registry (so every method's own options are checked like the shared o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return root_from_tree(Config, tree, {"method": method_cls})
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML recipe, apply dotted overrides, type-check and validate everything."""
-    return config_from_dict(read_recipe(path, overrides))
+def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | None = None,
+                sources: dict[str, str] | None = None) -> Config:
+    """Read YAML recipes (stacked, each with its ``base``), apply dotted overrides, type-check and
+    validate everything; ``sources`` receives where each key was set (``configkit.read_recipe``)."""
+    return config_from_dict(read_recipe(path, overrides, sources))

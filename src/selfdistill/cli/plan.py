@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="selfdistill-plan", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    p.add_argument("--config", action="append", help="YAML recipe (configs/*.yaml); repeat it to stack recipes")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides of the recipe")
     t = p.add_argument_group("target")
     t.add_argument("--gpu-memory", default=None,
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile = P.Profile.from_dict(json.loads(Path(args.profile).read_text())["profile"])
         else:
-            profile = P.profile_recipe(config, args.config or "(defaults)", tuple(args.probe_batches),
+            profile = P.profile_recipe(config, " + ".join(args.config or ["(defaults)"]), tuple(args.probe_batches),
                                        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         rows, best = P.plan(profile, target, args.strategies, timing)
         chosen = P.choose(rows, args.choose) if args.choose else best

@@ -20,9 +20,12 @@ from selfdistill.recipe import load_config
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_pretrain.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults are DINO ViT-S/16 ImageNet")
+    p.add_argument("--config", action="append",
+                   help="YAML recipe (configs/*.yaml); defaults are DINO ViT-S/16 ImageNet. Repeat it to stack "
+                        "recipes (later files win key by key)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. optim.lr=5e-4")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML, each key with where it was set, and exit")
     p.add_argument("--resume", default=None,
                    help="'auto' continues the latest checkpoint in train.output_dir; or a checkpoint/run directory")
     p.add_argument("--resume-elastic", action="store_true",
@@ -63,13 +66,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return plan([a for a in argv if a != "--plan"])
     args = build_parser().parse_args(argv)
+    sources: dict[str, str] = {}
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, sources)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
     if args.print_config:
-        print(config.to_yaml(), end="")
+        from selfdistill.configkit import annotated_yaml
+
+        print(annotated_yaml(config.to_dict(), sources), end="")
         return 0
     if args.benchmark:
         return _benchmark(config, args)

@@ -3,7 +3,10 @@
 ::
 
     shard-000000.tar ...   samples ``{key}.jpg|png|webp``, ``{key}.cls`` (labelled only), ``{key}.json``
-    _info.json             written last: shard names, sample counts, sizes, sha256, class names, arguments
+    _info.json             written last: shard names, sample counts, sizes, sha256, class names, arguments;
+                           also timm's webdataset reader schema (``name``, ``splits``: the directory's
+                           name is the split, e.g. ``train``)
+    wids-index.json        the same shards as a ``wids`` index (``wids.ShardListDataset``), relative URLs
     _progress.json         only while a write is unfinished
 
 The writer (:mod:`selfdistill.data.shards`) and the readers (training, evaluation) both use these
@@ -16,11 +19,12 @@ import json
 import os
 from typing import Any
 
-__all__ = ["FORMAT", "IMAGE_MEMBERS", "INFO_NAME", "PROGRESS_NAME", "has_info", "member_key", "read_info",
-           "shard_urls"]
+__all__ = ["FORMAT", "IMAGE_MEMBERS", "INFO_NAME", "PROGRESS_NAME", "WIDS_INDEX_NAME", "has_info", "member_key",
+           "read_info", "shard_urls"]
 
 FORMAT = "selfdistill-shards/1"
 INFO_NAME = "_info.json"
+WIDS_INDEX_NAME = "wids-index.json"
 PROGRESS_NAME = "_progress.json"
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")  # what the writer stores; readers also accept ppm, bmp
 

@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 from selfdistill.atomic import atomic_path, write_json_atomic
 from selfdistill.data.folder import ImageFolderDataset
 from selfdistill.data.hf import load_hf_split
-from selfdistill.data.shard_format import FORMAT, IMAGE_MEMBERS, INFO_NAME, PROGRESS_NAME, member_key, read_info
+from selfdistill.data.shard_format import (FORMAT, IMAGE_MEMBERS, INFO_NAME, PROGRESS_NAME, WIDS_INDEX_NAME, member_key,
+                                           read_info)
 
 __all__ = ["Sample", "ShardInput", "VerifyReport", "file_list_input", "folder_input", "hf_input", "verify_shards",
            "write_shards"]
@@ -623,12 +624,24 @@ def _run_tasks(tasks: Sequence[ShardTask], workers: int, bar: Any) -> Iterator[d
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _info(state: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+def _info(state: dict[str, Any], names: Sequence[str], split: str) -> dict[str, Any]:
+    """The project's fields, plus timm's webdataset reader schema (``name``, ``splits``) so
+    ``timm.data.create_dataset("wds/NAME", root=..., split=SPLIT)`` reads the directory."""
     shards = [state["done"][name] for name in names]
-    return {"format": FORMAT, "shards": shards, "total_samples": sum(s["samples"] for s in shards),
+    total = sum(s["samples"] for s in shards)
+    return {"format": FORMAT, "shards": shards, "total_samples": total,
             "class_names": state["class_names"], "args": state["args"],
             "listing_sha256": state["listing_sha256"],
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "name": split, "num_classes": len(state["class_names"] or []),
+            "splits": {split: {"name": split, "num_samples": total, "filenames": [s["name"] for s in shards],
+                               "shard_lengths": [s["samples"] for s in shards]}}}
+
+
+def _wids_index(info: dict[str, Any], split: str) -> dict[str, Any]:
+    """The shards as a ``wids`` index (URLs relative to the index, as wids resolves them)."""
+    return {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": split,
+            "shardlist": [{"url": s["name"], "nsamples": s["samples"], "filesize": s["bytes"]} for s in info["shards"]]}
 
 
 def _start_state(out_dir: str, source: ShardInput, args: dict[str, Any], listing: str,
@@ -699,8 +712,9 @@ def write_shards(
                          workers, progress)
     progress_path = os.path.join(out, PROGRESS_NAME)
     write_json_atomic(progress_path, state, indent=1)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(out, INFO_NAME))  # incomplete again until every shard is checked
+    for name in (INFO_NAME, WIDS_INDEX_NAME):  # incomplete again until every shard is checked
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
 
     tasks = _tasks(out, prefix, state["plan"], ordered, source, options)
     _remove_tmp_files(out, tasks)
@@ -712,7 +726,9 @@ def write_shards(
             state["done"][record["name"]] = record
             write_json_atomic(progress_path, state, indent=1)
 
-    info = _info(state, [t.name for t in tasks])
+    split = os.path.basename(os.path.normpath(out))
+    info = _info(state, [t.name for t in tasks], split)
+    write_json_atomic(os.path.join(out, WIDS_INDEX_NAME), _wids_index(info, split), indent=1)
     write_json_atomic(os.path.join(out, INFO_NAME), info, indent=1)
     os.remove(progress_path)
     return info

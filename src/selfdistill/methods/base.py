@@ -137,13 +137,31 @@ def load_frozen_teacher(cfg: TeacherConfig, accelerator: Any, wrap: Callable[[nn
     return teacher
 
 
+OPTIMIZER_ALIASES = {"sgd": "momentum"}  # our sgd is DINO's plain momentum SGD; timm's "sgd" is Nesterov
+
+
 def build_optimizer(o: Any, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or SGD over named groups. ``optim.fused`` uses PyTorch's fused kernels (one pass over
-    each tensor on CPU and GPU) instead of the default (a Python loop over tensors on CPU)."""
-    kw: dict[str, Any] = {"fused": True} if o.fused and device.type in ("cpu", "cuda") else {}
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, betas=o.betas, **kw)
-    return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, **kw)
+    """Any timm optimizer (``timm.optim.create_optimizer_v2``) over the method's named groups, which
+    keep their names, lr = 0 / fixed-lr / no-decay flags for the schedule. ``optim.fused`` uses
+    PyTorch's fused kernels where the optimizer has them (AdamW, Adam, SGD: one pass over each
+    tensor on CPU and GPU); ``optim.kwargs`` reaches the optimizer's constructor."""
+    import inspect
+
+    from timm.optim import create_optimizer_v2, get_optimizer_info
+
+    name = OPTIMIZER_ALIASES.get(o.name, o.name)
+    info = get_optimizer_info(name)
+    accepts = inspect.signature(info.opt_class.__init__).parameters
+    kw: dict[str, Any] = {}
+    if "betas" in accepts and info.has_betas:
+        kw["betas"] = tuple(o.betas)
+    if o.fused and "fused" in accepts and device.type in ("cpu", "cuda"):
+        kw["fused"] = True
+    kw.update(o.kwargs)
+    try:
+        return create_optimizer_v2(groups, opt=name, lr=0.0, weight_decay=0.0, momentum=o.momentum, **kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"optim: timm cannot build {o.name!r} with {kw}: {e}") from None
 
 
 _METHODS = Registry("method")
