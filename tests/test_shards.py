@@ -364,7 +364,7 @@ def test_timm_and_wids_read_a_written_directory(folder: Path, tmp_path: Path) ->
     read = [(img.size, int(target)) for img, target in dataset]
     assert len(read) == 23 and {t for _, t in read} == {0, 1, 2} and {s for s, _ in read} == {(40, 30)}
 
-    index = wids.ShardListDataset(str(out / "wids-index.json"))
+    index = wids.ShardListDataset(str(out / "wids-index.json"), cache_dir=str(tmp_path / "wids_cache"))
     assert len(index) == 23
     samples = [index[i] for i in range(23)]
     labels = sorted(int(s[".cls"]) for s in samples)
