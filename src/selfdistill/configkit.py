@@ -291,6 +291,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
             raise ConfigError(f"config error: {path}: base must be a recipe path, got {base!r}")
         merged = _read_yaml(path.parent / base, (*chain, path.resolve()))
     for section, values in tree.items():
+        if values is None:  # an empty section changes nothing
+            continue
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
             merged[section].update({k: (v, str(path)) for k, v in values.items()})
         else:
