@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from selfdistill.configkit import Root, check_kwargs_have_values, fail, interval, non_negative, one_of, positive
+from selfdistill.configkit import (Root, check_kwargs_have_values, closest_names, fail, interval, non_negative, one_of,
+                                   positive)
 from selfdistill.data.images import SourceConfig
 from selfdistill.data.multicrop import AUGMENT_ON
 from selfdistill.models.backbone import ModelConfig
@@ -65,15 +66,12 @@ class OptimConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # more keywords for the optimizer (e.g. lars: trust_clip)
 
     def validate(self, prefix: str) -> None:
-        import difflib
-
         from timm.optim import list_optimizers
 
         names = sorted({*list_optimizers(), "sgd"})
         if self.name not in names:
-            close = difflib.get_close_matches(self.name, names, n=3, cutoff=0.6)
-            fail(f"{prefix}.name", f"unknown optimizer {self.name!r}" + (f" (closest: {', '.join(close)})" if close
-                                                                         else " (timm.optim.list_optimizers() has them)"))
+            fail(f"{prefix}.name", f"unknown optimizer {self.name!r}"
+                                   + closest_names(self.name, names, "timm.optim.list_optimizers()"))
         check_kwargs_have_values(f"{prefix}.kwargs", self.kwargs, example="trust_clip: true")
         non_negative(self, prefix, "lr", "min_lr", "weight_decay", "weight_decay_end", "warmup_epochs", "clip_grad")
         if self.lr == 0:

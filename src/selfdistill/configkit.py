@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "ConfigError", "Root", "build_dataclass", "check_kwargs_have_values", "closest_hint", "fail", "fraction",
+    "ConfigError", "Root", "build_dataclass", "check_kwargs_have_values", "closest_hint", "closest_names", "fail", "fraction",
     "interval", "non_negative", "one_of", "parse_override", "positive", "read_recipe", "root_from_tree",
     "to_plain",
 ]
@@ -46,6 +46,13 @@ def closest_hint(key: str, options: list[str], prefix: str = "") -> str:
     if match:
         return f" (did you mean {prefix + match[0]!r}?)"
     return f" (valid keys: {', '.join(options)})"
+
+
+def closest_names(name: str, options: typing.Iterable[str], listed_by: str) -> str:
+    """`` (closest: a, b, c)`` from a long list of names (timm's models, optimizers), else where
+    the list is (``listed_by``)."""
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
+    return f" (closest: {', '.join(close)})" if close else f" ({listed_by} lists them)"
 
 
 def to_plain(obj: Any) -> Any:

@@ -19,17 +19,13 @@ def check_timm_name(key: str, name: str, weights_key: str) -> None:
     """A one-line config error unless ``name`` is a timm architecture: an unknown name gets the
     closest ones timm knows; a pretrained tag (``vit_small_patch16_224.dino``) is refused, because
     nothing is downloaded here and the weights come from ``weights_key`` (a local file)."""
-    import difflib
-
     from timm.models import split_model_name_tag
 
-    from selfdistill.configkit import fail
+    from selfdistill.configkit import closest_names, fail
 
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        fail(key, f"unknown timm model {name!r}" + (f" (closest: {', '.join(close)})" if close else
-                                                     " (timm.list_models() lists them)"))
+        fail(key, f"unknown timm model {name!r}" + closest_names(arch, timm.list_models(), "timm.list_models()"))
     if tag:
         fail(key, f"{name!r} is timm's architecture {arch!r} with its pretrained tag {tag!r}; the name builds "
                   f"random weights, so give {key}={arch} and the weights as a local file in {weights_key}")
