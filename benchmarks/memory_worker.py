@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from selfdistill.atomic import write_json_atomic
-from selfdistill.engine.memory import MemoryMeter, StepMemory, ddp_bucket_bytes, live_tensor_bytes
+from selfdistill.engine.memory import MemoryMeter, StepMemory
 from selfdistill.engine.trainer import Trainer
 from selfdistill.methods import build_method
+from selfdistill.planner import count_state
 from selfdistill.recipe import load_config
 
 
@@ -32,18 +33,17 @@ def measure(config) -> dict:
     meter = MemoryMeter("cuda" if gpu() else "cpu")
     before_build = meter.current()
     trainer.build()
-    task, acc = trainer.task, trainer.accelerator
+    acc = trainer.accelerator
     # Forward + backward alone (DeepSpeed: its optimizer step included): the activation (and gradient) high-water mark.
     step_memory = StepMemory(meter)
     trainer.hooks.append(step_memory)
     trainer.run_until(trainer.last_step)
     after_steps, peak = meter.current(), step_memory.overall_peak()
-    teacher = getattr(task, "teacher", None)
-    exclude = {t.untyped_storage().data_ptr() for t in teacher.state_dict().values()} if teacher else set()
     # Model + optimizer state, tensor by tensor: student weights, gradients, optimizer state and
-    # the strategy's gradient / communication buffers (not the EMA teacher, the same everywhere).
-    tensor_state = live_tensor_bytes(exclude) + ddp_bucket_bytes(trainer.student)
-    teacher_bytes = sum(t.numel() * t.element_size() for t in teacher.state_dict().values()) if teacher else 0
+    # the strategy's gradient / communication buffers; the teacher (EMA copy or frozen network,
+    # non-persistent buffers included) and the task's own tensors are counted apart.
+    counted = count_state(trainer)
+    tensor_state, teacher_bytes = counted["student"], counted["teacher"]
     student = acc.unwrap_model(trainer.student)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters())
     result = {

@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{v['predicted_peak'] / P.GIB:.2f} GiB per rank, measured {v['measured_peak'] / P.GIB:.2f} GiB "
               f"({v['error']:+.1%}); state predicted {v['predicted_state'] / P.GIB:.3f} GiB, "
               f"counted {v['measured_state'] / P.GIB:.3f} GiB")
+        print(f"verify measurements and logs: {work}")
     if args.json:
         from selfdistill.atomic import write_json_atomic
 
