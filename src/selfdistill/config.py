@@ -16,6 +16,7 @@ from selfdistill.configkit import (Root, check_kwargs_have_values, closest_names
                                    positive)
 from selfdistill.data.images import SourceConfig
 from selfdistill.data.multicrop import AUGMENT_ON
+from selfdistill.engine.trackers import check_tracker_kwargs, check_trackers
 from selfdistill.models.backbone import ModelConfig
 
 
@@ -98,7 +99,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     overfit_batches: int = 0  # >0: train on epoch 0's first N global batches, same augmentation, again and again
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of Accelerate's trackers
+    # project, name, entity, tags, and per-tracker init keywords ({wandb: {mode: offline}}); see engine/trackers.py
+    tracker_kwargs: dict[str, Any] = field(default_factory=dict)
     progress_bar: bool = True
     compile: bool = False  # torch.compile the backbones (student and teacher) in place; slow first steps
     keep_freed_memory: bool = True  # CPU: glibc keeps freed activations for the next step (no page faults)
@@ -115,9 +118,8 @@ class TrainConfig:
                  "keep_checkpoints", "max_nonfinite_steps")
         non_negative(self, prefix, "max_steps", "overfit_batches", "checkpoint_every_epochs")
         one_of(self, prefix, "precision", ("fp32", "bf16", "fp16"))
-        for tracker in self.trackers:
-            if tracker not in ("tensorboard", "wandb"):
-                fail(f"{prefix}.trackers", f"unknown tracker {tracker!r} (use tensorboard and/or wandb)")
+        check_trackers(f"{prefix}.trackers", self.trackers)
+        check_tracker_kwargs(f"{prefix}.tracker_kwargs", self.tracker_kwargs)
         if not self.output_dir:
             fail(f"{prefix}.output_dir", "must not be empty")
 

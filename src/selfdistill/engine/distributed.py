@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from selfdistill.engine.trackers import check_installed
+
 log = logging.getLogger(__name__)
 
 RELAUNCH_FLAG = "SELFDISTILL_RELAUNCHED"
@@ -116,11 +118,7 @@ def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with:
     on_cpu = cpu or not torch.cuda.is_available()
     if precision == "fp16" and on_cpu:
         raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-    if "wandb" in log_with:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ValueError("train.trackers includes wandb, which is not installed: pip install 'selfdistill[wandb]'")
+    check_installed(log_with)
     if uses_deepspeed():
         check_deepspeed_launch(cpu)
     world = world_size_from_env()

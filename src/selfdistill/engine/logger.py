@@ -1,5 +1,5 @@
 """Metrics: running sums between log steps (no host sync per step), a JSON-lines file in the run
-directory, and Accelerate's trackers (TensorBoard by default, wandb optional)."""
+directory, and Accelerate's trackers (TensorBoard by default; any other: :mod:`selfdistill.engine.trackers`)."""
 
 from __future__ import annotations
 

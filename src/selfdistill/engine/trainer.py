@@ -33,6 +33,7 @@ from selfdistill.engine.memory import keep_freed_memory
 from selfdistill.engine.preemption import Preempted, StopFlag, watch_signals
 from selfdistill.engine.prefetch import DeviceBatches
 from selfdistill.engine.task import Hook, Progress, Task
+from selfdistill.engine.trackers import start_trackers
 
 log = logging.getLogger("selfdistill")
 
@@ -159,8 +160,9 @@ class Trainer:
         elif self.resume == "auto" and acc.is_main_process:
             log.info("--resume auto: no checkpoint in %s, starting fresh", self.run_dir)
         self._record_provenance(resume_from)
-        if cfg.train.trackers:
-            acc.init_trackers(self.task.tracker_project, config=flat_config(cfg.to_dict()))
+        # one door for every tracker: tracker_kwargs mapped, a resumed run continues its tracker runs
+        start_trackers(acc, self.run_dir, cfg.train, self.task.tracker_project, flat_config(cfg.to_dict()),
+                       resuming=resume_from is not None)
         self._last_save_time = time.monotonic()
         self._emit("on_train_start")
         self.run_until(self.last_step)
