@@ -61,15 +61,17 @@ class Method(Task):
         raise NotImplementedError
 
     # -- what every method shares ---------------------------------------------------------------
-    def build_backbone(self, student: bool = True) -> Backbone:
+    def build_backbone(self, student: bool = True, start_weights: bool = True) -> Backbone:
         """The configured backbone: the student with drop path, activation checkpointing and its
-        start weights (``model.pretrained``); a teacher copy without them. Channels-last CNNs,
-        except under DeepSpeed (ZeRO flattens parameters and refuses strided ones)."""
+        start weights (``model.pretrained``, unless not ``start_weights``: a method restoring a
+        whole training checkpoint); a teacher copy without them. Channels-last CNNs, except under
+        DeepSpeed (ZeRO flattens parameters and refuses strided ones)."""
         m = self.config.model
         channels_last = m.channels_last and not uses_deepspeed()
         if student:
             return Backbone(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.grad_checkpointing,
-                            pretrained=m.pretrained, channels_last=channels_last, **m.kwargs)
+                            pretrained=m.pretrained if start_weights else "", channels_last=channels_last,
+                            pretrained_format=m.pretrained_format, **m.kwargs)
         return Backbone(m.name, m.img_size, m.patch_size, 0.0, False, channels_last=channels_last, **m.kwargs)
 
     def train_data(self) -> Any:

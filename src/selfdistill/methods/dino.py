@@ -6,6 +6,7 @@ predict the teacher's centred, sharpened distribution over prototypes.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -19,8 +20,11 @@ from selfdistill.data import MultiCropAugmentation, collate_multicrop
 from selfdistill.losses import dino_loss, ema_center
 from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, register_method
 from selfdistill.models import Backbone, DINOHead
+from selfdistill.models.weights import TrainingCheckpoint, is_hub_name, load_strict, read_training_checkpoint
 from selfdistill.params import ema_update
 from selfdistill.schedules import cosine_schedule, linear_warmup_then_constant
+
+log = logging.getLogger("selfdistill")
 
 
 @dataclass
@@ -136,6 +140,14 @@ class Centers:
         self.values = {n: state[n].to(self._sums[n].device) for n in self.values}
 
 
+def start_checkpoint(config: Config) -> TrainingCheckpoint | None:
+    """``model.pretrained`` read as a DINO / DINOv2 training checkpoint (format ``auto``), else None."""
+    m = config.model
+    if not m.pretrained or m.pretrained_format != "auto" or is_hub_name(m.pretrained):
+        return None
+    return read_training_checkpoint(m.pretrained)
+
+
 def init_teacher(teacher: nn.Module, student: nn.Module) -> nn.Module:
     """The EMA teacher starts as a frozen copy of the student. A BatchNorm teacher normalises with
     its own batch statistics, as in DINO; otherwise it runs in eval mode."""
@@ -158,10 +170,15 @@ class Dino(Method):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.cfg: DinoConfig = config.method  # type: ignore[assignment]
-        student_backbone, teacher_backbone = self.build_backbone(), self.build_backbone(student=False)
+        checkpoint = start_checkpoint(config)
+        student_backbone = self.build_backbone(start_weights=checkpoint is None)
+        teacher_backbone = self.build_backbone(student=False)
         self.student = self.network(student_backbone, self.cfg.norm_last_layer)
         self.teacher = init_teacher(self.network(teacher_backbone, True), self.student)
         self.centers = Centers(self.center_shapes(student_backbone), self.cfg.center_momentum)
+        self.start_report: dict[str, Any] = {}
+        if checkpoint is not None:
+            self.restore(checkpoint)
         self._accelerator: Any = None
 
     # -- what the DINO family varies ------------------------------------------------------------
@@ -211,6 +228,40 @@ class Dino(Method):
         self._accelerator = accelerator
         self.teacher.to(accelerator.device)
         self.centers.to(accelerator.device)
+
+    def restore(self, checkpoint: TrainingCheckpoint) -> None:
+        """Continue another DINO run (``model.pretrained``: a DINO / DINOv2 training checkpoint):
+        each network's backbone and heads loaded strictly, and the loss centres of this method's
+        shapes. A file with the teacher only (DINOv2's ``teacher_checkpoint.pth``) starts the
+        student from it too, as DINO starts its teacher from the student."""
+        c, used, restored = checkpoint, set(), {}
+        for name, network in (("student", self.student), ("teacher", self.teacher)):
+            source = name if name in c.networks else "teacher"
+            for part, module in network.named_children():
+                key = f"{source}.{part}"
+                if part not in c.networks[source]:
+                    raise ValueError(f"model.pretrained: the {c.layout} checkpoint {c.path} has no {source} {part!r} "
+                                     f"({', '.join(c.networks[source])}); give model.pretrained_format="
+                                     f"{c.layout.lower()} to start from its teacher backbone only")
+                try:
+                    load_strict(module.model if isinstance(module, Backbone) else module, c.networks[source][part],
+                                f"model.pretrained: {c.sources[key]} of {c.path}")
+                except ValueError as e:
+                    raise ValueError(f"{e} (give the head sizes of that run: method.out_dim, head_hidden_dim, "
+                                     f"head_bottleneck_dim, head_nlayers, use_bn_in_head; or model.pretrained_format="
+                                     f"{c.layout.lower()} for its teacher backbone only)") from None
+                restored[f"{name}.{part}"] = f"{c.sources[key]} ({len(c.networks[source][part])} tensors)"
+                used.add(key)
+        ignored = list(c.ignored) + [src for key, src in c.sources.items() if key not in used]
+        for key, value in c.centers.items():
+            if key in self.centers.values and self.centers[key].shape == value.shape:
+                self.centers.values[key] = value.detach().float().clone()
+                restored[f"centers.{key}"] = f"{key} {tuple(value.shape)}"
+            else:
+                ignored.append(f"{key} {tuple(value.shape)}")
+        self.start_report = {"path": c.path, "layout": c.layout, "restored": restored, "ignored": ignored}
+        log.info("model.pretrained: %s training checkpoint %s: %s; left out: %s", c.layout, c.path,
+                 ", ".join(f"{k} <- {v}" for k, v in restored.items()), ", ".join(ignored) or "nothing")
 
     # -- schedules ------------------------------------------------------------------------------
     def teacher_temp(self, progress: Progress) -> float:

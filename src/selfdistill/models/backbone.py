@@ -3,18 +3,23 @@ from a :class:`ModelConfig` or from exported weights."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from timm.models import split_model_name_tag
 
 from selfdistill.configkit import check_kwargs_have_values, fail, positive
 from selfdistill.models.networks import check_timm_name, create_timm_model, feature_tokens, is_convnet, pooled_width
-from selfdistill.models.weights import load_file_into, read_meta, resolve_weights, save_weights
+from selfdistill.models.weights import (LoadReport, hub_weights_file, is_hub_name, load_file_into, read_meta,
+                                        resolve_weights, save_weights, weight_formats)
 
-__all__ = ["Backbone", "BackboneOutput", "ModelConfig", "export_backbone", "load_backbone"]
+__all__ = ["Backbone", "BackboneOutput", "ModelConfig", "export_backbone", "load_backbone", "load_pretrained"]
+
+log = logging.getLogger("selfdistill")
 
 
 @dataclass
@@ -27,13 +32,25 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # student only; the teacher always uses 0
     grad_checkpointing: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)  # any other timm.create_model keyword
-    pretrained: str = ""  # a local timm-format weights file (e.g. a selfdistill export) to start from
+    # Start weights: a local weights file, a timm pretrained tag (vit_small_patch16_224.dino) or an
+    # hf-hub:org/repo name read from the local Hugging Face cache, or a DINO / DINOv2 training
+    # checkpoint (DINO-family methods restore student, teacher, heads and centre from it).
+    pretrained: str = ""
+    pretrained_format: str = "auto"  # how a local file lays out its tensors: models.weights.weight_formats()
     channels_last: bool = True  # CNN backbones (ResNet...): NHWC weights and inputs, faster convolutions
 
     def validate(self, prefix: str) -> None:
         if not self.name:
             fail(f"{prefix}.name", "a timm model name is required")
-        check_timm_name(f"{prefix}.name", self.name, f"{prefix}.pretrained")
+        check_timm_name(f"{prefix}.name", self.name, f"{prefix}.pretrained", accepts_tag=True)
+        if self.pretrained_format not in weight_formats():
+            fail(f"{prefix}.pretrained_format", f"unknown format {self.pretrained_format!r} "
+                                                f"(available: {', '.join(weight_formats())})")
+        if self.pretrained and not self.pretrained.startswith("hf-hub:") and is_hub_name(self.pretrained):
+            arch = split_model_name_tag(self.pretrained)[0]
+            if arch != split_model_name_tag(self.name)[0]:
+                fail(f"{prefix}.pretrained", f"{self.pretrained!r} holds weights of timm's {arch!r}, not of "
+                                             f"{prefix}.name={self.name}; give {prefix}.name={arch}")
         if self.img_size is not None:
             positive(self, prefix, "img_size")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -64,11 +81,11 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str, img_size: int | None = None, patch_size: int | None = None,
                  drop_path_rate: float = 0.0, grad_checkpointing: bool = False, pretrained: str = "",
-                 channels_last: bool = False, **kwargs: Any) -> None:
+                 channels_last: bool = False, pretrained_format: str = "auto", **kwargs: Any) -> None:
         super().__init__()
         self.model = create_timm_model(name, img_size, patch_size, drop_path_rate, **kwargs)
         if pretrained:
-            load_file_into(self.model, pretrained, "timm", what="model.pretrained")
+            log.info("start weights: %s", load_pretrained(self.model, name, pretrained, pretrained_format))
         self.name = name
         # What rebuilds this network (the metadata of its exports); drop path is training-only.
         self.meta: dict[str, Any] = {"timm_name": name, "img_size": img_size, "patch_size": patch_size,
@@ -103,6 +120,19 @@ class Backbone(nn.Module):
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding used by kNN / linear evaluation."""
         return self.forward(x).pooled
+
+
+def load_pretrained(model: nn.Module, name: str, spec: str, fmt: str = "auto") -> LoadReport:
+    """``model.pretrained`` loaded strictly into the timm ``model`` built from ``name``: a timm
+    pretrained tag or ``hf-hub:`` name from the local Hugging Face cache (format ``auto`` reads it
+    as ``timm.create_model(pretrained=True)`` does), or a local file in ``fmt``."""
+    if not is_hub_name(spec):
+        return load_file_into(model, spec, fmt, what="model.pretrained")
+    path, arch = hub_weights_file(spec)
+    if arch and arch != split_model_name_tag(name)[0]:
+        raise ValueError(f"model.pretrained: {spec} holds weights of timm's {arch!r}, not of model.name={name}; "
+                         f"give model.name={arch}")
+    return load_file_into(model, path, "timm_hub" if fmt == "auto" else fmt, what=f"model.pretrained ({spec})")
 
 
 def export_backbone(backbone: Backbone, path: str | Path) -> Path:

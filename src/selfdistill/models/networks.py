@@ -15,10 +15,11 @@ __all__ = ["check_timm_name", "create_timm_model", "feature_tokens", "is_convnet
 _OPTIONAL_KWARGS = ("dynamic_img_size", "strict_img_size", "img_size", "patch_size")
 
 
-def check_timm_name(key: str, name: str, weights_key: str) -> None:
+def check_timm_name(key: str, name: str, weights_key: str, accepts_tag: bool = False) -> None:
     """A one-line config error unless ``name`` is a timm architecture: an unknown name gets the
     closest ones timm knows; a pretrained tag (``vit_small_patch16_224.dino``) is refused, because
-    nothing is downloaded here and the weights come from ``weights_key`` (a local file)."""
+    the name builds random weights and the weights come from ``weights_key`` (a local file, or the
+    tag itself where ``accepts_tag``: read from the local Hugging Face cache)."""
     from timm.models import split_model_name_tag
 
     from selfdistill.configkit import closest_names, fail
@@ -27,8 +28,10 @@ def check_timm_name(key: str, name: str, weights_key: str) -> None:
     if not timm.is_model(arch):
         fail(key, f"unknown timm model {name!r}" + closest_names(arch, timm.list_models(), "timm.list_models()"))
     if tag:
+        where = (f"{weights_key}={name} (read from the local Hugging Face cache) or a local file in {weights_key}"
+                 if accepts_tag else f"the weights as a local file in {weights_key}")
         fail(key, f"{name!r} is timm's architecture {arch!r} with its pretrained tag {tag!r}; the name builds "
-                  f"random weights, so give {key}={arch} and the weights as a local file in {weights_key}")
+                  f"random weights, so give {key}={arch} and {where}")
 
 
 def create_timm_model(name: str, img_size: int | None = None, patch_size: int | None = None,

@@ -8,13 +8,16 @@ Reading never rebuilds a method or a run: every checkpoint holds its exports
 
 A checkpoint *format* (how a file lays out its tensors) is one function registered with
 ``@register_format(name)``: it takes the loaded object and the timm model and returns
-``(state_dict_in_timm_keys, dropped_keys)``. Nothing is downloaded: every path is local.
+``(state_dict_in_timm_keys, dropped_keys)``. Nothing is downloaded: every path is local, and a
+timm pretrained tag or ``hf-hub:`` name is read from the local Hugging Face cache only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,8 +30,9 @@ from selfdistill.models.networks import create_timm_model
 from selfdistill.registry import Registry
 
 __all__ = [
-    "EXPORTS", "LoadReport", "METADATA_KEY", "WEIGHT_SUFFIXES", "load_file_into", "load_strict", "load_teacher",
-    "read_meta", "read_tensors", "read_weights", "register_format", "resolve_weights", "save_weights",
+    "EXPORTS", "LoadReport", "METADATA_KEY", "TrainingCheckpoint", "WEIGHT_SUFFIXES", "hub_weights_file",
+    "is_hub_name", "load_file_into", "load_strict", "load_teacher", "read_meta", "read_tensors",
+    "read_training_checkpoint", "read_weights", "register_format", "resolve_weights", "save_weights",
     "weight_formats", "write_sidecar",
 ]
 
@@ -384,3 +388,259 @@ def _simsiam(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Ten
     encoder, dropped = strip_prefix(state, prefix)
     encoder, heads = _drop_classifier(encoder, model)
     return encoder, dropped + [prefix + k for k in heads]
+
+
+def _dinov2_backbone(state: dict[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """A DINOv2 ViT's keys as timm's ``vit_*_dinov2`` ones: FSDP block chunks (``blocks.<chunk>.<i>.``)
+    flattened to ``blocks.<i>.``, then timm's own converter (``mask_token`` out, ``register_tokens``
+    to ``reg_token``, SwiGLU ``w12``/``w3`` to ``fc1``/``fc2``)."""
+    from timm.models.vision_transformer import _convert_dinov2
+
+    chunked = re.compile(r"^blocks\.\d+\.(\d+)\.")
+    flat = {chunked.sub(r"blocks.\1.", k): v for k, v in state.items()}
+    return _convert_dinov2(flat, model)  # type: ignore[arg-type]
+
+
+def _dinov2_network(obj: dict[str, Any]) -> tuple[dict[str, Any], list[str]] | None:
+    """The teacher backbone of a DINOv2 file that holds one, with the keys left out: the eval
+    ``teacher_checkpoint.pth`` (``{"teacher": {"backbone.", "dino_head.", "ibot_head."}}``) or a
+    consolidated training state (``{"model": {"teacher.backbone.", "student.", ...}}``)."""
+    if isinstance(obj.get("teacher"), dict) and any(k.startswith("backbone.") for k in obj["teacher"]):
+        kept, rest = strip_prefix(obj["teacher"], "backbone.")
+        return kept, [f"teacher.{k}" for k in rest] + [k for k in obj if k != "teacher"]
+    model = obj.get("model")
+    if isinstance(model, dict) and any(k.startswith("teacher.backbone.") for k in model):
+        kept, rest = strip_prefix(model, "teacher.backbone.")
+        return kept, rest + [k for k in obj if k != "model"]
+    return None
+
+
+@register_format("dinov2")
+def _dinov2(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """DINOv2 ViT (timm ``vit_*_patch14_dinov2`` / ``*_reg4_dinov2``, ``img_size: 518``): the released
+    backbone (``dinov2_vits14_pretrain.pth``), the ``teacher_checkpoint.pth`` its training writes
+    for evaluation, or a consolidated training state dict: the teacher backbone in each case."""
+    found = _dinov2_network(obj)
+    state, dropped = found if found else (unwrap(obj, "state_dict", "model"), [])
+    if "mask_token" not in state:
+        raise ValueError(f"not a DINOv2 ViT: no 'mask_token' (first keys: {', '.join(list(state)[:4])})")
+    state, head = _drop_classifier(_dinov2_backbone(state, model), model)
+    return state, dropped + ["mask_token"] + head
+
+
+def _is_training_checkpoint(obj: dict[str, Any]) -> bool:
+    return (isinstance(obj.get("teacher"), dict) and any(k.startswith(("backbone.", "module.backbone."))
+                                                         for k in obj["teacher"])) or (
+        isinstance(obj.get("model"), dict) and any(k.startswith("teacher.backbone.") for k in obj["model"]))
+
+
+@register_format("auto")
+def _auto(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """What the file says it is: a DINO or DINOv2 training checkpoint (its teacher backbone), a
+    DINOv2 backbone (``mask_token``), else timm keys (timm files, this project's exports)."""
+    if _is_training_checkpoint(obj):
+        return (_dinov2 if "mask_token" in _backbone_of(obj, "teacher")[0] else _dino)(obj, model)
+    if "mask_token" in unwrap(obj, "state_dict", "model"):
+        return _dinov2(obj, model)
+    return _timm(obj, model)
+
+
+@register_format("timm_hub")
+def _timm_hub(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A file of timm's pretrained weights as ``timm.create_model(name, pretrained=True)`` reads it
+    (the hub's ``model.safetensors`` / ``pytorch_model.bin``, OpenCLIP's for ``*_clip_*`` tags):
+    through the model family's ``checkpoint_filter_fn`` (key conversion, position embeddings
+    resampled to the model's grid); the classifier is left out."""
+    import sys
+
+    state = _plain_timm_state(obj)
+    family = sys.modules.get(type(model).__module__)
+    filter_fn = getattr(family, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    return _drop_classifier(state, model)
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained weights by name: a timm tag or an ``hf-hub:`` repo, from the local cache only
+# --------------------------------------------------------------------------------------------
+
+HUB_PREFIX = "hf-hub:"
+
+
+def is_hub_name(spec: str) -> bool:
+    """``spec`` names hub weights: ``hf-hub:org/repo`` or a timm pretrained tag
+    (``vit_small_patch16_224.dino``) that is not a local path."""
+    if spec.startswith(HUB_PREFIX):
+        return True
+    if not spec or Path(spec).exists() or "/" in spec or os.sep in spec or spec.endswith(WEIGHT_SUFFIXES):
+        return False
+    import timm
+    from timm.models import split_model_name_tag
+
+    arch, tag = split_model_name_tag(spec)
+    return bool(tag) and timm.is_model(arch)
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, as ``huggingface_hub`` finds it, read when called:
+    ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_weights_file(spec: str, what: str = "model.pretrained") -> tuple[Path, str]:
+    """The cached weights file of a timm pretrained tag or an ``hf-hub:org/repo[@revision]`` name,
+    and the timm architecture it is for ('' where the cache does not say). Nothing is downloaded:
+    a file not in the cache is a one-line error with the command that fetches it."""
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    arch = ""
+    if spec.startswith(HUB_PREFIX):
+        repo, filenames = spec[len(HUB_PREFIX):], []
+    else:
+        arch = split_model_name_tag(spec)[0]
+        try:
+            cfg = get_pretrained_cfg(spec)
+        except RuntimeError:
+            cfg = None
+        if cfg is None:
+            import timm
+
+            tags = timm.list_pretrained(f"{arch}.*")
+            raise ValueError(f"{what}: timm has no pretrained weights {spec!r} (its tags of {arch}: "
+                             f"{', '.join(tags[:8]) or 'none'}{', ...' if len(tags) > 8 else ''})")
+        if not cfg.hf_hub_id:
+            raise ValueError(f"{what}: timm reads {spec!r} from {cfg.url or cfg.file}, not the Hugging Face hub; "
+                             f"download that file and give its path in {what}")
+        repo, filenames = cfg.hf_hub_id, [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+    repo, _, revision = repo.partition("@")
+    names = [n for f in filenames for n in (re.sub(r"pytorch_model\.bin$", "model.safetensors", f), f)] or [
+        "model.safetensors", "pytorch_model.bin"]
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = hub_cache_dir()
+    found = next((p for n in dict.fromkeys(names)
+                  if isinstance(p := try_to_load_from_cache(repo, n, cache_dir=cache, revision=revision or None), str)),
+                 None)
+    if found is None:
+        rev = f" --revision {revision}" if revision else ""
+        raise FileNotFoundError(f"{what}: {spec} ({repo}, {' or '.join(dict.fromkeys(names))}) is not in the Hugging "
+                                f"Face cache {cache} and nothing is downloaded at run time; fetch it once with: "
+                                f"`hf download {repo}{rev}` (HF_HUB_CACHE or HF_HOME choose the cache)")
+    config = try_to_load_from_cache(repo, "config.json", cache_dir=cache, revision=revision or None)
+    if isinstance(config, str):
+        arch = json.loads(Path(config).read_text()).get("architecture", arch) or arch
+    return Path(found), arch
+
+
+# --------------------------------------------------------------------------------------------
+# DINO / DINOv2 training checkpoints: both networks, their heads and the loss centre
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingCheckpoint:
+    """The networks of a DINO-style training checkpoint in this project's names:
+    ``networks[network][part]`` (network ``student`` / ``teacher``; part ``backbone`` in timm
+    keys, ``head`` and other heads in :class:`DINOHead` keys, weight norm as torch
+    parametrizations), the loss centres, where each part came from and what was left out."""
+
+    path: str
+    layout: str  # "DINO" (facebookresearch/dino, EsViT) or "DINOv2"
+    networks: dict[str, dict[str, dict[str, torch.Tensor]]]
+    centers: dict[str, torch.Tensor]
+    sources: dict[str, str]  # "student.head" -> "student['module.head.*']"
+    ignored: list[str]  # entries of the file not read (optimizer, epoch, args, other heads...)
+
+
+# Head names of the file -> this project's (DINOv2 calls DINO's head ``dino_head``).
+_HEAD_NAMES = {"dino_head": "head"}
+# Loss centres of the file -> this project's (``Centers`` names).
+_CENTERS = {"dino_loss.center": "center", "ddino_loss.center": "center", "ddino_loss.center_grid": "center_grid"}
+
+
+def _head_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weight_norm``'s ``weight_g`` / ``weight_v`` (DINO, DINOv2) as torch parametrizations' names."""
+    renamed = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
+    return {re.sub(r"(weight_g|weight_v)$", lambda m: renamed[m.group(1)], k): v for k, v in state.items()}
+
+
+def _split_network(state: dict[str, Any], label: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """One network's ``backbone.`` / ``<head>.`` keys (``module.`` removed) as parts, and their sources."""
+    module = "module." if state and all(k.startswith("module.") for k in state) else ""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    sources: dict[str, str] = {}
+    for key, value in state.items():
+        first, _, rest = key[len(module):].partition(".")
+        part = _HEAD_NAMES.get(first, first)
+        parts.setdefault(part, {})[rest] = value
+        sources[part] = f"{label}{module}{first}.*"
+    return parts, sources
+
+
+def _backbone_of(obj: dict[str, Any], network: str) -> tuple[dict[str, Any], str]:
+    """A network's backbone keys in a DINO (``obj[network]``) or DINOv2 (``obj['model']``) file."""
+    if isinstance(obj.get(network), dict):
+        parts, _ = _split_network(obj[network], "")
+    elif isinstance(obj.get("model"), dict):
+        parts, _ = _split_network(strip_prefix(obj["model"], f"{network}.")[0], "")
+    else:
+        return {}, ""
+    return parts.get("backbone", {}), network
+
+
+def read_training_checkpoint(path: str | Path) -> TrainingCheckpoint | None:
+    """Both networks of a DINO-style training checkpoint, or None for any other file.
+
+    Layouts: facebookresearch/dino's ``checkpoint.pth`` (``student`` with DDP's ``module.`` and
+    ``teacher``, each ``backbone.`` + ``head.``; ``dino_loss.center``; EsViT adds ``head_dense.``
+    and ``ddino_loss``), DINOv2's consolidated training state (``model``: ``student.`` /
+    ``teacher.`` + ``backbone.``, ``dino_head.``, ``ibot_head.``; ``dino_loss.center``) and its
+    ``teacher_checkpoint.pth`` (``teacher`` only). Optimizer, epoch, arguments and scaler are left out.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors" or not path.is_file():
+        return None
+    obj = read_tensors(path)
+    if not isinstance(obj, dict) or not _is_training_checkpoint(obj):
+        return None
+    networks: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    sources: dict[str, str] = {}
+    centers: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    if isinstance(obj.get("teacher"), dict):  # DINO / EsViT, or DINOv2's teacher_checkpoint.pth
+        for network in ("student", "teacher"):
+            if isinstance(obj.get(network), dict):
+                networks[network], found = _split_network(obj[network], f"{network}['")
+                sources.update({f"{network}.{p}": f"{s}']" for p, s in found.items()})
+        for loss in ("dino_loss", "ddino_loss"):
+            for name, value in (obj.get(loss) or {}).items():
+                (centers.__setitem__(_CENTERS[f"{loss}.{name}"], value) if f"{loss}.{name}" in _CENTERS
+                 else ignored.append(f"{loss}.{name}"))
+        ignored += [k for k in obj if k not in ("student", "teacher", "dino_loss", "ddino_loss")]
+    else:  # DINOv2's full training state under "model"
+        model = obj["model"]
+        for network in ("student", "teacher"):
+            state = strip_prefix(model, f"{network}.")[0]
+            if state:
+                networks[network], found = _split_network(state, f"model['{network}.")
+                sources.update({f"{network}.{p}": f"{s}']" for p, s in found.items()})
+        for key, value in model.items():
+            if not key.startswith(("student.", "teacher.")):
+                (centers.__setitem__(_CENTERS[key], value) if key in _CENTERS else ignored.append(f"model['{key}']"))
+        ignored += [k for k in obj if k != "model"]
+    layout = "DINO"
+    for parts in networks.values():
+        if "mask_token" in parts.get("backbone", {}):
+            layout = "DINOv2"
+            parts["backbone"] = _dinov2_backbone(parts["backbone"])
+        for part in parts:
+            if part != "backbone":
+                parts[part] = _head_keys(parts[part])
+    return TrainingCheckpoint(str(path), layout, networks, centers, sources, ignored)
