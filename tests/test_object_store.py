@@ -81,12 +81,23 @@ def test_missing_shard_is_retried_skipped_and_named(client, s3_bucket, tmp_path,
     use_client(client, tmp_path, monkeypatch)
     reason = "given object s3://{}/train/shard-000002.tar not found" if client == "s5cmd" else "(404)"
 
+    missing = f"s3://{s3_bucket.name}/train/shard-000002.tar"
+
     caplog.set_level(logging.WARNING)
-    stream = ShardStream(expand_urls(url), None, 0, 1, 0, resampled=False, retries=1)
-    assert indices(stream) == [i for i in range(16) if i // 4 != 2]  # the other shards are read whole
+    samples = list(ShardStream(expand_urls(url), None, 0, 1, 0, resampled=False, retries=1))
+    assert sorted(s["index"] for s in samples) == [i for i in range(16) if i // 4 != 2]  # the others read whole
+    assert [b for s in samples for b in s["bad"]] == [missing]  # an unreadable file, not an image draw
+    assert sum(s["bad_draws"] for s in samples) == 0
     warning = next(r.getMessage() for r in caplog.records if "unreadable after" in r.getMessage())
-    assert f"s3://{s3_bucket.name}/train/shard-000002.tar unreadable after 2 tries, skipped" in warning
+    assert f"{missing} unreadable after 2 tries, skipped" in warning
     assert f"{client} exited with status 1" in warning and reason.format(s3_bucket.name) in warning
+
+    # Training skips it within data.max_missing_shards and counts it in log.jsonl's bad_images.
+    out = tmp_path / "skip"
+    assert pretrain(merged(tiny_overrides(url, out), "data.shard_retries=0", "data.max_missing_shards=0.9",
+                           "data.shuffle_buffer=8")) == 0
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(rows) == 4 and rows[-1]["bad_images"] == 1
 
     # Nothing readable: the run stops with one line naming the client's reason (from a loader worker).
     for name in ("shard-000000.tar", "shard-000001.tar", "shard-000003.tar"):

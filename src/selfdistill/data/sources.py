@@ -151,6 +151,7 @@ class ShardStream(IterableDataset):
         self.urls, self.transform, self.rank, self.world_size = urls, transform, rank, world_size
         self.seed, self.epoch, self.start_batch, self.resampled = seed, epoch, start_batch, resampled
         self.shuffle_buffer, self.retries, self.max_missing_fraction = shuffle_buffer, retries, max_missing_fraction
+        self._skipped_shards: list[str] = []
 
     # -- which shards this reader opens
     def _reader(self) -> tuple[int, int]:
@@ -182,6 +183,7 @@ class ShardStream(IterableDataset):
                     last_error = f"{shard_name(url)}: {err}"
                     log.warning("shard %s unreadable after %d tries, skipped (%s)", shard_name(url), self.retries + 1,
                                 err)
+                    self._skipped_shards.append(shard_name(url))
                 else:
                     yield {"url": url, "stream": stream}
                     break
@@ -220,6 +222,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pending_bad: list[str] = []
+        self._skipped_shards = []  # filled by _open; reported with the next sample
         for raw in self._shuffled(self._samples()):
             name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
             index = _key_index(raw.get("__key__", ""))
@@ -234,9 +237,11 @@ class ShardStream(IterableDataset):
             if self.transform is not None:
                 with seeded_rng(seed):
                     img = self.transform(img)
-            # each damaged member skipped before this sample was a draw of its own
-            yield {"image": img, "label": label, "index": index, "bad": pending_bad, "draws": 1 + len(pending_bad),
-                   "bad_draws": len(pending_bad)}
+            # each damaged member skipped before this sample was a draw of its own; a skipped shard is
+            # an unreadable file (named, counted in bad_images) but no image draw
+            skipped, self._skipped_shards[:] = list(self._skipped_shards), []
+            yield {"image": img, "label": label, "index": index, "bad": pending_bad + skipped,
+                   "draws": 1 + len(pending_bad), "bad_draws": len(pending_bad)}
             pending_bad = []
 
 
