@@ -204,7 +204,8 @@ def test_knn_from_shards_equals_knn_from_folders(tmp_path):
 
 
 def test_s3_urls_stream_through_s5cmd(tmp_path, monkeypatch):
-    """s3:// shards are read through `s5cmd cat` (here a stand-in script serving a local copy)."""
+    """s3:// shards are read through `s5cmd cat` (here a stand-in script serving a local copy; the
+    real clients against a real server: test_object_store.py)."""
     urls = write_shards(tmp_path / "bucket" / "train", n_shards=2, per_shard=3)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -212,6 +213,8 @@ def test_s3_urls_stream_through_s5cmd(tmp_path, monkeypatch):
     fake.write_text(f'#!/bin/sh\n[ "$1" = cat ] || exit 2\nexec cat "{tmp_path}/bucket/${{2#s3://}}"\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for name in ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):  # else the client gets --endpoint-url first
+        monkeypatch.delenv(name, raising=False)
     remote = expand_urls("s3://train/shard-{000000..000001}.tar")
     assert remote == ["pipe:s5cmd cat s3://train/shard-000000.tar", "pipe:s5cmd cat s3://train/shard-000001.tar"]
     got = read_all(ShardStream(remote, to_tensor, 0, 1, 0, resampled=False), 0)

@@ -14,3 +14,14 @@ def dispatch(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """An error's own message, also when a DataLoader worker raised it: PyTorch re-raises it in the
+    training process with the worker's whole traceback as the message; its last line is the error."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and name.rsplit(".", 1)[-1] == type(error).__name__ else last

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 time.sleep(1)
 
+    from selfdistill.cli import one_line
     from selfdistill.data import BadDataError
     from selfdistill.engine.trainer import NonFiniteLossError, Preempted
     from selfdistill.pretrain import pretraining
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = pretraining(config, resume=args.resume, check_data=args.check_data,
                               resume_elastic=args.resume_elastic).fit()
     except (ValueError, FileNotFoundError, NonFiniteLossError, BadDataError) as e:
-        logging.getLogger("selfdistill").error("%s", e)
+        logging.getLogger("selfdistill").error("%s", one_line(e))
         return 1
     except Preempted as e:  # the checkpoint is written; exit 75 asks the launcher script to requeue
         logging.getLogger("selfdistill").warning("%s", e)

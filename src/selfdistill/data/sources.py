@@ -22,7 +22,8 @@ import multiprocessing
 import multiprocessing.util  # its exit function is registered first, so ours below runs before it
 import os
 import random
-import shutil
+import subprocess
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +34,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from selfdistill.data.folder import decode_rgb, sample_seed, seeded_rng
+from selfdistill.data import object_store
+from selfdistill.data.folder import BadDataError, decode_rgb, sample_seed, seeded_rng
 from selfdistill.data.sampler import EpochShardSampler
 from selfdistill.data.shard_format import INFO_NAME, has_info, read_info, shard_urls
 
@@ -94,8 +96,8 @@ class MapSource:
 # -- webdataset shards -------------------------------------------------------------------------
 def expand_urls(path: str) -> list[str]:
     """Shard URLs from ``data.path``: a directory written by ``selfdistill-shards`` (its
-    ``_info.json``), brace patterns (several separated by ``::``), ``pipe:`` commands, http(s)
-    URLs, or ``s3://`` URLs (read through s5cmd or the AWS CLI)."""
+    ``_info.json``; local or an ``s3://`` prefix), brace patterns (several separated by ``::``),
+    ``pipe:`` commands, http(s) URLs, or ``s3://`` URLs (read through s5cmd or the AWS CLI)."""
     from braceexpand import braceexpand
 
     if not path or not path.strip():
@@ -105,9 +107,13 @@ def expand_urls(path: str) -> list[str]:
             urls = shard_urls(path)
         else:
             urls = [str(p) for p in sorted(Path(path).glob("*.tar"))]
+    elif object_store.is_prefix(path):
+        urls = object_store.remote_shard_urls(path, object_store.read_remote_info(path))
     else:
         urls = [u for part in path.split("::") for u in braceexpand(part)]
-    urls = [_s3_to_pipe(u) for u in urls]
+    if any(u.startswith("s3://") for u in urls):
+        object_store.check_endpoint()
+    urls = [object_store.to_pipe(u) for u in urls]
     local = [u for u in urls if _is_local(u)]
     missing = [u for u in local if not os.path.exists(u)]
     if urls and len(missing) == len(urls):
@@ -121,18 +127,11 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def _s3_to_pipe(url: str) -> str:
-    if not url.startswith("s3://"):
-        return url
-    if shutil.which("s5cmd"):
-        return f"pipe:s5cmd cat {url}"
-    if shutil.which("aws"):
-        return f"pipe:aws s3 cp {url} -"
-    raise RuntimeError(f"{url}: reading s3:// shards needs s5cmd or the AWS CLI on PATH")
-
-
 def shard_info(path: str) -> dict[str, Any] | None:
-    """``_info.json`` of a shard directory written by ``selfdistill-shards``, else None."""
+    """``_info.json`` of a shard directory written by ``selfdistill-shards`` (local or an
+    ``s3://`` prefix), else None."""
+    if object_store.is_prefix(path):
+        return object_store.read_remote_info(path)
     return read_info(path) if os.path.isdir(path) and has_info(path) else None
 
 
@@ -152,6 +151,7 @@ class ShardStream(IterableDataset):
         self.urls, self.transform, self.rank, self.world_size = urls, transform, rank, world_size
         self.seed, self.epoch, self.start_batch, self.resampled = seed, epoch, start_batch, resampled
         self.shuffle_buffer, self.retries, self.max_missing_fraction = shuffle_buffer, retries, max_missing_fraction
+        self._skipped_shards: list[str] = []
 
     # -- which shards this reader opens
     def _reader(self) -> tuple[int, int]:
@@ -169,26 +169,29 @@ class ShardStream(IterableDataset):
 
     def _open(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
         """Open each shard with retries; skip (and count) those that stay unreadable."""
-        from webdataset.gopen import gopen
-
         tried = failed = 0
         for url in urls:
             tried += 1
             for attempt in range(self.retries + 1):
                 try:
-                    yield {"url": url, "stream": gopen(url)}
-                    break
+                    stream = open_shard(url)
                 except Exception as err:  # noqa: BLE001 - network, pipe and file errors alike
                     if attempt < self.retries:
                         time.sleep(0.5 * (attempt + 1))
                         continue
                     failed += 1
-                    log.warning("shard %s unreadable after %d tries, skipped (%s)", url, self.retries + 1, err)
+                    last_error = f"{shard_name(url)}: {err}"
+                    log.warning("shard %s unreadable after %d tries, skipped (%s)", shard_name(url), self.retries + 1,
+                                err)
+                    self._skipped_shards.append(shard_name(url))
+                else:
+                    yield {"url": url, "stream": stream}
+                    break
             if failed and tried >= 10 and failed / tried > self.max_missing_fraction:
-                raise RuntimeError(f"{failed} of {tried} shards could not be read, more than "
-                                   f"data.max_missing_shards={self.max_missing_fraction}; last: {url}")
+                raise ShardReadError(f"{failed} of {tried} shards could not be read, more than "
+                                     f"data.max_missing_shards={self.max_missing_fraction}; last: {last_error}")
             if failed == tried and tried >= 3:
-                raise RuntimeError(f"none of the {tried} shards opened so far could be read (last: {url})")
+                raise ShardReadError(f"none of the {tried} shards opened so far could be read; last: {last_error}")
 
     def _samples(self) -> Iterator[dict[str, Any]]:
         from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -219,6 +222,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         pending_bad: list[str] = []
+        self._skipped_shards = []  # filled by _open; reported with the next sample
         for raw in self._shuffled(self._samples()):
             name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
             index = _key_index(raw.get("__key__", ""))
@@ -233,10 +237,73 @@ class ShardStream(IterableDataset):
             if self.transform is not None:
                 with seeded_rng(seed):
                     img = self.transform(img)
-            # each damaged member skipped before this sample was a draw of its own
-            yield {"image": img, "label": label, "index": index, "bad": pending_bad, "draws": 1 + len(pending_bad),
-                   "bad_draws": len(pending_bad)}
+            # each damaged member skipped before this sample was a draw of its own; a skipped shard is
+            # an unreadable file (named, counted in bad_images) but no image draw
+            skipped, self._skipped_shards[:] = list(self._skipped_shards), []
+            yield {"image": img, "label": label, "index": index, "bad": pending_bad + skipped,
+                   "draws": 1 + len(pending_bad), "bad_draws": len(pending_bad)}
             pending_bad = []
+
+
+class ShardReadError(BadDataError):
+    """More shards than ``data.max_missing_shards`` allows cannot be opened."""
+
+
+def shard_name(url: str) -> str:
+    """The object a shard URL reads: the ``s3://`` URL inside a client command, else the URL."""
+    return next((token for token in url.split() if token.startswith("s3://")), url) if url.startswith("pipe:") else url
+
+
+def open_shard(url: str) -> Any:
+    """A readable stream of the shard ``url``: :class:`CommandStream` for ``pipe:`` commands
+    (s3:// shards are ones), webdataset's ``gopen`` for files and http(s)."""
+    if url.startswith("pipe:"):
+        return CommandStream(url[len("pipe:"):])
+    from webdataset.gopen import gopen
+
+    return gopen(url)
+
+
+class CommandStream:
+    """The output of a ``pipe:`` shard command, for tarfile. Unlike webdataset's pipe, a command
+    that fails before writing anything fails here, at opening (so it is retried and counted as a
+    missing shard), and a failure names the command's exit status and the last line it wrote to
+    stderr (s5cmd's and the AWS CLI's reason: no such key, connection refused)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.errors = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.errors)
+        if not self.proc.stdout.peek(1):  # blocks until the first bytes or the end of the output
+            self._check_exit()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.proc.stdout.read(size)
+        if not data and size != 0:
+            self._check_exit()
+        return data
+
+    def _check_exit(self) -> None:
+        status = self.proc.wait()
+        if status:
+            self.errors.seek(0)
+            lines = [ln.strip() for ln in self.errors.read().decode(errors="replace").splitlines() if ln.strip()]
+            self.close()
+            program = (self.command.split() or ["pipe"])[0]
+            raise OSError(f"{program} exited with status {status}: {lines[-1] if lines else 'no message'}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:  # closed before the end (a stopped epoch): no error
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        self.errors.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
