@@ -41,9 +41,6 @@ class SmdConfig(TeacherConfig):
     align_epochs: int = 2  # epochs with the cosine alignment term added (SMD: 2)
     align_smd_weight: float = 1.0  # weight of the SMD term while aligning (SMD's --times)
     sync_bn: bool = True  # BatchNorm statistics over all GPU ranks (SyncBatchNorm), as SMD
-    # A BatchNorm1d (no affine) on the student's embedding before its Linear: a student without
-    # BatchNorm (a small ViT) otherwise collapses to the teacher's mean direction. Not in SMD.
-    embed_bn: bool = False
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -55,14 +52,13 @@ class SmdStudent(nn.Module):
     """Backbone + one Linear to the teacher's width (SMD's ``SimSiam_smd``: no MLP, no BN, no
     predictor), one backbone call per view. Returns one ``[B, teacher_dim]`` embedding per view."""
 
-    def __init__(self, backbone: Backbone, teacher_dim: int, embed_bn: bool = False) -> None:
+    def __init__(self, backbone: Backbone, teacher_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.bn = nn.BatchNorm1d(backbone.embed_dim, affine=False) if embed_bn else nn.Identity()
         self.fc = nn.Linear(backbone.embed_dim, teacher_dim)
 
     def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.fc(self.bn(self.backbone(view).pooled)) for view in views]
+        return [self.fc(self.backbone(view).pooled) for view in views]
 
 
 def teacher_width(cfg: SmdConfig) -> int:
@@ -88,7 +84,7 @@ class Smd(TwoViewMethod):
         cfg: SmdConfig = config.method  # type: ignore[assignment]
         self.cfg = cfg
         self.teacher_dim = teacher_width(cfg)
-        self.set_student(SmdStudent(self.build_backbone(), self.teacher_dim, cfg.embed_bn), cfg.sync_bn)
+        self.set_student(SmdStudent(self.build_backbone(), self.teacher_dim), cfg.sync_bn)
         self.teacher: nn.Module | None = None  # loaded in setup(): it needs the accelerator
 
     def param_groups(self) -> list[ParamGroup]:
