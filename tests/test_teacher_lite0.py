@@ -232,3 +232,20 @@ def test_distillation_moves_the_student_embedding_towards_the_teacher(digits, tm
         t = teacher(torch.nn.functional.interpolate(held, size=64, mode="bilinear", antialias=True))
         start, end = linear_cka(before(held).pooled, t), linear_cka(after(held).pooled, t)
     assert end > gain * start, (start, end)
+
+
+def test_token_matching_pools_the_finer_grid_and_gives_a_cnn_a_mean_token():
+    from selfdistill.methods.fd import match_tokens
+
+    # A CNN student (no CLS, 4x4) and a ViT teacher (CLS + 2x2): the student is pooled and gets its mean as CLS.
+    student, teacher = match_tokens((0, (4, 4)), (1, (2, 2)))
+    tokens = torch.randn(2, 16, 3)
+    out = student(tokens, (4, 4), 0)
+    assert out.shape == (2, 5, 3) and torch.allclose(out[:, 0], tokens.mean(1))
+    assert torch.allclose(out[:, 1], tokens.reshape(2, 4, 4, 3)[:, :2, :2].mean((1, 2)))
+    vit = torch.randn(2, 5, 3)
+    assert torch.equal(teacher(vit, (2, 2), 1), vit)  # the coarser side is left as it is
+    with pytest.raises(ValueError, match="3x3 token grid is not a multiple of the coarser 2x2"):
+        match_tokens((1, (3, 3)), (0, (2, 2)))
+    with pytest.raises(ValueError, match="teacher has 1 prefix tokens and the student 2"):
+        match_tokens((2, (2, 2)), (1, (2, 2)))
