@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from selfdistill.config import Config, MethodConfig
@@ -109,8 +110,13 @@ class TeacherConfig(MethodConfig):
     teacher_weights: str = ""  # local weights file of the teacher, or a run / checkpoint directory of this project
     teacher_format: str = "timm"  # how the file lays out its tensors: models.weights.weight_formats()
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # more timm.create_model keywords for the teacher
+    # Square size each view is resized to (bilinear, antialiased) for the teacher only; 0: the view as it is.
+    # A small student at 32 px can learn from an ImageNet teacher that needs 64 px to see well.
+    teacher_img_size: int = 0
 
     def validate(self, prefix: str) -> None:
+        if self.teacher_img_size < 0:
+            fail(f"{prefix}.teacher_img_size", f"must be 0 (the view as it is) or a size, got {self.teacher_img_size}")
         if not self.teacher_model:
             fail(f"{prefix}.teacher_model", f"{self.name} needs the timm name of its frozen teacher network")
         check_timm_name(f"{prefix}.teacher_model", self.teacher_model, f"{prefix}.teacher_weights")
@@ -123,6 +129,19 @@ class TeacherConfig(MethodConfig):
         check_kwargs_have_values(f"{prefix}.teacher_kwargs", self.teacher_kwargs)
 
 
+class ResizedInput(nn.Module):
+    """Calls ``network`` on its input resized to ``size`` x ``size`` (bilinear, antialiased)."""
+
+    def __init__(self, network: nn.Module, size: int) -> None:
+        super().__init__()
+        self.network, self.size = network, size
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return self.network(x)
+
+
 def load_frozen_teacher(cfg: TeacherConfig, accelerator: Any, wrap: Callable[[nn.Module], nn.Module] | None = None,
                         channels_last: bool = False) -> FrozenTeacher:
     """The teacher of ``cfg`` loaded strictly (the report logged), frozen, on the device, partitioned
@@ -132,7 +151,10 @@ def load_frozen_teacher(cfg: TeacherConfig, accelerator: Any, wrap: Callable[[nn
     if channels_last and is_convnet(network):
         network.to(memory_format=torch.channels_last)
     total = sum(p.numel() for p in network.parameters())
-    teacher = FrozenTeacher(wrap(network) if wrap else network, accelerator)
+    called = wrap(network) if wrap else network
+    if cfg.teacher_img_size:
+        called = ResizedInput(called, cfg.teacher_img_size)
+    teacher = FrozenTeacher(called, accelerator)
     log.info("teacher %s; %s%d of %d teacher parameters on rank %d", report,
              "ZeRO-3 partitioned: " if teacher.partitioned else "", teacher.parameters_per_rank(), total,
              accelerator.process_index)

@@ -44,6 +44,10 @@ class FdConfig(TeacherConfig):
     # Student parameters (name substrings) without weight decay, besides 1-D tensors, biases,
     # pos_embed, cls_token and absolute_pos_embed; FD's Swin recipe adds relative_position_bias_table.
     no_decay_keywords: list[str] = field(default_factory=list)
+    # Different token layouts (a ViT student's CLS + 4x4 patches, a CNN teacher's 2x2 map): average-pool
+    # the finer grid to the coarser one (a multiple of it); the side without a CLS token (the CNN) gets
+    # its mean token in its place. False: FD as published, token for token; different layouts are an error.
+    match_grid: bool = False
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -82,35 +86,80 @@ class FDTransform:
         return f"{type(self).__name__}(size={self.size}, {self.cut.transforms[0]})"
 
 
-class FDStudent(nn.Module):
-    """Student backbone + FD's projector (``Conv1d(C_s, C_t, 1)`` = a linear map over channels)."""
+@dataclass(frozen=True)
+class TokenMatch:
+    """How one side's tokens are brought to the tokens both regress: the grid its patch tokens are
+    average-pooled to (None: kept), and how many prefix tokens it is given, each the mean of its patch
+    tokens (a CNN's global average pool), to stand for the other side's CLS token (0: none added)."""
 
-    def __init__(self, backbone: Backbone, teacher_dim: int) -> None:
+    grid: tuple[int, int] | None = None
+    mean_prefix: int = 0
+
+    def __call__(self, tokens: torch.Tensor, grid: tuple[int, int], n_prefix: int) -> torch.Tensor:
+        if (self.grid is None or tuple(grid) == self.grid) and not self.mean_prefix:
+            return tokens
+        prefix, patches = tokens[:, :n_prefix], tokens[:, n_prefix:]
+        if self.mean_prefix:
+            prefix = patches.mean(dim=1, keepdim=True).expand(-1, self.mean_prefix, -1)
+        if self.grid is not None and tuple(grid) != self.grid:
+            b, _, c = patches.shape
+            fine = patches.transpose(1, 2).reshape(b, c, *grid)
+            patches = F.adaptive_avg_pool2d(fine, self.grid).flatten(2).transpose(1, 2)
+        return torch.cat([prefix, patches], dim=1)
+
+
+def match_tokens(student: tuple[int, tuple[int, int]], teacher: tuple[int, tuple[int, int]]
+                 ) -> tuple[TokenMatch, TokenMatch]:
+    """``(student, teacher)`` token matches for ``(prefix tokens, grid)`` layouts: the finer grid is
+    average-pooled to the coarser one, which must divide it; a side without prefix tokens (a CNN)
+    gets its mean token as the other's CLS (a ViT student's CLS, its evaluated embedding, learns
+    the CNN teacher's pooled feature). ``ValueError`` where no such match exists."""
+    (s_prefix, s_grid), (t_prefix, t_grid) = student, teacher
+    if s_prefix != t_prefix and min(s_prefix, t_prefix) > 0:
+        raise ValueError(f"the teacher has {t_prefix} prefix tokens and the student {s_prefix}: only a side "
+                         "without any can be matched (its mean token stands for the other's)")
+    coarse = (min(s_grid[0], t_grid[0]), min(s_grid[1], t_grid[1]))
+    for side, grid in (("student", s_grid), ("teacher", t_grid)):
+        if grid[0] % coarse[0] or grid[1] % coarse[1]:
+            raise ValueError(f"the {side}'s {grid[0]}x{grid[1]} token grid is not a multiple of the coarser "
+                             f"{coarse[0]}x{coarse[1]}, so it cannot be average-pooled to it")
+    return (TokenMatch(coarse if s_grid != coarse else None, t_prefix if not s_prefix else 0),
+            TokenMatch(coarse if t_grid != coarse else None, s_prefix if not t_prefix else 0))
+
+
+class FDStudent(nn.Module):
+    """Student backbone + FD's projector (``Conv1d(C_s, C_t, 1)`` = a linear map over channels);
+    ``match`` pools its tokens to the teacher's grid (``method.match_grid``) before the projector
+    (a linear map: pooling before or after it is the same)."""
+
+    def __init__(self, backbone: Backbone, teacher_dim: int, match: TokenMatch | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = nn.Linear(backbone.embed_dim, teacher_dim)
+        self.match = match or TokenMatch()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, _, _ = self.backbone.all_tokens(x)
-        return self.projector(tokens)
+        return self.projector(self.match(*self.backbone.all_tokens(x)))
 
 
 class TeacherTokens(nn.Module):
     """A timm teacher returning all its output tokens after its own final norm ``[B, P + T, C]``
-    (CLIP: ``ln_post`` = timm ``norm``; DINO/DeiT: ``norm``; Swin: ``norm`` of the last stage)."""
+    (CLIP: ``ln_post`` = timm ``norm``; DINO/DeiT: ``norm``; Swin: ``norm`` of the last stage; a CNN:
+    its last feature map), pooled to the student's grid by ``match`` where that one is coarser."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, match: TokenMatch | None = None) -> None:
         super().__init__()
         self.model = model
+        self.match = match or TokenMatch()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return feature_tokens(self.model, self.model.forward_features(x))[0]
+        return self.match(*feature_tokens(self.model, self.model.forward_features(x)))
 
 
 def _token_layout(model: nn.Module, size: int) -> tuple[int, tuple[int, int], int]:
     """``(prefix tokens, grid, channels)`` of a model (on the meta device: no memory, no compute)."""
     with torch.device("meta"):
-        _, grid, n_prefix = feature_tokens(model, model.forward_features(torch.zeros(1, 3, size, size)))
+        _, grid, n_prefix = feature_tokens(model, model.eval().forward_features(torch.zeros(1, 3, size, size)))
     return n_prefix, grid, int(model.num_features)
 
 
@@ -140,14 +189,21 @@ class Fd(Method):
             student_meta = create_timm_model(m.name, m.img_size, m.patch_size, 0.0, **m.kwargs)
             teacher_meta = create_timm_model(cfg.teacher_model, **cfg.teacher_kwargs)
         s_prefix, s_grid, _ = _token_layout(student_meta, size)
-        t_prefix, t_grid, self.teacher_dim = _token_layout(teacher_meta, size)
+        t_prefix, t_grid, self.teacher_dim = _token_layout(teacher_meta, cfg.teacher_img_size or size)
+        layouts = (f"at data.global_crop_size={size} the student {m.name} gives {s_prefix} prefix + "
+                   f"{s_grid[0]}x{s_grid[1]} tokens, the teacher {cfg.teacher_model} {t_prefix} prefix + "
+                   f"{t_grid[0]}x{t_grid[1]}")
+        student_match = self.teacher_match = TokenMatch()
         if (s_prefix, s_grid) != (t_prefix, t_grid):
-            raise ValueError(
-                f"FD regresses the teacher's tokens one to one, so both token grids must be equal: at "
-                f"data.global_crop_size={size} the student {m.name} gives {s_prefix} prefix + {s_grid[0]}x{s_grid[1]} "
-                f"tokens, the teacher {cfg.teacher_model} {t_prefix} prefix + {t_grid[0]}x{t_grid[1]}; change "
-                f"model.patch_size / model.img_size or method.teacher_kwargs")
-        self.student = FDStudent(backbone, self.teacher_dim)
+            if not cfg.match_grid:
+                raise ValueError(f"FD regresses the teacher's tokens one to one, so both token grids must be equal: "
+                                 f"{layouts}; change model.patch_size / model.img_size or method.teacher_kwargs, or "
+                                 f"set method.match_grid: true to pool the finer grid to the coarser")
+            try:
+                student_match, self.teacher_match = match_tokens((s_prefix, s_grid), (t_prefix, t_grid))
+            except ValueError as e:
+                raise ValueError(f"method.match_grid: {e} ({layouts})") from None
+        self.student = FDStudent(backbone, self.teacher_dim, student_match)
         self.teacher: nn.Module | None = None  # loaded in setup(): exports and evaluation never need it
         self._input_scale: torch.Tensor | None = None
         self._input_shift: torch.Tensor | None = None
@@ -178,7 +234,7 @@ class Fd(Method):
 
     def setup(self, accelerator: Any, steps_per_epoch: int, total_steps: int) -> None:
         cfg = self.cfg
-        self.teacher = load_frozen_teacher(cfg, accelerator, wrap=TeacherTokens)
+        self.teacher = load_frozen_teacher(cfg, accelerator, wrap=lambda model: TeacherTokens(model, self.teacher_match))
         if cfg.teacher_mean is not None:
             # x_t = (x * std_d + mean_d - mean_t) / std_t: undo the data normalisation, apply the teacher's.
             d = self.config.data

