@@ -57,3 +57,38 @@ def plot_training_curves(log_path: str | Path, out_path: str | Path) -> Path | N
     finally:
         plt.close(fig)
     return out_path
+
+
+def plot_knn_bars(rows: dict[str, dict[str, float]], out_path: str | Path, title: str = "",
+                  ks: tuple[int, ...] = (20,)) -> Path:
+    """One bar per representation (its kNN top-1 at each ``k``), best at the top: the demo's table
+    as a picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(names) * len(ks) + 1.4))
+    height = 0.8 / len(ks)
+    for j, k in enumerate(ks):
+        values = [rows[n].get(f"top1_k{k}", 0.0) for n in names]
+        ys = [i + (j - (len(ks) - 1) / 2) * height for i in range(len(names))]
+        bars = ax.barh(ys, values, height=height * 0.95, label=f"k={k}")
+        ax.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("kNN top-1 on the held-out split (%)")
+    ax.set_xlim(0, max(100.0, max(v for r in rows.values() for v in r.values()) + 8))
+    ax.set_title(title, fontsize=10)
+    if len(ks) > 1:
+        ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    try:
+        with atomic_path(out_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return out_path
