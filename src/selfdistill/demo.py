@@ -226,8 +226,8 @@ def _train(recipe: str, train: str, test: str, out: Path, ks: tuple[int, ...]) -
     import sys
 
     cmd = [sys.executable, "-m", "selfdistill.cli.pretrain", "--config", recipe, f"data.path={train}",
-           f"knn.val_path={test}", f"knn.k=[{', '.join(map(str, ks))}]", f"train.output_dir={out}", "--resume", "auto"]
-    print("+ " + " ".join(cmd[1:]), flush=True)
+           f"knn.val_path={test}", f"knn.k=[{','.join(map(str, ks))}]", f"train.output_dir={out}", "--resume", "auto"]
+    print("+ python " + " ".join(cmd[1:]), flush=True)
     if subprocess.run(cmd).returncode != 0:
         raise RuntimeError(f"the demo run {out} failed (its log: {out / 'log.jsonl'}); run the line above to see why")
 
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / "demo_info.json", {"data": data, "recipes": plan.runs, "parameters": sizes,
                                                 "seconds": timings}, indent=1)
     plot_knn_bars(rows, out / "demo_results.png", ks=(20, 200),
-                  title=f"{data['source']}: {data['n_train']} train / {data['n_test']} test images, weighted kNN")
+                  title=f"{data['source']}\n{data['n_train']} train / {data['n_test']} test images, weighted kNN (T = 0.07)")
     print("\n" + report(rows, plan.ks))
     print(f"\nstudent {sizes['student'] / 1e6:.1f} M parameters, teacher {sizes['teacher'] / 1e6:.1f} M; "
           f"{time.monotonic() - start:.0f} s in all")

@@ -69,7 +69,7 @@ def plot_knn_bars(rows: dict[str, dict[str, float]], out_path: str | Path, title
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(names) * len(ks) + 1.4))
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(names) * len(ks) + 1.6))
     height = 0.8 / len(ks)
     for j, k in enumerate(ks):
         values = [rows[n].get(f"top1_k{k}", 0.0) for n in names]
@@ -88,7 +88,7 @@ def plot_knn_bars(rows: dict[str, dict[str, float]], out_path: str | Path, title
     out_path = Path(out_path)
     try:
         with atomic_path(out_path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
     return out_path
