@@ -123,7 +123,10 @@ class StepMemory(Hook):
 
 def live_tensor_bytes(exclude: set[int] = frozenset()) -> int:
     """Bytes of every tensor storage reachable from Python, each storage once, minus ``exclude``
-    (storage pointers). Misses only what C++ holds alone (DDP's gradient buckets: :func:`ddp_bucket_bytes`)."""
+    (storage pointers). Misses only what C++ holds alone (DDP's gradient buckets: :func:`ddp_bucket_bytes`).
+    Garbage is collected first: an unreachable tensor in a reference cycle (the byte tensor of an
+    object collective, say) would otherwise be counted until the collector happened to run."""
+    gc.collect()
     storages: dict[int, int] = {}
     for obj in gc.get_objects():
         try:
