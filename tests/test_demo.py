@@ -108,12 +108,12 @@ def test_make_demo_job_on_a_tiny_plan(tmp_path, monkeypatch):
     short = ("train:\n  epochs: 1\n  batch_size_per_device: 14\n  progress_bar: false\n  trackers: []\n"
              "data:\n  num_workers: 0\n  global_crop_size: 16\n  local_crop_size: 8\n  n_local_crops: 1\n"
              "knn:\n  every_epochs: 1\n  image_size: 16\n")
-    recipes = {}
-    for name, recipe in demo.DEMO_PLAN["openclipart"].runs.items():
-        recipes[name] = tmp_path / Path(recipe).name
-        recipes[name].write_text(f"base: {root / recipe}\n" + short)
-    plan = dataclasses.replace(demo.DEMO_PLAN["openclipart"], image_size=32, student_size=16, ks=(3, 5),
-                               runs={n: str(p) for n, p in recipes.items()})
+    runs = {}
+    for run, (name, recipe) in demo.DEMO_PLAN["openclipart"].runs.items():
+        short_recipe = tmp_path / Path(recipe).name
+        short_recipe.write_text(f"base: {root / recipe}\n" + short)
+        runs[run] = (name, str(short_recipe))
+    plan = dataclasses.replace(demo.DEMO_PLAN["openclipart"], image_size=32, student_size=16, ks=(3, 5), runs=runs)
     monkeypatch.setitem(demo.DEMO_PLAN, "openclipart", plan)
     monkeypatch.chdir(root)  # the recipes' bases and the pypi: teacher resolve from the repository
     out = tmp_path / "demo"

@@ -200,7 +200,7 @@ class DemoPlan:
     dataset: str
     image_size: int  # images are written at this size; the teacher sees them at it
     student_size: int  # the students' (and raw pixels', random init's) evaluation size
-    runs: dict[str, str]  # table row -> recipe
+    runs: dict[str, tuple[str, str]]  # run directory under the output -> (table row, recipe)
     student_model: str = "resnet10t"
     teacher_row: str = "EfficientNet-Lite0 teacher (frozen, ImageNet weights)"
     teacher_model: str = "tf_efficientnet_lite0"
@@ -213,8 +213,8 @@ class DemoPlan:
 
 DEMO_PLAN = {
     "openclipart": DemoPlan("openclipart", 64, 32, {
-        "DINO self-distillation (resnet10t, from scratch)": "configs/demo_dino_resnet10t.yaml",
-        "student distilled from EfficientNet-Lite0 (FD, resnet10t)": "configs/demo_fd_lite0_resnet10t.yaml"}),
+        "dino": ("DINO self-distillation (resnet10t, from scratch)", "configs/demo_dino_resnet10t.yaml"),
+        "student": ("student distilled from EfficientNet-Lite0 (FD, resnet10t)", "configs/demo_fd_lite0_resnet10t.yaml")}),
 }
 DEMO_PLAN["fashion-mnist"] = dataclasses.replace(DEMO_PLAN["openclipart"], dataset="fashion-mnist", image_size=32)
 
@@ -253,8 +253,8 @@ def compare_demo(plan: DemoPlan, data: dict[str, Any], out: Path
     rows[f"raw pixels ({plan.student_size} px)"] = flatten_results(small.evaluate_features(pixel_features))
     random_init, _ = load_backbone("random", ModelConfig(name=plan.student_model, img_size=None, drop_path_rate=0.0))
     rows[f"random init ({plan.student_model})"] = small.evaluate(random_init)
-    for name, _ in plan.runs.items():
-        backbone, _ = load_backbone(str(out / _run_dir_name(name)))
+    for run, (name, _) in plan.runs.items():
+        backbone, _ = load_backbone(str(out / run))
         rows[name] = small.evaluate(backbone)
     teacher, _ = load_backbone(plan.teacher_weights, ModelConfig(name=plan.teacher_model, img_size=None),
                                fmt=plan.teacher_format)
@@ -262,10 +262,6 @@ def compare_demo(plan: DemoPlan, data: dict[str, Any], out: Path
     sizes = {"student": sum(p.numel() for p in random_init.parameters()),
              "teacher": sum(p.numel() for p in teacher.parameters())}
     return rows, sizes
-
-
-def _run_dir_name(row: str) -> str:
-    return "student" if "student" in row else "dino"
 
 
 def report(rows: dict[str, dict[str, float]], ks: tuple[int, ...]) -> str:
@@ -297,17 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo data: {data['source']}: {data['n_train']} train / {data['n_test']} test images, "
           f"{len(data['classes'])} classes", flush=True)
     timings = {"data_s": round(time.monotonic() - start, 1)}
-    for name, recipe in plan.runs.items():
+    for run, (_, recipe) in plan.runs.items():
         t = time.monotonic()
-        _train(recipe, data["train"], data["test"], out / _run_dir_name(name), plan.ks)
-        timings[_run_dir_name(name) + "_s"] = round(time.monotonic() - t, 1)
+        _train(recipe, data["train"], data["test"], out / run, plan.ks)
+        timings[run + "_s"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
     rows, sizes = compare_demo(plan, data, out)
     timings["compare_s"] = round(time.monotonic() - t, 1)
     from selfdistill.plots import plot_knn_bars
 
     write_json_atomic(out / "demo_results.json", rows, indent=1)
-    write_json_atomic(out / "demo_info.json", {"data": data, "recipes": plan.runs, "parameters": sizes,
+    write_json_atomic(out / "demo_info.json", {"data": data, "recipes": dict(plan.runs.values()), "parameters": sizes,
                                                 "seconds": timings}, indent=1)
     plot_knn_bars(rows, out / "demo_results.png", ks=(20, 200),
                   title=f"{data['source']}\n{data['n_train']} train / {data['n_test']} test images, weighted kNN (T = 0.07)")
