@@ -8,23 +8,24 @@ STAMP  := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install demo demo-data test test-fast fashion-mnist bench-env bench-train clean
+.PHONY: install constraints demo demo-data test test-fast fashion-mnist bench-env bench-train clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the version the suite was run with (make constraints rewrites it).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet -e '.[dev,deepspeed,hf]'
+	$(PIP) install --quiet -c constraints.txt $(TORCH_PINS)
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,deepspeed,hf]'
 	@touch $(STAMP)
 
 # The demo needs less than the tests (no DeepSpeed, HF datasets, trackers or S3 tools): a shorter first run.
-$(DEMO_STAMP): pyproject.toml
-	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then touch $@; else \
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ] && [ $(STAMP) -nt constraints.txt ]; then touch $@; else \
 	  set -e; test -x $(PY) || $(PYTHON) -m venv $(VENV); \
-	  $(PIP) install --quiet --upgrade pip; $(PIP) install --quiet $(TORCH_PINS); \
-	  $(PIP) install --quiet -e '.[demo]'; touch $@; fi
+	  $(PIP) install --quiet --upgrade pip; $(PIP) install --quiet -c constraints.txt $(TORCH_PINS); \
+	  $(PIP) install --quiet -c constraints.txt -e '.[demo]'; touch $@; fi
 
 # The demo's images arrive in Debian packages: OpenClipart (openclipart-png, 131 MB), else Fashion-MNIST
 # (dataset-fashion-mnist), else scikit-learn's digits. Installed only where root and apt-get are available.
@@ -66,6 +67,10 @@ bench-env: install
 
 bench-train: bench-env
 	$(PY) benchmarks/train_throughput.py --suite --out benchmarks/results/train_cpu.json
+
+# After a dependency change: install it, run the suite, then pin what it ran with.
+constraints: install
+	@{ sed -n '1,2p' constraints.txt; $(PIP) freeze --exclude-editable; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .bench-env runs
