@@ -158,6 +158,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             fail(key, f"expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # one item for a list: train.trackers=tensorboard, knn.k=20
         if not isinstance(value, (list, tuple)):
             fail(key, f"expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from selfdistill.cli import dispatch
+from selfdistill.cli import dispatch, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def run_command(args: argparse.Namespace) -> int:
     weights = Weights(args.weights, model_config_from(args), args.weights_format)
     relaunch_if_needed()
     if int(os.environ.get("RANK", "0")) != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+        setup_logging(False)
     ctx = _context(args, proto, weights)
     try:
         result = run_protocol(proto.name, weights, options, ctx)
@@ -94,7 +94,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(int(os.environ.get("RANK", "0")) == 0)
     return dispatch(run_command, args)
 
 

@@ -118,7 +118,8 @@ class OnlineKnn(Hook):
     def on_epoch_end(self, loop: Any) -> None:
         if self.setup is not None and loop.state.epoch % self.config.knn.every_epochs == 0:
             results = self.setup.evaluate(loop.task.eval_backbone())
-            loop.logger.log_eval("knn", results, loop.state.step, loop.state.epoch - 1)
+            # the epochs done, as the training row of the same step counts them (1.0 after the first)
+            loop.logger.log_eval("knn", results, loop.state.step, loop.state.step / loop.steps_per_epoch)
 
 
 # -- the kNN protocol: run_eval.py knn and summary ------------------------------------------------
