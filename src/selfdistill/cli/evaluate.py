@@ -92,7 +92,23 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def expand(argv: list[str]) -> list[str]:
+    """The sub-command's ``section.key=value`` words as its options (the grammar of every entry point)."""
+    from selfdistill.eval.protocols import expand_overrides, get_protocol, protocol_names
+
+    i = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is None or argv[i] not in protocol_names():
+        return argv
+    return [*argv[:i + 1], *expand_overrides(get_protocol(argv[i]), argv[i + 1:])]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = expand(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")) == 0)
     return dispatch(run_command, args)
