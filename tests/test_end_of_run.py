@@ -204,3 +204,30 @@ def test_line_progress_prints_lines_at_most_every_interval(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and lines[0].startswith("pretrain 1/10 (10%) loss 1.0")  # first, then the last
     assert lines[1].startswith("pretrain 10/10 (100%)")
+
+
+@pytest.mark.slow
+def test_logged_metrics_are_the_global_batch_s_on_any_rank_count(tmp_path, fresh_accelerate_state):
+    """2 ranks x 8 images and 1 rank x 16 train the same global batches: the logged loss, gradient
+    norm and teacher statistics agree up to the order of float sums (each rank's means are
+    all-reduced at log time)."""
+    from conftest import make_image_folder
+    from selfdistill.pretrain import pretraining
+    from selfdistill.recipe import load_config
+
+    data = make_image_folder(tmp_path / "img")
+    common = ["model.drop_path_rate=0.0", "train.trackers=[]"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(ROOT / "run_pretrain.py"), *merged(tiny_overrides(data, two), *common)],
+                              env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pretraining(load_config(None, merged(tiny_overrides(data, one), *common,
+                                         "train.batch_size_per_device=16"))).fit()
+    output, _ = launch.communicate(timeout=600)
+    assert launch.returncode == 0, output[-3000:]
+    a, b = ([r for r in rows(d) if "loss" in r] for d in (one, two))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "teacher_entropy", "teacher_kl_to_center"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=1e-6), key
