@@ -231,3 +231,12 @@ def test_logged_metrics_are_the_global_batch_s_on_any_rank_count(tmp_path, fresh
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm", "teacher_entropy", "teacher_kl_to_center"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=1e-6), key
+
+
+def test_a_failed_eval_leaves_no_empty_output_folder(tmp_path, fresh_accelerate_state, capsys):
+    from selfdistill.cli.evaluate import main
+
+    rc = main(["knn", "--weights", "pixels", "--cpu", "--out", str(tmp_path / "res.json"),
+               f"data.path={tmp_path / 'missing'}", f"knn.val_path={tmp_path / 'missing'}"])
+    assert rc == 2 and "missing" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither knn/ nor a result

@@ -2,6 +2,7 @@
 (:mod:`selfdistill.eval.protocols`), with the same weights and output options everywhere.
 
     python run_eval.py knn --weights runs/dino --data.path TRAIN --data.val_path VAL
+    python run_eval.py knn --weights runs/dino data.path=TRAIN data.val_path=VAL knn.k=[20]
     python run_eval.py linear --weights W --data.path TRAIN --data.val_path VAL [--recipe dino|smd]
     python run_eval.py finetune --config configs/finetune_fd_vit_base16.yaml --weights W data.path=T data.val_path=V
     python run_eval.py retrieval --weights W --gnd /data/roxford5k/gnd_roxford5k.pkl
@@ -9,6 +10,10 @@
     python run_eval.py summary --weights W --protocols knn,linear --data.path TRAIN --data.val_path VAL
     python run_eval.py pictures --weights runs/dino --images photo.jpg
     python run_eval.py export --weights runs/dino --part student --out student.safetensors
+
+Every option is also a ``section.key=value`` word, as in run_pretrain.py: ``data.path=TRAIN``,
+``knn.image_size=32``, ``model.name=vit_small_patch16_224`` (``<command>.<option>`` for each option).
+``knn --weights RUN`` takes the settings it is not given from the run's config.yaml.
 
 Under ``accelerate launch --num_processes N`` every protocol splits its images over the N processes.
 """
@@ -26,14 +31,18 @@ from selfdistill.cli import dispatch, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfdistill.eval.protocols import add_options_arguments, add_weights_arguments, get_protocol, protocol_names
+    from selfdistill.eval.protocols import (add_options_arguments, add_weights_arguments, get_protocol, override_keys,
+                                            protocol_names)
 
     p = argparse.ArgumentParser(prog="run_eval.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in protocol_names():
         proto = get_protocol(name)
-        sp = sub.add_parser(name, help=proto.help, description=proto.fn.__doc__, allow_abbrev=False)
+        keys = ", ".join(k for k in override_keys(proto) if not k.startswith("model."))
+        sp = sub.add_parser(name, help=proto.help, description=proto.fn.__doc__, allow_abbrev=False,
+                            epilog=f"Every option is also a section.key=value word: {keys}, model.name, model.kwargs, "
+                                   "... (values read as YAML).")
         add_weights_arguments(sp, proto)
         add_options_arguments(sp, proto.options)
     return p
