@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from selfdistill.configkit import read_recipe
 from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.engine.checkpoint import CONFIG, checkpoint_step, list_checkpoints
+from selfdistill.engine.logger import interactive
 from selfdistill.eval.knn_eval import KnnSetup
 from selfdistill.eval.pictures import (
     attention_picture,
@@ -282,7 +283,7 @@ def _checkpoint_knn(o: CurvesOptions, run: Path, out: Path, ctx: EvalContext) ->
                 "temperature": k.temperature}
     if cache.get("protocol") != protocol:
         cache = {"protocol": protocol, "checkpoints": {}}
-    for ckpt in tqdm(ckpts, desc="checkpoint kNN", disable=not ctx.is_main):
+    for ckpt in tqdm(ckpts, desc="checkpoint kNN", disable=not (ctx.is_main and interactive())):
         if ckpt.name in cache["checkpoints"]:
             continue
         backbone, _ = load_backbone(str(ckpt))

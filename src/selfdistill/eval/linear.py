@@ -38,6 +38,7 @@ from selfdistill.atomic import torch_save_atomic, write_safetensors_atomic
 from selfdistill.data import SourceConfig, collate_eval, open_images
 from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.engine.inference import sum_over_batches
+from selfdistill.engine.logger import interactive
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def train_linear_classifier(
         loss_sum = torch.zeros((), device=accelerator.device)
         n_steps = 0
         bar = tqdm(train_source.loader(epoch), total=train_source.batches_per_epoch, dynamic_ncols=True,
-                   desc=f"linear epoch {epoch + 1}/{epochs}", disable=not (show_progress and accelerator.is_main_process))
+                   desc=f"linear epoch {epoch + 1}/{epochs}", disable=not (show_progress and accelerator.is_main_process and interactive()))
         for batch in bar:
             x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
             if (y < 0).any():
