@@ -446,15 +446,16 @@ class Trainer:
         return path
 
     def _say_schedule_change(self, path: Path) -> None:
-        """One line when the recipe's length differs from the checkpoint's: the schedules (learning
-        rate, weight decay, teacher momentum and temperature) are re-derived for the new length."""
+        """One line when the recipe's length differs from the checkpoint's: another ``train.epochs``
+        re-derives the schedules (learning rate, weight decay, teacher momentum and temperature) for
+        the new length; another ``train.max_steps`` only moves the end."""
         t, saved = self.config.train, ckpt.saved_train_config(path)
-        changed = [f"train.{k} {saved[k]} -> {getattr(t, k)}" for k in ("epochs", "max_steps")
-                   if k in saved and saved[k] != getattr(t, k)]
+        changed = [k for k in ("epochs", "max_steps") if k in saved and saved[k] != getattr(t, k)]
         if changed and self.accelerator.is_main_process:
-            log.warning("resuming with %s (checkpoint %s): the schedules are re-derived for %d steps in all, "
-                        "the run now ends at step %d", ", ".join(changed), path.name, self.total_steps,
-                        self.last_step)
+            what = "the schedules are re-derived for" if "epochs" in changed else "the schedules still span"
+            log.warning("resuming with %s (checkpoint %s): %s %d steps; the run now ends at step %d",
+                        ", ".join(f"train.{k} {saved[k]} -> {getattr(t, k)}" for k in changed), path.name, what,
+                        self.total_steps, self.last_step)
 
     def _restore(self, path: Path) -> None:
         """Collective: continue from checkpoint ``path``, on this batch layout (refused before
