@@ -7,7 +7,6 @@ directories); under several processes each embeds its share once and the feature
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -17,7 +16,7 @@ from selfdistill.data import EvalTransform, ImageSet, open_images
 from selfdistill.engine.task import Hook
 from selfdistill.engine.inference import extract_features
 from selfdistill.eval.knn import KNN_METHOD, knn_classify
-from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
+from selfdistill.eval.protocols import EvalContext, Weights, register_protocol, settings_from_run
 
 __all__ = ["KnnOptions", "KnnSetup", "OnlineKnn", "flatten_results", "knn_protocol", "pixel_features"]
 
@@ -160,22 +159,9 @@ RUN_SETTINGS: dict[str, tuple[tuple[str, ...], Any]] = {
 
 
 def resolve_options(options: KnnOptions, weights: Weights) -> tuple[KnnOptions, dict[str, str]]:
-    """The options as given, the unset ones from the config of the run that made the weights
-    (what its online kNN used), else the defaults; and where each came from."""
-    config_path, run = weights.run_config()
-    values, origin = {}, {}
-    for name, (keys, default) in RUN_SETTINGS.items():
-        given = getattr(options, name)
-        if given not in (None, ""):
-            values[name], origin[name] = given, "given"
-            continue
-        found = [k for k in keys if (run.get(k.split(".")[0]) or {}).get(k.split(".")[1]) not in (None, "")]
-        if found:
-            section, key = found[0].split(".")
-            values[name], origin[name] = run[section][key], f"{config_path}: {found[0]}"
-        else:
-            values[name], origin[name] = default, "default"
-    resolved = dataclasses.replace(options, **{k: (tuple(v) if k in ("mean", "std") else v) for k, v in values.items()})
+    """The options as given, the unset ones as the run that made the weights had them (what its
+    online kNN used), else the defaults; and where each came from."""
+    resolved, origin = settings_from_run(options, weights, RUN_SETTINGS)
     for name in ("train_path", "val_path"):
         if not getattr(resolved, name):
             flag = "--data.path" if name == "train_path" else "--data.val_path"

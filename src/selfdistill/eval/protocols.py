@@ -53,7 +53,7 @@ from selfdistill.registry import Registry
 __all__ = [
     "EvalContext", "OUTPUTS", "Protocol", "Weights", "add_options_arguments", "add_weights_arguments",
     "expand_overrides", "get_protocol", "model_config", "override_keys", "model_config_from", "options_from_args", "options_from_dict", "protocol_names",
-    "register_protocol", "run_protocol",
+    "register_protocol", "run_protocol", "settings_from_run",
 ]
 
 ProtocolFn = Callable[["Weights", Any, "EvalContext"], dict]
@@ -188,6 +188,31 @@ class Weights:
             info["model"] = {"name": self.model.name, "img_size": self.model.img_size,
                              "patch_size": self.model.patch_size, "kwargs": dict(self.model.kwargs)}
         return info
+
+
+def settings_from_run(options: Any, weights: Weights,
+                      table: dict[str, tuple[tuple[str, ...], Any]]) -> tuple[Any, dict[str, str]]:
+    """``options`` with each unset one (None or "") of ``table`` (option -> (the run's config keys,
+    the default without a run)) taken from the config of the run that made the weights, the first
+    key the run sets winning, else the default; and where each came from, for the result JSON."""
+    config_path, run = weights.run_config()
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name, (keys, default) in table.items():
+        given = getattr(options, name)
+        if given not in (None, ""):
+            values[name], origin[name] = given, "given"
+            continue
+        found = [k for k in keys if isinstance(run.get(k.split(".")[0]), dict) and
+                 run[k.split(".")[0]].get(k.split(".")[1]) not in (None, "")]
+        if found:
+            section, key = found[0].split(".")
+            values[name], origin[name] = run[section][key], f"{config_path}: {found[0]}"
+        else:
+            values[name], origin[name] = default, "default"
+        if isinstance(default, tuple):
+            values[name] = tuple(values[name])
+    return dataclasses.replace(options, **values), origin
 
 
 class EvalContext:
