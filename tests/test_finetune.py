@@ -189,6 +189,9 @@ def test_tiny_finetune_from_a_pretraining_run_learns_and_reports(folders, tmp_pa
 
     saved = json.loads((out / "finetune_results.json").read_text())
     assert saved["final"] == results["final"] and saved["classes"] == ["a", "b"]
+    summary = json.loads((out / "summary.json").read_text())  # the end of every run of the loop
+    assert summary["steps"] == 12 and summary["last_eval"]["val/top1"] == results["final"]["top1"]
+    assert summary["exports"][0] == str(out / "finetuned.safetensors")
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert sum("loss" in r for r in rows) == 12 and sum("val/top1" in r for r in rows) == 3
     assert all(r["lr"] >= r["lr_min_group"] for r in rows if "lr" in r)

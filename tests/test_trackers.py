@@ -137,9 +137,9 @@ def test_mlflow_logs_losses_name_and_tags_and_resume_continues_the_run(image_fol
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_tensorboard_with_a_custom_project_name(image_folder, tmp_path):
+def test_tensorboard_writes_to_run_tensorboard_whatever_the_project_name(image_folder, tmp_path):
     out = tmp_path / "run"
-    run_training(image_folder, out, "train.trackers=[tensorboard]", "train.tracker_kwargs={project: mine}",
+    run_training(image_folder, out, "train.trackers=tensorboard", "train.tracker_kwargs={project: mine}",
                  "train.max_steps=2")
-    assert list((out / "mine").glob("events.out.tfevents*"))
+    assert list((out / "tensorboard").glob("events.out.tfevents*")) and not (out / "mine").exists()
     assert not (out / RUN_IDS_FILE).exists()  # tensorboard has no run id to keep

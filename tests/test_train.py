@@ -211,7 +211,9 @@ def test_online_knn_runs_every_epoch(tmp_path):
     out = tmp_path / "knn"
     train(data, out, **{"knn.val_path": str(val), "knn.every_epochs": 1})
     evals = [r for r in rows(out) if "knn/top1_k1" in r]
-    assert [r["epoch"] for r in evals] == [0, 1]
+    assert [r["epoch"] for r in evals] == [1.0, 2.0]  # epochs done, as the training row of that step says
+    trained = {r["step"]: r["epoch"] for r in rows(out) if "loss" in r}
+    assert all(trained[r["step"]] == r["epoch"] for r in evals)
     assert all(0 <= r["knn/top1_k3"] <= 100 for r in evals)
 
 

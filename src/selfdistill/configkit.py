@@ -27,7 +27,7 @@ import yaml
 
 __all__ = [
     "ConfigError", "Root", "build_dataclass", "check_kwargs_have_values", "closest_hint", "closest_names", "fail", "fraction",
-    "interval", "non_negative", "one_of", "parse_override", "positive", "read_recipe", "root_from_tree",
+    "interval", "non_negative", "one_of", "option_overrides", "parse_override", "positive", "read_recipe", "root_from_tree",
     "to_plain",
 ]
 
@@ -158,6 +158,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             fail(key, f"expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # one item for a list: train.trackers=tensorboard, knn.k=20
         if not isinstance(value, (list, tuple)):
             fail(key, f"expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
@@ -236,6 +238,41 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+def option_overrides(parser: Any, section: str, argv: list[str]) -> list[str]:
+    """A command's own options also as ``section.key=value`` words (``plan.gpu_memory=40GiB`` is
+    ``--gpu-memory 40GiB``), the grammar of recipe overrides; words of other sections pass through.
+    A switch takes true/false; a list option a YAML list or comma-separated values."""
+    # argparse has no public list of a parser's options; its actions are stable since Python 3.2
+    options = {a.dest: a for a in parser._actions if a.option_strings}
+    out: list[str] = []
+    for word in argv:
+        head, sep, text = word.partition("=")
+        if not sep or not head.startswith(f"{section}.") or word.startswith("-"):
+            out.append(word)
+            continue
+        key = head[len(section) + 1:]
+        action = options.get(key.replace("-", "_"))
+        if action is None:
+            listed = [f"{section}.{d}" for d in sorted(options) if d != "help"]
+            raise ConfigError(f"config error: {head}: unknown key{closest_hint(head, listed)}; "
+                              f"{section} keys: {', '.join(listed)}")
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a switch (store_true / BooleanOptionalAction)
+            value = parse_override(word)[1]
+            if not isinstance(value, bool):
+                fail(head, f"expected true/false, got {text!r}")
+            negative = [o for o in action.option_strings if o.startswith("--no-")]
+            flag = next((o for o in action.option_strings if not o.startswith("--no-")), flag)
+            out += [flag] if value else negative[:1]
+        elif action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            value = parse_override(word)[1]
+            items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+            out += [flag, *(str(v) for v in items)]
+        else:
+            out += [flag, text]
+    return out
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

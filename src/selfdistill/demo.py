@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the data set (auto: OpenClipart when installed, else Fashion-MNIST)")
     p.add_argument("--out", default="", help="output directory (default: runs/demo_<data set>)")
     p.add_argument("--data-dir", default="", help="where the demo images are written once (default: runs/demo_data_<data set>)")
+    from selfdistill.configkit import ConfigError, option_overrides
+
+    try:  # demo.data=fashion-mnist is --data fashion-mnist: the section.key=value grammar of every command
+        argv = option_overrides(p, "demo", sys.argv[1:] if argv is None else list(argv))
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     args = p.parse_args(argv)
     dataset = args.data if args.data != "auto" else ("openclipart" if OPENCLIPART_DIR.is_dir() else "fashion-mnist")
     if args.data == "auto" and dataset != "openclipart":

@@ -59,6 +59,42 @@ def plot_training_curves(log_path: str | Path, out_path: str | Path) -> Path | N
     return out_path
 
 
+def plot_all_curves(log_path: str | Path, out_path: str | Path, columns: int = 4) -> Path | None:
+    """Every number ``log.jsonl`` holds (losses, schedules, gradient norm, collapse signals, throughput,
+    evaluations), one small panel each against the optimizer step: what ``loss_curve.png`` leaves out."""
+    rows = [r for r in read_log(log_path) if "event" not in r]
+    keys = sorted({k for r in rows for k, v in r.items()
+                   if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(columns, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.6 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2, marker="o" if len(points) < 20 else None,
+                ms=3)
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.supxlabel("optimizer step", fontsize=9)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    try:
+        with atomic_path(out_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return out_path
+
+
 def plot_knn_bars(rows: dict[str, dict[str, float]], out_path: str | Path, title: str = "",
                   ks: tuple[int, ...] = (20,)) -> Path:
     """One bar per representation (its kNN top-1 at each ``k``), best at the top: the demo's table

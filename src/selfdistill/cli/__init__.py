@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(main_process: bool = True) -> None:
+    """Our INFO lines on the main process; every library at WARNING (its INFO chatter, such as
+    Accelerate's per-file checkpoint lines, stays out; its warnings stay in)."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    logging.getLogger("selfdistill").setLevel(logging.INFO if main_process else logging.WARNING)
 
 
 def dispatch(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 (:mod:`selfdistill.eval.protocols`), with the same weights and output options everywhere.
 
     python run_eval.py knn --weights runs/dino --data.path TRAIN --data.val_path VAL
+    python run_eval.py knn --weights runs/dino data.path=TRAIN data.val_path=VAL knn.k=[20]
     python run_eval.py linear --weights W --data.path TRAIN --data.val_path VAL [--recipe dino|smd]
     python run_eval.py finetune --config configs/finetune_fd_vit_base16.yaml --weights W data.path=T data.val_path=V
     python run_eval.py retrieval --weights W --gnd /data/roxford5k/gnd_roxford5k.pkl
@@ -9,6 +10,10 @@
     python run_eval.py summary --weights W --protocols knn,linear --data.path TRAIN --data.val_path VAL
     python run_eval.py pictures --weights runs/dino --images photo.jpg
     python run_eval.py export --weights runs/dino --part student --out student.safetensors
+
+Every option is also a ``section.key=value`` word, as in run_pretrain.py: ``data.path=TRAIN``,
+``knn.image_size=32``, ``model.name=vit_small_patch16_224`` (``<command>.<option>`` for each option).
+``knn --weights RUN`` takes the settings it is not given from the run's config.yaml.
 
 Under ``accelerate launch --num_processes N`` every protocol splits its images over the N processes.
 """
@@ -22,18 +27,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from selfdistill.cli import dispatch
+from selfdistill.cli import dispatch, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfdistill.eval.protocols import add_options_arguments, add_weights_arguments, get_protocol, protocol_names
+    from selfdistill.eval.protocols import (add_options_arguments, add_weights_arguments, get_protocol, override_keys,
+                                            protocol_names)
 
     p = argparse.ArgumentParser(prog="run_eval.py", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in protocol_names():
         proto = get_protocol(name)
-        sp = sub.add_parser(name, help=proto.help, description=proto.fn.__doc__, allow_abbrev=False)
+        keys = ", ".join(k for k in override_keys(proto) if not k.startswith("model."))
+        sp = sub.add_parser(name, help=proto.help, description=proto.fn.__doc__, allow_abbrev=False,
+                            epilog=f"Every option is also a section.key=value word: {keys}, model.name, model.kwargs, "
+                                   "... (values read as YAML).")
         add_weights_arguments(sp, proto)
         add_options_arguments(sp, proto.options)
     return p
@@ -71,7 +80,7 @@ def run_command(args: argparse.Namespace) -> int:
     weights = Weights(args.weights, model_config_from(args), args.weights_format)
     relaunch_if_needed()
     if int(os.environ.get("RANK", "0")) != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+        setup_logging(False)
     ctx = _context(args, proto, weights)
     try:
         result = run_protocol(proto.name, weights, options, ctx)
@@ -92,9 +101,25 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def expand(argv: list[str]) -> list[str]:
+    """The sub-command's ``section.key=value`` words as its options (the grammar of every entry point)."""
+    from selfdistill.eval.protocols import expand_overrides, get_protocol, protocol_names
+
+    i = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is None or argv[i] not in protocol_names():
+        return argv
+    return [*argv[:i + 1], *expand_overrides(get_protocol(argv[i]), argv[i + 1:])]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = expand(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(int(os.environ.get("RANK", "0")) == 0)
     return dispatch(run_command, args)
 
 

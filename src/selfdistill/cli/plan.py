@@ -4,6 +4,9 @@ micro-batch and accumulation fit a recipe on the target devices, and the launch 
     selfdistill-plan --config configs/dino_vit_small16.yaml model.name=vit_base_patch16_224 \\
         --gpu-memory 40GiB --gpus 8 --global-batch 1024 --write plans/vitb
     selfdistill-plan --config configs/demo.yaml --cpu --gpus 2 --gpu-memory 8GiB --global-batch 64 --verify
+    selfdistill-plan --config configs/demo.yaml plan.cpu=true plan.gpus=2 plan.gpu_memory=8GiB plan.global_batch=64
+
+Each option is also a ``plan.key=value`` word, as recipe keys are ``section.key=value``.
 """
 
 from __future__ import annotations
@@ -65,7 +68,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from selfdistill import planner as P
 
-    args = build_parser().parse_args(argv)
+    from selfdistill.configkit import option_overrides
+
+    parser = build_parser()
+    try:  # its own options also as plan.key=value, beside the recipe's section.key=value
+        argv = option_overrides(parser, "plan", sys.argv[1:] if argv is None else list(argv))
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.overrides)

@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     relaunch_if_needed()
     import os
 
+    from selfdistill.cli import setup_logging
+
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(rank == 0)
     if args.demo:
         from selfdistill.demo import prepare_demo_data
 

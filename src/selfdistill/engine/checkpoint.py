@@ -116,15 +116,21 @@ def read_loop_state(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / LOOP_STATE).read_text())
 
 
+def saved_train_config(path: str | Path) -> dict[str, Any]:
+    """The ``train`` section a checkpoint was written with ({} when it has no config)."""
+    import yaml
+
+    file = Path(path) / CONFIG
+    return (yaml.safe_load(file.read_text()) or {}).get("train", {}) if file.is_file() else {}
+
+
 def saved_layout(path: str | Path) -> Layout:
     """The batch layout a checkpoint was trained with (from its own config for checkpoints written
     before the loop state recorded it)."""
     state = read_loop_state(Path(path))
     batch, accum = state.get("batch_size_per_device", 0), state.get("grad_accum_steps", 0)
     if not batch:
-        import yaml
-
-        train = (yaml.safe_load((Path(path) / CONFIG).read_text()) or {}).get("train", {})
+        train = saved_train_config(path)
         batch, accum = int(train.get("batch_size_per_device", 64)), int(train.get("grad_accum_steps", 1))
     return Layout(int(state.get("world_size", 1)), int(batch), int(accum or 1))
 

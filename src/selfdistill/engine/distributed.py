@@ -121,6 +121,11 @@ def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with:
     check_installed(log_with)
     if uses_deepspeed():
         check_deepspeed_launch(cpu)
+    elif not torch.cuda.is_available():
+        # Accelerate imports DeepSpeed when it is installed (unwrap_model), and DeepSpeed then warns
+        # "Setting accelerator to CPU" on every launch: name the only accelerator a machine without
+        # a GPU has (what DeepSpeed would pick), so the warning shows only in runs that use DeepSpeed.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     world = world_size_from_env()
     if world > 1:
         join_torchelastic_attempt("gloo" if on_cpu else "nccl")

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from selfdistill.engine.logger import interactive
+
 __all__ = ["extract_features", "sum_over_batches"]
 
 
@@ -121,7 +123,7 @@ def extract_features(
 
     feats, labels, indices = [], [], []
     with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, disable=not (show_progress and is_main), dynamic_ncols=True):
+        for batch in tqdm(loader, desc=desc, disable=not (show_progress and is_main and interactive()), dynamic_ncols=True):
             images = _batch_field(batch, "image")
             if device is not None:
                 images = images.to(device, non_blocking=True)
@@ -167,7 +169,7 @@ def sum_over_batches(fn: Callable[[Any], torch.Tensor], batches: Iterable[Any], 
     losses, hits. ``initial`` fixes the shape, so a rank without a batch still joins the reduction."""
     total = initial.clone()
     is_main = accelerator is None or accelerator.is_main_process
-    for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not (show_progress and is_main)):
+    for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not (show_progress and is_main and interactive())):
         total += fn(batch).to(total.device, total.dtype)
     if accelerator is not None and accelerator.num_processes > 1:
         total = accelerator.reduce(total.to(accelerator.device), reduction="sum")

@@ -167,7 +167,10 @@ def start_trackers(acc: Any, run_dir: Path, train: Any, project: str, config: di
     kwargs = train.tracker_kwargs
     ids_file = Path(run_dir) / RUN_IDS_FILE
     run_ids = json.loads(ids_file.read_text()) if resuming and ids_file.is_file() else {}
-    acc.init_trackers(kwargs.get("project", project), init_kwargs=init_kwargs(train.trackers, kwargs, run_ids))
+    inits = init_kwargs(train.trackers, kwargs, run_ids)
+    acc.log_with = [_tensorboard(Path(run_dir), inits.get("tensorboard", {})) if str(t) == "tensorboard" else t
+                    for t in acc.log_with]
+    acc.init_trackers(kwargs.get("project", project), init_kwargs=inits)
     for tracker in acc.trackers:
         _after_start(tracker, kwargs)
         values = config
@@ -179,6 +182,31 @@ def start_trackers(acc: Any, run_dir: Path, train: Any, project: str, config: di
         write_json_atomic(ids_file, {**run_ids, **started})
     if run_ids:
         log.info("trackers: continuing %s", ", ".join(f"{k} run {v}" for k, v in run_ids.items() if k in started))
+
+
+def _tensorboard(run_dir: Path, writer_kwargs: dict[str, Any]) -> Any:
+    """Accelerate's TensorBoard tracker writing to ``<run>/tensorboard/`` itself: Accelerate's own
+    puts the events under ``<logging_dir>/<project>/`` and the hyperparameters in a sub-directory
+    named by a float timestamp, so a run's curves were split over paths nobody would guess."""
+    from accelerate.tracking import TensorBoardTracker
+
+    from selfdistill.atomic import write_text_atomic
+
+    class RunTensorBoard(TensorBoardTracker):
+        def start(self) -> None:
+            from torch.utils import tensorboard
+
+            self.logging_dir = str(run_dir / "tensorboard")
+            self.writer = tensorboard.SummaryWriter(self.logging_dir, **self.init_kwargs)
+
+        def store_init_configuration(self, values: dict) -> None:
+            import yaml
+
+            self.writer.add_hparams(values, metric_dict={}, run_name=".")  # beside the curves, not a new folder
+            self.writer.flush()
+            write_text_atomic(Path(self.logging_dir) / "hparams.yml", yaml.safe_dump(values, sort_keys=True))
+
+    return RunTensorBoard("tensorboard", str(run_dir), **writer_kwargs)
 
 
 def _new_mlflow_params(tracker: Any, config: dict[str, Any]) -> dict[str, Any]:

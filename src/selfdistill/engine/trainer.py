@@ -12,6 +12,7 @@ checkpoints and resume, for pretraining and fine-tuning alike.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,15 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from selfdistill.atomic import write_text_atomic
+from selfdistill.atomic import write_json_atomic, write_text_atomic
 from selfdistill.data import BadSampleTracker
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine import provenance
 from selfdistill.engine.distributed import configure_deepspeed, make_accelerator, uses_deepspeed
 from selfdistill.engine.elastic import Layout, plan_resume
-from selfdistill.engine.logger import RunLogger
+from selfdistill.engine.logger import RunLogger, progress_bar
 from selfdistill.engine.memory import keep_freed_memory
 from selfdistill.engine.preemption import Preempted, StopFlag, watch_signals
 from selfdistill.engine.prefetch import DeviceBatches
@@ -137,6 +137,7 @@ class Trainer:
         """Build, resume, train to the last step, write the final checkpoint and its exports;
         returns what the hooks reported (``results``). On a ``train.preempt_signals`` signal: the
         step finished on every rank, a checkpoint, then :class:`Preempted` (exit code 75)."""
+        self._started = time.monotonic()
         self.build()
         acc, cfg = self.accelerator, self.config
         with watch_signals(cfg.train.preempt_signals, self.stop):
@@ -159,6 +160,9 @@ class Trainer:
             self._restore(resume_from)
         elif self.resume == "auto" and acc.is_main_process:
             log.info("--resume auto: no checkpoint in %s, starting fresh", self.run_dir)
+        if resume_from is not None and self.state.step >= self.last_step and acc.is_main_process:
+            log.info("%s is already finished (step %d of %d): nothing to train; raise train.epochs (or "
+                     "train.max_steps) to train further", self.run_dir, self.state.step, self.last_step)
         self._record_provenance(resume_from)
         # one door for every tracker: tracker_kwargs mapped, a resumed run continues its tracker runs
         start_trackers(acc, self.run_dir, cfg.train, self.task.tracker_project, flat_config(cfg.to_dict()),
@@ -176,14 +180,48 @@ class Trainer:
             ckpt.publish_exports(final, self.run_dir, list(self.task.exports()))
         acc.wait_for_everyone()
         self._emit("on_final_checkpoint", final)
+        if acc.is_main_process:
+            self._report_end()
         acc.end_training()
+
+    def _report_end(self) -> dict[str, Any]:
+        """``<run>/summary.json`` and one line on stdout: steps, final loss, the last evaluation's top-1
+        (online kNN, fine-tuning validation), the exports and this launch's wall time."""
+        rows = [json.loads(line) for line in (self.logger.path.read_text().splitlines()
+                                              if self.logger.path.is_file() else []) if line.strip()]
+        train_rows = [r for r in rows if "loss" in r and "event" not in r]
+        evals = [r for r in rows if any("/top1" in k for k in r)]
+        top1 = {k: v for k, v in evals[-1].items() if "/top1" in k} if evals else {}
+        shown = next((k for k in ("knn/top1_k20", "val/top1") if k in top1), next(iter(sorted(top1)), None))
+        exports = [str(self.run_dir / name) for name in self.task.exports()]
+        seconds = time.monotonic() - self._started
+        summary = {"task": self.task.name, "run_dir": str(self.run_dir), "steps": self.state.step,
+                   "epochs": round(self.state.step / self.steps_per_epoch, 4),
+                   "final_loss": train_rows[-1]["loss"] if train_rows else None,
+                   "final_loss_step": train_rows[-1]["step"] if train_rows else None,
+                   "last_eval": ({"step": evals[-1]["step"], "epoch": evals[-1].get("epoch"), **top1}
+                                 if evals else None),
+                   "exports": exports, "wall_time_s": round(seconds, 3)}
+        write_json_atomic(self.run_dir / "summary.json", summary, indent=1)
+        parts = [f"{self.task.name} done: {self.state.step} steps ({summary['epochs']:g} epochs)"]
+        if summary["final_loss"] is not None:
+            parts.append(f"final loss {summary['final_loss']:.4f}")
+        if shown is not None:
+            parts.append(f"{shown} {top1[shown]:.2f}")
+        if exports:
+            parts.append(f"export {exports[0]}")
+        parts.append(f"wall time {time.strftime('%H:%M:%S', time.gmtime(seconds))}")
+        print(", ".join(parts) + f" (summary: {self.run_dir / 'summary.json'})", flush=True)
+        return summary
 
     def run_until(self, last_step: int) -> None:
         """Train epoch after epoch until ``last_step`` optimizer steps are done; at each whole
         epoch's end the hooks run, then the epoch checkpoint (``train.checkpoint_every_epochs``)."""
         t = self.config.train
-        bar = tqdm(total=last_step, initial=self.state.step, desc=self.task.name, dynamic_ncols=True,
-                   disable=not (self.accelerator.is_main_process and t.progress_bar))
+        if self.state.step >= last_step:  # a finished run resumed: said once by _fit, no full bar
+            return
+        bar = progress_bar(last_step, self.task.name, self.accelerator.is_main_process and t.progress_bar,
+                           initial=self.state.step)
         try:
             while self.state.step < last_step:
                 self._train_epoch(bar, last_step)
@@ -365,8 +403,8 @@ class Trainer:
         acc = self.accelerator
         loader = self.images.check_loader(acc.process_index, acc.num_processes)
         mine = BadSampleTracker()
-        with tqdm(total=len(loader.sampler), desc="checking images", unit="img", dynamic_ncols=True,
-                  disable=not (acc.is_main_process and self.config.train.progress_bar)) as bar:
+        with progress_bar(len(loader.sampler), "checking images", acc.is_main_process and
+                          self.config.train.progress_bar, unit="img", min_interval=30.0) as bar:
             for batch in loader:
                 mine.update(batch["bad"], batch["draws"], batch["bad_draws"])
                 bar.update(batch["draws"])
@@ -407,11 +445,24 @@ class Trainer:
         self._saved_at = (st.step, st.epoch, st.batch_in_epoch)
         return path
 
+    def _say_schedule_change(self, path: Path) -> None:
+        """One line when the recipe's length differs from the checkpoint's: another ``train.epochs``
+        re-derives the schedules (learning rate, weight decay, teacher momentum and temperature) for
+        the new length; another ``train.max_steps`` only moves the end."""
+        t, saved = self.config.train, ckpt.saved_train_config(path)
+        changed = [k for k in ("epochs", "max_steps") if k in saved and saved[k] != getattr(t, k)]
+        if changed and self.accelerator.is_main_process:
+            what = "the schedules are re-derived for" if "epochs" in changed else "the schedules still span"
+            log.warning("resuming with %s (checkpoint %s): %s %d steps; the run now ends at step %d",
+                        ", ".join(f"train.{k} {saved[k]} -> {getattr(t, k)}" for k in changed), path.name, what,
+                        self.total_steps, self.last_step)
+
     def _restore(self, path: Path) -> None:
         """Collective: continue from checkpoint ``path``, on this batch layout (refused before
         anything is loaded when the global batch changed without ``resume_elastic``)."""
         state, change = plan_resume(ckpt.read_loop_state(path), ckpt.saved_layout(path), self.layout,
                                     self.steps_per_epoch, self.resume_elastic)
+        self._say_schedule_change(path)
         self.task.load_state_dict(ckpt.load_checkpoint(self.accelerator, path, self.universal))
         self.state = LoopState(**{**state, **asdict(self.layout)})
         if self.accelerator.is_main_process:  # the saved counts are every rank's already

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from selfdistill.configkit import read_recipe
 from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.engine.checkpoint import CONFIG, checkpoint_step, list_checkpoints
+from selfdistill.engine.logger import interactive
 from selfdistill.eval.knn_eval import KnnSetup
 from selfdistill.eval.pictures import (
     attention_picture,
@@ -42,7 +43,7 @@ from selfdistill.eval.pictures import (
 )
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
 from selfdistill.models import load_backbone
-from selfdistill.plots import plot_training_curves, read_log
+from selfdistill.plots import plot_all_curves, read_log
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def _checkpoint_knn(o: CurvesOptions, run: Path, out: Path, ctx: EvalContext) ->
                 "temperature": k.temperature}
     if cache.get("protocol") != protocol:
         cache = {"protocol": protocol, "checkpoints": {}}
-    for ckpt in tqdm(ckpts, desc="checkpoint kNN", disable=not ctx.is_main):
+    for ckpt in tqdm(ckpts, desc="checkpoint kNN", disable=not (ctx.is_main and interactive())):
         if ckpt.name in cache["checkpoints"]:
             continue
         backbone, _ = load_backbone(str(ckpt))
@@ -312,10 +313,10 @@ def _curves(o: CurvesOptions, run: Path, out: Path, ctx: EvalContext) -> list[Pa
         register_picture(out, png, "Top-1 accuracy against optimizer step: online kNN / linear rows of log.jsonl"
                                    + (" and kNN of every checkpoint" if o.knn_each_checkpoint else ""), "curves")
         written.append(png)
-    train = plot_training_curves(run / "log.jsonl", out / "training_curves.png")
-    if train is not None:
-        register_picture(out, train, "Training loss, collapse signals and online kNN against optimizer step",
-                         "curves")
+    train = plot_all_curves(run / "log.jsonl", out / "training_curves.png")
+    if train is not None:  # the run's loss_curve.png has loss, collapse signals and kNN; this has every column
+        register_picture(out, train, "Every number of log.jsonl (loss, learning rate, gradient norm, teacher "
+                                     "statistics, throughput, evaluations) against optimizer step", "curves")
         written.append(train)
     if not written:
         log.warning("%s: no log rows to plot", run / "log.jsonl")

@@ -16,7 +16,7 @@ from selfdistill.data import EvalTransform, ImageSet, open_images
 from selfdistill.engine.task import Hook
 from selfdistill.engine.inference import extract_features
 from selfdistill.eval.knn import KNN_METHOD, knn_classify
-from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
+from selfdistill.eval.protocols import EvalContext, Weights, register_protocol, settings_from_run
 
 __all__ = ["KnnOptions", "KnnSetup", "OnlineKnn", "flatten_results", "knn_protocol", "pixel_features"]
 
@@ -118,31 +118,67 @@ class OnlineKnn(Hook):
     def on_epoch_end(self, loop: Any) -> None:
         if self.setup is not None and loop.state.epoch % self.config.knn.every_epochs == 0:
             results = self.setup.evaluate(loop.task.eval_backbone())
-            loop.logger.log_eval("knn", results, loop.state.step, loop.state.epoch - 1)
+            # the epochs done, as the training row of the same step counts them (1.0 after the first)
+            loop.logger.log_eval("knn", results, loop.state.step, loop.state.step / loop.steps_per_epoch)
 
 
 # -- the kNN protocol: run_eval.py knn and summary ------------------------------------------------
 
 @dataclass
 class KnnOptions:
-    train_path: str = field(metadata={"help": "labelled images: the feature bank (folder, shards, HF directory)",
-                                      "flags": ["--data.path"]})
-    val_path: str = field(metadata={"help": "labelled images: the queries", "flags": ["--data.val_path"]})
-    k: list[int] = field(default_factory=lambda: [10, 20, 100, 200], metadata={"help": "neighbours"})
-    temperature: float = field(default=0.07, metadata={"help": "vote temperature"})
-    image_size: int = field(default=224, metadata={"help": "center-crop size (resize to size*256/224 first)"})
+    train_path: str = field(default="", metadata={
+        "help": "labelled images: the feature bank (folder, shards, HF directory; default: the run's knn.train_path "
+                "or data.path)", "flags": ["--data.path"]})
+    val_path: str = field(default="", metadata={"help": "labelled images: the queries (default: the run's "
+                                                        "knn.val_path)", "flags": ["--data.val_path"]})
+    k: list[int] | None = field(default=None, metadata={"help": "neighbours (default: the run's knn.k, else "
+                                                                "10 20 100 200)"})
+    temperature: float | None = field(default=None, metadata={"help": "vote temperature (default: the run's, "
+                                                                      "else 0.07)"})
+    image_size: int | None = field(default=None, metadata={
+        "help": "center-crop size, resized to size*256/224 first (default: the run's knn.image_size, else 224)"})
+    mean: tuple[float, float, float] | None = field(default=None, metadata={
+        "help": "normalisation mean (default: the run's data.mean, else ImageNet's)"})
+    std: tuple[float, float, float] | None = field(default=None, metadata={
+        "help": "normalisation std (default: the run's data.std, else ImageNet's)"})
     batch_size: int = field(default=128, metadata={"help": "feature-extraction batch per process"})
     num_workers: int = field(default=4, metadata={"help": "data loading workers per process"})
     max_train_samples: int = field(default=0, metadata={"help": "random subset of the bank (0: all)"})
 
 
+# option -> (the run's config key(s), the default without a run); the first key the run sets wins
+RUN_SETTINGS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "train_path": (("knn.train_path", "data.path"), ""),
+    "val_path": (("knn.val_path",), ""),
+    "k": (("knn.k",), [10, 20, 100, 200]),
+    "temperature": (("knn.temperature",), 0.07),
+    "image_size": (("knn.image_size",), 224),
+    "mean": (("data.mean",), IMAGENET_MEAN),
+    "std": (("data.std",), IMAGENET_STD),
+}
+
+
+def resolve_options(options: KnnOptions, weights: Weights) -> tuple[KnnOptions, dict[str, str]]:
+    """The options as given, the unset ones as the run that made the weights had them (what its
+    online kNN used), else the defaults; and where each came from."""
+    resolved, origin = settings_from_run(options, weights, RUN_SETTINGS)
+    for name in ("train_path", "val_path"):
+        if not getattr(resolved, name):
+            flag = "--data.path" if name == "train_path" else "--data.val_path"
+            raise ValueError(f"knn needs {flag} (knn.{name}=...): the weights name no run whose config sets it")
+    return resolved, origin
+
+
 @register_protocol("knn", KnnOptions, help="weighted kNN (DINO eval_knn) on the pooled embedding",
                    weights=("pixels",))
 def knn_protocol(weights: Weights, options: KnnOptions, ctx: EvalContext) -> dict[str, Any]:
-    """Weighted kNN top-1 / top-5 for every k; ``--weights pixels`` scores raw pixels."""
+    """Weighted kNN top-1 / top-5 for every k; ``--weights pixels`` scores raw pixels. Unset options
+    (data paths, k, temperature, image size, normalisation) follow the run that made the weights,
+    so ``--weights RUN`` repeats that run's online kNN."""
+    options, origin = resolve_options(options, weights)
     setup = KnnSetup.open(options.train_path, options.val_path, options.k, options.temperature, options.image_size,
                           options.batch_size, options.num_workers, options.max_train_samples,
-                          accelerator=ctx.accelerator)
+                          mean=options.mean, std=options.std, accelerator=ctx.accelerator)
     if weights.spec == "pixels":
         feature, fn = "raw pixels", pixel_features
     else:
@@ -156,6 +192,7 @@ def knn_protocol(weights: Weights, options: KnnOptions, ctx: EvalContext) -> dic
     protocol = {"description": f"{KNN_METHOD}: Resize(size*256/224, bicubic)+CenterCrop, cosine similarity, "
                                "votes exp(s/T)", "feature": feature, "k": list(options.k),
                 "temperature": options.temperature, "image_size": options.image_size,
+                "mean": list(options.mean), "std": list(options.std), "settings_from": origin,
                 "n_train": len(setup.train_set), "n_test": len(setup.val_set),
                 "train_path": options.train_path, "val_path": options.val_path, "units": "percent"}
     return {"metrics": flatten_results(results), "protocol": protocol,

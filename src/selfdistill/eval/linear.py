@@ -38,7 +38,8 @@ from selfdistill.atomic import torch_save_atomic, write_safetensors_atomic
 from selfdistill.data import SourceConfig, collate_eval, open_images
 from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.engine.inference import sum_over_batches
-from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
+from selfdistill.engine.logger import interactive
+from selfdistill.eval.protocols import EvalContext, Weights, register_protocol, settings_from_run
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,14 @@ RECIPES = {
 }
 
 
+# option -> (the run's config keys, the default without a run): a run is probed as it was evaluated
+RUN_SETTINGS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "image_size": (("knn.image_size",), 224),
+    "mean": (("data.mean",), IMAGENET_MEAN),
+    "std": (("data.std",), IMAGENET_STD),
+}
+
+
 @dataclass
 class LinearOptions:
     train_path: str = field(metadata={"help": "labelled training images (folder, shard directory or HF directory)",
@@ -83,7 +92,12 @@ class LinearOptions:
         "help": "ViT: concatenate the CLS tokens of the last n blocks (DINO: 4 for ViT-S, 1 for ViT-B)"})
     avgpool_patchtokens: bool = field(default=False, metadata={
         "help": "ViT: also concatenate the average of the last block's patch tokens (DINO: on for ViT-B)"})
-    image_size: int = field(default=224, metadata={"help": "crop size"})
+    image_size: int | None = field(default=None, metadata={
+        "help": "crop size (default: the run's knn.image_size, else 224)"})
+    mean: tuple[float, float, float] | None = field(default=None, metadata={
+        "help": "normalisation mean (default: the run's data.mean, else ImageNet's)"})
+    std: tuple[float, float, float] | None = field(default=None, metadata={
+        "help": "normalisation std (default: the run's data.std, else ImageNet's)"})
     num_workers: int = field(default=4, metadata={"help": "data loading workers per process"})
     val_every: int = field(default=1, metadata={"help": "validate every N epochs (and after the last)"})
     seed: int = field(default=0, metadata={"help": "seed of the data order, the augmentation and the head"})
@@ -98,7 +112,7 @@ class LinearOptions:
             if v is not None and v <= 0:
                 raise ValueError(f"{prefix}.{name}: must be positive, got {v}")
         for name in ("n_last_blocks", "image_size", "val_every"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{prefix}.{name}: must be positive, got {getattr(self, name)}")
 
 
@@ -244,7 +258,7 @@ def train_linear_classifier(
         loss_sum = torch.zeros((), device=accelerator.device)
         n_steps = 0
         bar = tqdm(train_source.loader(epoch), total=train_source.batches_per_epoch, dynamic_ncols=True,
-                   desc=f"linear epoch {epoch + 1}/{epochs}", disable=not (show_progress and accelerator.is_main_process))
+                   desc=f"linear epoch {epoch + 1}/{epochs}", disable=not (show_progress and accelerator.is_main_process and interactive()))
         for batch in bar:
             x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
             if (y < 0).any():
@@ -328,11 +342,12 @@ def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) 
     """Linear probe of the frozen backbone; writes the head (safetensors) and a checkpoint to ctx.out_dir."""
     acc = ctx.accelerator
     recipe = RECIPES[options.recipe]
+    options, origin = settings_from_run(options, weights, RUN_SETTINGS)  # the run's evaluation size, normalisation
     batch_size = options.batch_size or recipe.batch_size
     if batch_size % acc.num_processes:
         raise ValueError(f"linear: the global batch {batch_size} must divide by the {acc.num_processes} processes")
     per_device = batch_size // acc.num_processes
-    train_tf, val_tf = linear_transforms(options.image_size, recipe.val_interpolation, IMAGENET_MEAN, IMAGENET_STD)
+    train_tf, val_tf = linear_transforms(options.image_size, recipe.val_interpolation, options.mean, options.std)
     train = open_images(SourceConfig(path=options.train_path, num_workers=options.num_workers), train_tf,
                         labelled=True, seed=options.seed, role="--data.path")
     val = open_images(SourceConfig(path=options.val_path, num_workers=options.num_workers), val_tf, labelled=True,
@@ -350,7 +365,8 @@ def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) 
     with torch.no_grad():
         dim = features(torch.zeros(1, 3, options.image_size, options.image_size, device=ctx.device)).shape[-1]
     settings = {"weights": weights.spec, "weights_hash": weights.fingerprint(), "train_path": options.train_path, "val_path": options.val_path,
-                "image_size": options.image_size, "feature": features.describe()}
+                "image_size": options.image_size, "mean": list(options.mean), "std": list(options.std),
+                "feature": features.describe()}
     out = train_linear_classifier(
         features, dim, num_classes, source,
         lambda: val.eval_loader(per_device, acc.process_index, acc.num_processes),
@@ -363,6 +379,7 @@ def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) 
         "weight_decay": recipe.weight_decay, "schedule": "cosine per epoch to 0",
         "feature": features.describe(), "feature_dim": int(dim), "n_last_blocks": options.n_last_blocks,
         "avgpool_patchtokens": options.avgpool_patchtokens, "image_size": options.image_size,
+        "mean": list(options.mean), "std": list(options.std), "settings_from": origin,
         "num_classes": num_classes, "n_train": len(train), "n_val": len(val), "reported": "best top-1 over epochs",
         "train_path": options.train_path, "val_path": options.val_path, "processes": acc.num_processes,
     }

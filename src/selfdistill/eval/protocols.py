@@ -33,10 +33,12 @@ embeds its share of the images once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import pkgutil
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,8 +52,8 @@ from selfdistill.registry import Registry
 
 __all__ = [
     "EvalContext", "OUTPUTS", "Protocol", "Weights", "add_options_arguments", "add_weights_arguments",
-    "get_protocol", "model_config", "model_config_from", "options_from_args", "options_from_dict", "protocol_names",
-    "register_protocol", "run_protocol",
+    "expand_overrides", "get_protocol", "model_config", "override_keys", "model_config_from", "options_from_args", "options_from_dict", "protocol_names",
+    "register_protocol", "run_protocol", "settings_from_run",
 ]
 
 ProtocolFn = Callable[["Weights", Any, "EvalContext"], dict]
@@ -163,12 +165,54 @@ class Weights:
         p = Path(self.spec or ".")
         return (p if p.is_dir() else p.parent) if p.exists() else Path(".")
 
+    def run_config(self) -> tuple[Path | None, dict[str, Any]]:
+        """The ``config.yaml`` of the run the weights come from (a run or checkpoint directory, or an
+        export inside one: ``<run>/export/x.safetensors``), as ``(path, tree)``; ``(None, {})`` for
+        weights from elsewhere. Protocols take the run's image size and normalisation from it."""
+        import yaml
+
+        if not self.spec or not Path(self.spec).exists():
+            return None, {}
+        p = Path(self.spec)
+        candidates = [p / "config.yaml"] if p.is_dir() else [p.parent.parent / "config.yaml"] \
+            if p.parent.name == "export" else []
+        for path in candidates:
+            if path.is_file():
+                tree = yaml.safe_load(path.read_text()) or {}
+                return path, tree if isinstance(tree, dict) else {}
+        return None, {}
+
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"weights": self.spec}
         if self.model is not None:
             info["model"] = {"name": self.model.name, "img_size": self.model.img_size,
                              "patch_size": self.model.patch_size, "kwargs": dict(self.model.kwargs)}
         return info
+
+
+def settings_from_run(options: Any, weights: Weights,
+                      table: dict[str, tuple[tuple[str, ...], Any]]) -> tuple[Any, dict[str, str]]:
+    """``options`` with each unset one (None or "") of ``table`` (option -> (the run's config keys,
+    the default without a run)) taken from the config of the run that made the weights, the first
+    key the run sets winning, else the default; and where each came from, for the result JSON."""
+    config_path, run = weights.run_config()
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name, (keys, default) in table.items():
+        given = getattr(options, name)
+        if given not in (None, ""):
+            values[name], origin[name] = given, "given"
+            continue
+        found = [k for k in keys if isinstance(run.get(k.split(".")[0]), dict) and
+                 run[k.split(".")[0]].get(k.split(".")[1]) not in (None, "")]
+        if found:
+            section, key = found[0].split(".")
+            values[name], origin[name] = run[section][key], f"{config_path}: {found[0]}"
+        else:
+            values[name], origin[name] = default, "default"
+        if isinstance(default, tuple):
+            values[name] = tuple(values[name])
+    return dataclasses.replace(options, **values), origin
 
 
 class EvalContext:
@@ -219,9 +263,15 @@ def run_protocol(name: str, weights: Weights, options: Any, ctx: EvalContext) ->
     special = {w for p in _PROTOCOLS.values() for w in p.weights} - set(proto.weights)
     if weights.spec in special and not Path(weights.spec).exists():
         raise ValueError(f"--weights {weights.spec}: not something {name} can evaluate (it needs a network)")
+    made = ctx.out_dir is not None and not ctx.out_dir.exists()
     if ctx.out_dir is not None:
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    result = dict(proto.fn(weights, options, ctx))
+    try:
+        result = dict(proto.fn(weights, options, ctx))
+    finally:  # a protocol that wrote nothing there (kNN, or one that failed) leaves no empty folder
+        if made and ctx.out_dir.is_dir() and not any(ctx.out_dir.iterdir()):
+            with contextlib.suppress(OSError):  # another process may have removed it (or written) first
+                ctx.out_dir.rmdir()
     if proto.output != "results":
         return result
     if not isinstance(result.get("metrics"), dict) or not isinstance(result.get("protocol"), dict):
@@ -336,6 +386,74 @@ def add_options_arguments(parser: argparse.ArgumentParser, options_cls: type) ->
             if key in f.metadata:
                 kw[key] = f.metadata[key]
         parser.add_argument(*_flags(f), **kw)
+
+
+WEIGHTS_KEYS = {"model.name": "--model.name", "model.img_size": "--model.img_size",
+                "model.patch_size": "--model.patch_size", "model.kwargs": "--model.kwargs"}
+_OVERRIDE = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)+)=(.*)$", re.S)
+
+
+def override_keys(proto: Protocol) -> dict[str, tuple[str, dataclasses.Field | None]]:
+    """``section.key`` -> (the option's flag, its field) for every option of a sub-command: each field
+    as ``<protocol>.<field>`` (``knn.image_size``, ``knn.val_path``) and as its dotted flag
+    (``data.path``), and the weights' ``model.*``."""
+    keys: dict[str, tuple[str, dataclasses.Field | None]] = {k: (flag, None) for k, flag in WEIGHTS_KEYS.items()}
+    for f in dataclasses.fields(proto.options):
+        if f.name.startswith("_") or f.metadata.get("positional"):
+            continue
+        flag = _flags(f)[0]
+        keys[f"{proto.name}.{f.name}"] = (flag, f)
+        for alias in _flags(f):
+            if "." in alias:
+                keys[alias.lstrip("-")] = (flag, f)
+    return keys
+
+
+def expand_overrides(proto: Protocol, argv: list[str]) -> list[str]:
+    """``section.key=value`` words as the sub-command's own options, so every sub-command takes the
+    override grammar of ``run_pretrain.py`` (``knn.image_size=32 data.path=X``) besides its flags.
+    A protocol that takes overrides itself (finetune: the recipe's keys; summary: each protocol's)
+    keeps every word not addressed to it (``<protocol>.*``); elsewhere an unknown key is an error."""
+    import yaml
+
+    from selfdistill.configkit import closest_hint
+
+    keys = override_keys(proto)
+    own = any(f.metadata.get("positional") for f in dataclasses.fields(proto.options))
+    out: list[str] = []
+    for word in argv:
+        m = _OVERRIDE.match(word)
+        if not m or (own and not m.group(1).startswith(f"{proto.name}.")):
+            out.append(word)
+            continue
+        key, text = m.groups()
+        if key not in keys:
+            raise ValueError(f"{proto.name}: unknown key {key!r}{closest_hint(key, sorted(keys))}; its keys: "
+                             f"{', '.join(sorted(keys))}")
+        flag, f = keys[key]
+        value = yaml.safe_load(text) if text.strip() else ""
+        if f is None or key == "model.kwargs":
+            out += [flag, text]
+        elif isinstance(value, bool) and f.metadata.get("switch"):
+            out += [flag] if value else []
+        elif isinstance(value, bool) and _base(proto.options, f) is bool:
+            out.append(flag if value else f"--no-{flag[2:]}")
+        elif f.metadata.get("action") == "append":  # a list of fixed-size lists: the option repeated
+            for item in value if isinstance(value, list) else [value]:
+                out += [flag, *(str(v) for v in (item if isinstance(item, list) else [item]))]
+        elif isinstance(value, list):
+            out += [flag, *(str(v) for v in value)]
+        elif isinstance(value, str) and "," in value and typing.get_origin(_base(proto.options, f)) in (list, tuple):
+            out += [flag, *(v.strip() for v in value.split(","))]
+        else:
+            out += [flag, text]
+    return out
+
+
+def _base(options_cls: type, f: dataclasses.Field) -> Any:
+    tp = typing.get_type_hints(options_cls)[f.name]
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    return inner[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
 
 
 def options_from_args(options_cls: type, args: argparse.Namespace) -> Any:
