@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 from pathlib import Path
 
 from selfdistill.atomic import write_json_atomic
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 time.sleep(1)
 
-    from selfdistill.cli import one_line
+    from selfdistill.cli import one_line, release
     from selfdistill.data import BadDataError
     from selfdistill.engine.trainer import NonFiniteLossError, Preempted
     from selfdistill.pretrain import pretraining
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                               resume_elastic=args.resume_elastic).fit()
     except (ValueError, FileNotFoundError, NonFiniteLossError, BadDataError) as e:
         logging.getLogger("selfdistill").error("%s", one_line(e))
-        traceback.clear_frames(e.__traceback__)  # frees a failed DataLoader's workers now, not killed at exit
+        release(e)
         if new_run_dir and rank == 0:
             remove_unused_run_dir(run_dir)
         return 2 if isinstance(e, ConfigError) else 1
