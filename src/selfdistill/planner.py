@@ -642,7 +642,10 @@ def unmeasured_profile(config: Any, recipe: str = "") -> Profile | None:
                    device="meta", groups=[[p.numel() for p in g["params"]] for g in optimizer.param_groups],
                    frozen=[p.numel() for p in student.parameters() if not p.requires_grad],
                    buffers=[[b.numel(), b.element_size(), int(b.is_floating_point())] for b in student.buffers()],
-                   teacher_bytes=teacher_bytes(task), task_bytes=sum(held_tensors(task).values()),
+                   # meta tensors share one null pointer, so storages() cannot tell them apart: count each
+                   # teacher tensor once; the method's own small tensors (centers) are left out of the bound
+                   teacher_bytes=sum(t.nbytes for t in module_tensors(getattr(task, "teacher", None)).values()),
+                   task_bytes=0,
                    teacher_partitioned=isinstance(getattr(task, "teacher", None), FrozenTeacher),
                    runtime_bytes=0, batches=(1, 2))
 

@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
               "rows": [asdict(r) for r in rows], "recommended": best, "chosen": chosen}
     if chosen is None:
         memory, row = P.smallest_fitting_memory(profile, target, args.strategies)
-        print(f"\nerror: nothing to write: no row fits in --gpu-memory {args.gpu_memory}; the smallest memory per "
-              f"rank that fits is {memory / P.GIB:.2f} GiB ({row}, micro-batch 1)", file=sys.stderr)
+        print(f"\nerror: nothing to write: no row fits in --gpu-memory {_size(target.memory)}; the smallest memory "
+              f"per rank that fits is {_size(memory)} ({row}, micro-batch 1)", file=sys.stderr)
         return 1
     row = rows[chosen]
     recipe, overrides = args.config, list(args.overrides)
@@ -159,10 +159,14 @@ def refuse_impossible_budget(P, config, target, strategies: list[str]) -> None:
     floor, strategy = P.state_floor(profile, target, strategies)
     if floor > target.budget:
         raise ImpossibleBudget(
-            f"--gpu-memory {target.memory / P.GIB:.2f} GiB cannot hold this recipe on {target.ranks} ranks: even "
-            f"{strategy} keeps {floor / P.GIB:.2f} GiB of training state per rank, so at least "
-            f"{P.memory_for(floor, target) / P.GIB:.2f} GiB per rank are needed (with --margin {target.margin} and "
-            f"--reserve {target.reserve / P.GIB:.2f}GiB, before activations); give more memory or ranks")
+            f"--gpu-memory {_size(target.memory)} cannot hold this recipe on {target.ranks} ranks: even "
+            f"{strategy} keeps {_size(floor)} of training state per rank, so at least "
+            f"{_size(P.memory_for(floor, target))} per rank are needed (with --margin {target.margin} and "
+            f"--reserve {_size(target.reserve)}, before activations); give more memory or ranks")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f}GiB" if n >= 2**30 else f"{n / 2**20:.1f}MiB"
 
 
 if __name__ == "__main__":
