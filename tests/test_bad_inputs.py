@@ -197,6 +197,27 @@ def test_s3_without_credentials_is_named_first(s3_bucket, tmp_path, monkeypatch)
         assert time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("client_says", [
+    'ERROR "cat s3://b/train/_info.json": InvalidAccessKeyId: The AWS Access Key Id you provided does not exist '
+    'in our records. status code: 403',  # s5cmd
+    "An error occurred (403) when calling the HeadObject operation: Forbidden",  # aws
+])
+def test_s3_credentials_the_store_refuses_are_named_as_such(client_says, monkeypatch):
+    """(moto accepts any credentials, so the clients' own words for a refusal stand in for a store.)"""
+    from selfdistill.data import object_store
+
+    def refused(url):
+        raise object_store.ObjectStoreError(f"{url}: s5cmd failed (exit 1): {client_says}")
+
+    monkeypatch.setattr(object_store, "check_endpoint", lambda: None)
+    monkeypatch.setattr(object_store, "read_object", refused)
+    with pytest.raises(object_store.ObjectStoreError) as e:
+        object_store.read_remote_info("s3://b/train/")
+    assert str(e.value).startswith("data.path: s3://b/train/: the object store refuses these credentials (check "
+                                   "AWS_ACCESS_KEY_ID") and "_info.json" in str(e.value)  # (the client's words last)
+    assert "needs its" not in str(e.value)
+
+
 # -- selfdistill-plan ------------------------------------------------------------------------------
 def test_plan_memory_without_a_unit_is_refused(capsys):
     from selfdistill.cli.plan import main
