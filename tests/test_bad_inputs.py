@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, merged, run_training, tiny_overrides
+from conftest import ROOT, merged, tiny_overrides
 from s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures
 
 PYTHON = sys.executable
@@ -83,13 +83,23 @@ def test_weights_of_another_architecture_is_one_line(tmp_path):
 
 
 # -- resume ----------------------------------------------------------------------------------------
-def test_resume_with_another_recipe_names_the_keys(image_folder, tmp_path, fresh_accelerate_state):
+def test_resume_with_another_recipe_names_the_keys(image_folder, tmp_path, caplog):
+    from selfdistill.cli.pretrain import main
+    from selfdistill.recipe import load_config
+
+    # A run's checkpoint as the loop leaves it, without training one: the refusal comes before any of
+    # its tensors are read (test_train resumes real checkpoints).
     out = tmp_path / "run"
-    run_training(image_folder, out, "train.epochs=1")
+    trained = load_config(None, merged(tiny_overrides(image_folder, out), "train.epochs=1")).to_yaml()
+    step = out / "checkpoints" / "step_000000004"
+    step.mkdir(parents=True)
+    (step / "loop_state.json").write_text('{"step": 4, "epoch": 1}')
+    (step / "config.yaml").write_text(trained)
+    (out / "config.yaml").write_text(trained)
     config_before = (out / "config.yaml").read_text()
-    r = cli("run_pretrain.py", *merged(tiny_overrides(image_folder, out), "train.epochs=1", "method.out_dim=128",
-                                       "optim.name=sgd", "model.grad_checkpointing=true", "--resume", "auto"))
-    line = one_line(r, 2, "--resume", "another recipe", "method.out_dim: 64 there, 128 now",
+    rc = main(merged(tiny_overrides(image_folder, out), "train.epochs=1", "method.out_dim=128", "optim.name=sgd",
+                     "model.grad_checkpointing=true", "--resume", "auto"))
+    line = one_line((rc, caplog.text), 2, "--resume", "another recipe", "method.out_dim: 64 there, 128 now",
                     "optim.name: 'adamw' there, 'sgd' now", "train.output_dir")
     assert "grad_checkpointing" not in line  # how the step is computed may change
     assert (out / "config.yaml").read_text() == config_before  # nothing overwritten
