@@ -77,11 +77,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(annotated_yaml(config.to_dict(), sources), end="")
         return 0
-    try:
-        check_launch(config, demo=args.demo)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return 2
     if args.benchmark:
         return _benchmark(config, args)
     if args.measure_memory:
@@ -93,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         measure_run(config, args.measure_memory, args.measure_steps, args.measure_flops)
         return 0
 
+    try:  # (a benchmark or memory measurement above reads synthetic images: no data paths needed)
+        check_launch(config, demo=args.demo)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     from selfdistill.engine.distributed import relaunch_if_needed
 
     relaunch_if_needed()
@@ -154,7 +154,7 @@ def check_launch(config, demo: bool = False) -> None:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         local = isinstance(value, str) and value and "://" not in value and not value.startswith("pipe:") \
-            and not any(c in value for c in "{}*?[")
+            and "::" not in value and not any(c in value for c in "{}*?[")
         if local and not Path(value).exists():
             raise ConfigError(f"config error: {key}: {value!r} does not exist; {fix}")
 
