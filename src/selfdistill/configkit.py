@@ -27,7 +27,8 @@ import yaml
 
 __all__ = [
     "ConfigError", "Root", "build_dataclass", "check_kwargs_have_values", "closest_hint", "closest_names", "fail", "fraction",
-    "interval", "load_yaml_file", "non_negative", "one_of", "parse_override", "positive", "read_recipe", "root_from_tree",
+    "interval", "load_yaml_file", "non_negative", "one_of", "parse_override", "positive", "read_recipe",
+    "root_from_tree",
     "to_plain",
 ]
 
@@ -331,7 +332,7 @@ def load_yaml_file(path: str | Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        what = " ".join(part for part in (getattr(e, "context", None), getattr(e, "problem", None)) if part)
+        what = ": ".join(part for part in (getattr(e, "context", None), getattr(e, "problem", None)) if part)
         raise ConfigError(f"config error: {where}: {what or str(e).splitlines()[0]}"
                           + ("" if "twice" in what else " (not valid YAML; fix the file there)")) from None
 

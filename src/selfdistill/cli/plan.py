@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         global_batch = args.global_batch or t.batch_size_per_device * t.grad_accum_steps * gpus * args.nodes
         reserve = P.parse_bytes(args.reserve, "--reserve") if args.reserve is not None else \
             (0 if args.cpu else int(1.5 * P.GIB))
-        target = P.Target(memory=P.parse_bytes(args.gpu_memory, "--gpu-memory"), gpus=gpus, nodes=args.nodes, global_batch=global_batch,
+        target = P.Target(memory=P.parse_bytes(args.gpu_memory, "--gpu-memory"), gpus=gpus, nodes=args.nodes,
+                          global_batch=global_batch,
                           margin=args.margin, reserve=reserve, cpu=args.cpu)
         if target.ranks < 1 or global_batch < 1 or not 0 <= args.margin < 1:
             raise ValueError("--gpus, --nodes and --global-batch must be positive and --margin in [0, 1)")

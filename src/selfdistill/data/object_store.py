@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 from selfdistill.data.folder import BadDataError
 from selfdistill.data.shard_format import FORMAT, INFO_NAME
 
-__all__ = ["ENDPOINT_VARIABLES", "ObjectStoreError", "check_credentials", "check_endpoint", "client_command", "endpoint", "is_prefix",
-           "read_object", "read_remote_info", "remote_shard_urls", "to_pipe"]
+__all__ = ["ENDPOINT_VARIABLES", "ObjectStoreError", "check_credentials", "check_endpoint", "client_command",
+           "endpoint", "is_prefix", "read_object", "read_remote_info", "remote_shard_urls", "to_pipe"]
 
 ENDPOINT_VARIABLES = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")  # in this order of precedence
 
