@@ -27,7 +27,8 @@ import yaml
 
 __all__ = [
     "ConfigError", "Root", "build_dataclass", "check_kwargs_have_values", "closest_hint", "closest_names", "fail", "fraction",
-    "interval", "non_negative", "one_of", "option_overrides", "parse_override", "positive", "read_recipe", "root_from_tree",
+    "interval", "load_yaml_file", "non_negative", "one_of", "option_overrides", "parse_override", "positive",
+    "read_recipe", "root_from_tree",
     "to_plain",
 ]
 
@@ -322,10 +323,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
                           + (f" (the base of {str(chain[-1])!r})" if chain else ""))
     if path.resolve() in chain:
         raise ConfigError(f"config error: recipe bases form a loop: {' -> '.join(map(str, (*chain, path)))}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    tree = load_yaml_file(path)
     if not isinstance(tree, dict):
         raise ConfigError(f"config error: {path} must hold a mapping of sections")
     merged: dict[str, Any] = {}
@@ -343,6 +341,37 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
             merged[section] = {k: (v, str(path)) for k, v in values.items()} if isinstance(values, dict) \
                 else (values, str(path))
     return merged
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error (the plain
+    loader silently keeps the last value, hiding an edit that did not take)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                first, again = seen[key], key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {first.line + 1}, then line "
+                    f"{again.line + 1}); keep one", again)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_file(path: str | Path) -> Any:
+    """A YAML file's data; a syntax error or a repeated key is one :class:`ConfigError` naming the
+    file, line and column (YAML's own message spans several lines)."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = ": ".join(part for part in (getattr(e, "context", None), getattr(e, "problem", None)) if part)
+        raise ConfigError(f"config error: {where}: {what or str(e).splitlines()[0]}"
+                          + ("" if "twice" in what else " (not valid YAML; fix the file there)")) from None
 
 
 def _merge(tree: dict[str, Any], layer: dict[str, Any], sources: dict[str, str]) -> None:

@@ -213,10 +213,13 @@ def step_transient_bytes(groups: list[list[int]], frozen: list[int], ranks: int,
 
 
 # -- what the planner is given and what it measures ----------------------------------------------
-def parse_bytes(text: str | int | float) -> int:
-    """``80GiB``, ``40 GB``, ``512MiB`` or a number of bytes."""
+def parse_bytes(text: str | int | float, option: str = "") -> int:
+    """``80GiB``, ``40 GB``, ``512MiB`` or a number of bytes; given ``option`` (a command-line
+    flag), a bare number other than 0 is refused: ``--gpu-memory 40`` means 40 GiB to a person."""
     if isinstance(text, (int, float)):
         return int(text)
+    if option and text.strip().replace(".", "", 1).isdigit() and float(text) != 0:
+        raise ValueError(f"{option} {text}: give a unit, e.g. {option} {text.strip()}GiB (or GB, MiB)")
     units = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
              "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
     s = str(text).strip().lower().replace(" ", "")
@@ -617,6 +620,65 @@ def optimizer_kind(name: str) -> str:
     if name in ("adamw", "sgd"):
         return name
     return "adamw" if get_optimizer_info(name).has_betas else "sgd"
+
+
+def unmeasured_profile(config: Any, recipe: str = "") -> Profile | None:
+    """What the accounting needs of ``config`` without running a step: the method built on the meta
+    device (no memory, no weights read) for its optimizer groups, frozen tensors, buffers, teacher
+    and task tensors; no activations. None when the method cannot be built there (a teacher read
+    from a file)."""
+    from selfdistill.methods import build_method
+
+    try:
+        with torch.device("meta"):
+            task = build_method(copy.deepcopy(config))
+            optimizer = task.build_optimizer(config.train.batch_size_per_device, torch.device("meta"))
+    except Exception:  # noqa: BLE001 - any failure only means: measure first, as before
+        return None
+    from selfdistill.models.frozen import FrozenTeacher
+
+    student = task.student
+    return Profile(recipe=recipe, precision=config.train.precision, optimizer=optimizer_kind(config.optim.name),
+                   device="meta", groups=[[p.numel() for p in g["params"]] for g in optimizer.param_groups],
+                   frozen=[p.numel() for p in student.parameters() if not p.requires_grad],
+                   buffers=[[b.numel(), b.element_size(), int(b.is_floating_point())] for b in student.buffers()],
+                   # meta tensors share one null pointer, so storages() cannot tell them apart: count each
+                   # teacher tensor once; the method's own small tensors (centers) are left out of the bound
+                   teacher_bytes=sum(t.nbytes for t in module_tensors(getattr(task, "teacher", None)).values()),
+                   task_bytes=0,
+                   teacher_partitioned=isinstance(getattr(task, "teacher", None), FrozenTeacher),
+                   runtime_bytes=0, batches=(1, 2))
+
+
+def state_floor(profile: Profile, target: Target, strategies: list[str] | None = None) -> tuple[int, str]:
+    """``(bytes, strategy)``: the least any of ``strategies`` holds per rank before a single
+    activation (training state, teacher, task tensors and the step's own transients); pure
+    accounting, so an impossible budget is refused before anything is measured."""
+    floors = []
+    for name in strategies or list(STRATEGIES):
+        strategy = STRATEGIES[name]
+        transient = step_transient_bytes(profile.groups, profile.frozen, target.ranks, profile.precision, strategy,
+                                         host=target.cpu)
+        fixed = teacher_bytes_per_rank(profile, strategy, target.ranks) + profile.task_bytes + \
+            state_total(profile, strategy, target.ranks)
+        floors.append((int(fixed + max(transient["early"], transient["step"])), name))
+    return min(floors)
+
+
+def memory_for(peak: int, target: Target) -> int:
+    """The device memory per rank whose budget (after ``target``'s margin and reserve) holds ``peak``."""
+    return math.ceil((peak + target.reserve) / (1 - target.margin))
+
+
+def smallest_fitting_memory(profile: Profile, target: Target, strategies: list[str] | None = None) -> tuple[int, str]:
+    """``(memory per rank, row)``: the least device memory on which some row fits (micro-batch 1,
+    the rest by accumulation), for the "no strategy fits" answer."""
+    need = []
+    for name in strategies or list(STRATEGIES):
+        for ckpt in (False, True):
+            peak = predict_peak(profile, STRATEGIES[name], ckpt, target.ranks, 1, host=target.cpu)
+            need.append((memory_for(peak, target), name + (":ckpt" if ckpt else "")))
+    return min(need)
 
 
 def probe_command(config_path: Path, out_dir: Path, steps: int, flops: bool) -> list[str]:

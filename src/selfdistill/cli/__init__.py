@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -35,3 +36,10 @@ def one_line(error: BaseException) -> str:
     last = text.strip().splitlines()[-1]
     name, sep, message = last.partition(": ")
     return message if sep and name.rsplit(".", 1)[-1] == type(error).__name__ else last
+
+
+def release(error: BaseException) -> None:
+    """Drop what the frames of a caught error still hold: a failed DataLoader's iterator (the error
+    and its frames form a cycle) then shuts its workers down now, instead of their being killed at
+    exit with a traceback after the one-line error."""
+    traceback.clear_frames(error.__traceback__)

@@ -70,7 +70,7 @@ def _context(args: argparse.Namespace, proto: Any, weights: Any) -> Any:
 def run_command(args: argparse.Namespace) -> int:
     from selfdistill.atomic import write_json_atomic
     from selfdistill.engine.distributed import relaunch_if_needed
-    from selfdistill.cli import one_line
+    from selfdistill.cli import one_line, release
     from selfdistill.data import BadDataError
     from selfdistill.engine.trainer import NonFiniteLossError, Preempted
     from selfdistill.eval.protocols import Weights, get_protocol, model_config_from, options_from_args, run_protocol
@@ -86,6 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
         result = run_protocol(proto.name, weights, options, ctx)
     except (NonFiniteLossError, BadDataError) as e:
         logging.getLogger("selfdistill").error("%s", one_line(e))
+        release(e)
         return 1
     except Preempted as e:  # fine-tuning: checkpoint written, continue with --resume auto
         logging.getLogger("selfdistill").warning("%s", e)

@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         gpus = args.gpus or (torch.cuda.device_count() if torch.cuda.is_available() and not args.cpu else 8)
         t = config.train
         global_batch = args.global_batch or t.batch_size_per_device * t.grad_accum_steps * gpus * args.nodes
-        reserve = P.parse_bytes(args.reserve) if args.reserve is not None else (0 if args.cpu else int(1.5 * P.GIB))
-        target = P.Target(memory=P.parse_bytes(args.gpu_memory), gpus=gpus, nodes=args.nodes, global_batch=global_batch,
+        reserve = P.parse_bytes(args.reserve, "--reserve") if args.reserve is not None else \
+            (0 if args.cpu else int(1.5 * P.GIB))
+        target = P.Target(memory=P.parse_bytes(args.gpu_memory, "--gpu-memory"), gpus=gpus, nodes=args.nodes,
+                          global_batch=global_batch,
                           margin=args.margin, reserve=reserve, cpu=args.cpu)
         if target.ranks < 1 or global_batch < 1 or not 0 <= args.margin < 1:
             raise ValueError("--gpus, --nodes and --global-batch must be positive and --margin in [0, 1)")
@@ -98,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile = P.Profile.from_dict(json.loads(Path(args.profile).read_text())["profile"])
         else:
+            refuse_impossible_budget(P, config, target, args.strategies)
             profile = P.profile_recipe(config, " + ".join(args.config or ["(defaults)"]), tuple(args.probe_batches),
                                        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         rows, best = P.plan(profile, target, args.strategies, timing)
         chosen = P.choose(rows, args.choose) if args.choose else best
+    except ImpossibleBudget as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -110,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"profile": asdict(profile), "target": asdict(target), "timing": asdict(timing),
               "rows": [asdict(r) for r in rows], "recommended": best, "chosen": chosen}
     if chosen is None:
-        print("\nnothing to write: no row fits", file=sys.stderr)
+        memory, row = P.smallest_fitting_memory(profile, target, args.strategies)
+        print(f"\nerror: nothing to write: no row fits in --gpu-memory {_size(target.memory)}; the smallest memory "
+              f"per rank that fits is {_size(memory)} ({row}, micro-batch 1)", file=sys.stderr)
         return 1
     row = rows[chosen]
     recipe, overrides = args.config, list(args.overrides)
@@ -148,6 +156,29 @@ def main(argv: list[str] | None = None) -> int:
 
         write_json_atomic(args.json, report, indent=1)
     return 0
+
+
+class ImpossibleBudget(ValueError):
+    """The target's memory cannot hold the recipe whatever the strategy."""
+
+
+def refuse_impossible_budget(P, config, target, strategies: list[str]) -> None:
+    """Before the minute of measuring: refuse a memory per rank that not even the training state
+    of the leanest strategy fits, naming the least memory that might (activations come on top)."""
+    profile = P.unmeasured_profile(config)
+    if profile is None:
+        return
+    floor, strategy = P.state_floor(profile, target, strategies)
+    if floor > target.budget:
+        raise ImpossibleBudget(
+            f"--gpu-memory {_size(target.memory)} cannot hold this recipe on {target.ranks} ranks: even "
+            f"{strategy} keeps {_size(floor)} of training state per rank, so at least "
+            f"{_size(P.memory_for(floor, target))} per rank are needed (with --margin {target.margin} and "
+            f"--reserve {_size(target.reserve)}, before activations); give more memory or ranks")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f}GiB" if n >= 2**30 else f"{n / 2**20:.1f}MiB"
 
 
 if __name__ == "__main__":

@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         measure_run(config, args.measure_memory, args.measure_steps, args.measure_flops)
         return 0
 
+    try:  # (a benchmark or memory measurement above reads synthetic images: no data paths needed)
+        check_launch(config, demo=args.demo)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     from selfdistill.engine.distributed import relaunch_if_needed
 
     relaunch_if_needed()
@@ -114,23 +119,55 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 time.sleep(1)
 
-    from selfdistill.cli import one_line
+    from selfdistill.cli import one_line, release
     from selfdistill.data import BadDataError
     from selfdistill.engine.trainer import NonFiniteLossError, Preempted
     from selfdistill.pretrain import pretraining
 
+    run_dir = Path(config.train.output_dir)
+    new_run_dir = not run_dir.exists()
     try:
         summary = pretraining(config, resume=args.resume, check_data=args.check_data,
                               resume_elastic=args.resume_elastic).fit()
     except (ValueError, FileNotFoundError, NonFiniteLossError, BadDataError) as e:
         logging.getLogger("selfdistill").error("%s", one_line(e))
-        return 1
+        release(e)
+        if new_run_dir and rank == 0:
+            remove_unused_run_dir(run_dir)
+        return 2 if isinstance(e, ConfigError) else 1
     except Preempted as e:  # the checkpoint is written; exit 75 asks the launcher script to requeue
         logging.getLogger("selfdistill").warning("%s", e)
         return e.exit_code
     if args.demo and summary["rank"] == 0:
         _report_demo(config)
     return 0
+
+
+def check_launch(config, demo: bool = False) -> None:
+    """What can be refused from the recipe alone, before anything is loaded or written (a
+    ConfigError naming the key): local data paths that do not exist (``--demo`` writes its own)."""
+    if demo:
+        return
+    fixes = {"data.path": "point it at the training images",
+             "knn.train_path": "point it at labelled images, or leave it empty to use data.path",
+             "knn.val_path": "point it at labelled images, or set knn.val_path='' to train without the online kNN"}
+    for key, fix in fixes.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        local = isinstance(value, str) and value and "://" not in value and not value.startswith("pipe:") \
+            and "::" not in value and not any(c in value for c in "{}*?[")
+        if local and not Path(value).exists():
+            raise ConfigError(f"config error: {key}: {value!r} does not exist; {fix}")
+
+
+def remove_unused_run_dir(run_dir: Path) -> None:
+    """After a failed launch: the run directory this launch created, unless it holds what a run
+    keeps (a checkpoint or a training log); config.yaml, provenance and tracker files alone describe
+    a run that never started."""
+    import shutil
+
+    if run_dir.is_dir() and not (run_dir / "log.jsonl").exists() and not any((run_dir / "checkpoints").glob("*")):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _benchmark(config, args) -> int:

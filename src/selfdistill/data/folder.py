@@ -178,17 +178,23 @@ class ImageFolderDataset(Dataset):
     def _read_first_good(self, index: int, seed: int) -> tuple[Image.Image, int, list[str]]:
         """Decode sample ``index``, or the next readable one after it (wrapping round)."""
         bad: list[str] = []
+        errors: list[Exception] = []
         n = len(self.samples)
         plan = getattr(self.transform, "plan", None)
         for offset in range(n):
             current = (index + offset) % n
             path = self.samples[current][0]
             try:
-                return decode_rgb(path, self.draft_size, plan, seed), current, bad
+                img = decode_rgb(path, self.draft_size, plan, seed)
             except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
-                self._report_bad(path, err)
                 bad.append(path)
-        raise RuntimeError(f"none of the {n} images in {str(self.root)!r} could be read")
+                errors.append(err)
+                continue
+            for bad_path, err in zip(bad, errors):  # warned only now: a folder with none readable is one error
+                self._report_bad(bad_path, err)
+            return img, current, bad
+        raise BadDataError(f"none of the {n} images in {str(self.root)!r} can be read (the first, {bad[0]}: "
+                           f"{type(errors[0]).__name__}); point data.path at a folder of images")
 
     def _report_bad(self, path: str, err: Exception) -> None:
         """Warn once per file per process; later hits of the same file only go to debug."""

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 from selfdistill.data.folder import BadDataError
 from selfdistill.data.shard_format import FORMAT, INFO_NAME
 
-__all__ = ["ENDPOINT_VARIABLES", "ObjectStoreError", "check_endpoint", "client_command", "endpoint", "is_prefix",
-           "read_object", "read_remote_info", "remote_shard_urls", "to_pipe"]
+__all__ = ["ENDPOINT_VARIABLES", "ObjectStoreError", "check_credentials", "check_endpoint", "client_command",
+           "endpoint", "is_prefix", "read_object", "read_remote_info", "remote_shard_urls", "to_pipe"]
 
 ENDPOINT_VARIABLES = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")  # in this order of precedence
 
@@ -56,19 +56,51 @@ def to_pipe(url: str) -> str:
     return "pipe:" + shlex.join(client_command(url)) if url.startswith("s3://") else url
 
 
-def check_endpoint() -> None:
-    """Fail in a second, naming the variable, when an explicit endpoint refuses connections: the
-    clients retry for up to a minute per shard (s5cmd: 10 retries) before they say so."""
+AWS_ENDPOINT = "https://s3.amazonaws.com"  # where the clients go when no endpoint variable is set
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "(403)", "status code: 403", "Forbidden")
+INSTANCE_METADATA = ("169.254.169.254", 80)  # an EC2 instance's role credentials
+
+
+def check_endpoint(timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the variable, when the object store does not answer: an explicit
+    endpoint, or AWS S3 itself when none is set (a forgotten ``S3_ENDPOINT_URL`` for MinIO / Ceph);
+    the clients would retry for a minute or more per object before they say so. Then :func:`check_credentials`."""
     ep, name = endpoint()
-    if not ep:
-        return
-    parts = urlsplit(ep if "://" in ep else f"http://{ep}")
+    target = ep or AWS_ENDPOINT
+    parts = urlsplit(target if "://" in target else f"http://{target}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        socket.create_connection((parts.hostname or "", port), timeout=10).close()
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
     except OSError as err:
-        raise ObjectStoreError(f"{name}={ep}: the object store does not answer "
-                              f"({err.strerror or type(err).__name__})") from None
+        why = err.strerror or type(err).__name__
+        if ep:
+            raise ObjectStoreError(f"{name}={ep}: the object store does not answer ({why})") from None
+        raise ObjectStoreError(f"s3://: neither {' nor '.join(ENDPOINT_VARIABLES)} is set, so AWS S3 itself "
+                               f"({target}) is asked, and it does not answer ({why}); set S3_ENDPOINT_URL="
+                               f"http://HOST:PORT for another object store (MinIO, Ceph...)") from None
+    check_credentials()
+
+
+def check_credentials() -> None:
+    """Fail at once when the clients would find no credentials (s5cmd and the AWS CLI would first
+    try the instance metadata service for a while, then fail with a message about it)."""
+    if any(os.environ.get(v, "").strip() for v in CREDENTIAL_VARIABLES):
+        return
+    home = os.path.expanduser("~")
+    files = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws", "credentials"),
+             os.environ.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")]
+    if any(os.path.isfile(f) for f in files):
+        return
+    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
+        try:
+            socket.create_connection(INSTANCE_METADATA, timeout=1).close()
+            return
+        except OSError:
+            pass
+    raise ObjectStoreError("s3://: no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                           f"(or AWS_PROFILE with {files[0]})")
 
 
 def is_prefix(path: str) -> bool:
@@ -98,6 +130,9 @@ def read_remote_info(prefix: str) -> dict[str, Any]:
     try:
         data = read_object(url)
     except ObjectStoreError as err:
+        if any(word in str(err) for word in DENIED):  # the credentials, not a missing file
+            raise ObjectStoreError(f"data.path: {prefix}: the object store refuses these credentials "
+                                   f"(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE): {err}") from None
         raise ObjectStoreError(f"data.path: {prefix} is read as a shard directory, which needs its {INFO_NAME} "
                                 f"(upload the whole directory selfdistill-shards wrote, or give a brace pattern "
                                 f"such as {prefix.rstrip('/')}/shard-{{000000..000009}}.tar): {err}") from None

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from selfdistill.atomic import atomic_path, torch_save_atomic, write_json_atomic, write_text_atomic
+from selfdistill.configkit import ConfigError
 from selfdistill.engine.elastic import Layout
 from selfdistill.models.weights import read_meta, save_weights, write_sidecar
 from selfdistill.params import full_state_dict
@@ -69,6 +70,44 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     if path.is_dir() and latest_checkpoint(path) is not None:  # a run directory
         return latest_checkpoint(path)
     raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (no {LOOP_STATE}) nor a run directory")
+
+
+# What a checkpoint's networks and optimizer state are made of: resuming it with other values would
+# fail deep inside Accelerate (a size mismatch) or, worse, quietly train another recipe. The rest
+# (data, schedule lengths, logging, precision, the batch layout: engine.elastic) may change.
+RECIPE_SECTIONS = ("model", "method")
+RECIPE_KEYS = ("optim.name",)
+FREE_KEYS = ("model.grad_checkpointing", "model.channels_last", "model.pretrained", "model.pretrained_format")
+
+
+def check_same_recipe(path: str | Path, config: dict[str, Any]) -> None:
+    """Refuse to resume checkpoint ``path`` under ``config`` (a recipe's ``to_dict()``) when they
+    differ in what the checkpoint's tensors are made of; one :class:`ConfigError` naming the keys."""
+    file = Path(path) / CONFIG
+    if not file.is_file():  # (a checkpoint written before checkpoints held their recipe)
+        return
+    import yaml
+
+    saved, now = _flat(yaml.safe_load(file.read_text()) or {}), _flat(config)
+    differ = [k for k in sorted(set(saved) | set(now))
+              if (k.split(".", 1)[0] in RECIPE_SECTIONS or k in RECIPE_KEYS) and k not in FREE_KEYS
+              and not k.startswith(tuple(f + "." for f in FREE_KEYS)) and saved.get(k) != now.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k, 'unset')!r} there, {now.get(k, 'unset')!r} now" for k in differ[:5])
+        more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
+        raise ConfigError(f"config error: --resume: {path} was trained with another recipe: {shown}{more}; resume with the "
+                         f"checkpoint's values ({file}) or start a fresh run in another train.output_dir")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"section.key.sub": leaf}``; tuples as lists, as YAML reads them back."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 def save_checkpoint(accelerator: Any, run_dir: str | Path, step: int, task_state: dict[str, Any],

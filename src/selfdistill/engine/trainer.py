@@ -89,6 +89,12 @@ class Trainer:
         from accelerate.utils import set_seed
 
         t = self.config.train
+        # Known before anything is built or written: the checkpoint to continue, and that it was
+        # trained with this recipe. A DeepSpeed checkpoint of another rank count is read in
+        # DeepSpeed's universal format, which the engine must be configured for (below).
+        self.resume_from = ckpt.resolve_resume(self.resume, self.run_dir)
+        if self.resume_from is not None:
+            ckpt.check_same_recipe(self.resume_from, self.config.to_dict())
         self.accelerator = acc = make_accelerator(t.precision, t.grad_accum_steps, t.cpu, t.trackers, str(self.run_dir))
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -113,9 +119,6 @@ class Trainer:
         optimizer = task.build_optimizer(self.global_batch, acc.device)
         if t.compile:
             compile_backbones(task)
-        # Known before the engine is built: a DeepSpeed checkpoint of another rank count is read in
-        # DeepSpeed's universal format, which the engine must be configured for.
-        self.resume_from = ckpt.resolve_resume(self.resume, self.run_dir)
         self.universal = uses_deepspeed() and self.resume_from is not None and \
             ckpt.is_deepspeed_checkpoint(self.resume_from) and \
             ckpt.saved_layout(self.resume_from).world_size != self.layout.world_size

@@ -142,6 +142,20 @@ class FinetuneDataConfig(SourceConfig):
                 fail(f"{prefix}.{name}", f"must be positive, got {value}")
         non_negative(self, prefix, "recount")
 
+    def normalisation_notice(self, prefix: str = "data") -> str:
+        """One line when validation images are normalised with other constants than training images
+        (FD's recipes keep CLIP's for parity; with another backbone's ``mean``/``std`` it costs
+        accuracy without a word), else ``""``."""
+        pairs = [(name, getattr(self, name), getattr(self, f"eval_{name}")) for name in ("mean", "std")]
+        differ = [(n, train, val) for n, train, val in pairs
+                  if val is not None and any(abs(a - b) > 1e-6 for a, b in zip(train, val))]
+        if not differ:
+            return ""
+        said = "; ".join(f"{prefix}.eval_{n} {list(val)} vs {prefix}.{n} {list(train)}" for n, train, val in differ)
+        return (f"validation images are normalised unlike training images ({said}); set "
+                f"{prefix}.eval_mean=null {prefix}.eval_std=null to use the training constants, unless the "
+                f"difference is meant")
+
     def train_format(self) -> str:
         return detect_format(self.path) if self.format == "auto" else self.format
 
@@ -613,6 +627,9 @@ class FinetuneTask(Task):
             log.info("fine-tuning %s (%s) on %d classes: %d steps, lr %.3g (head; block i: x %.3g^(L-i))",
                      self.model_info["timm_name"], self.config.model.weights, self.num_classes, total_steps, self.lr,
                      self.config.optim.layer_decay)
+            notice = self.config.data.normalisation_notice()
+            if notice:
+                log.warning("%s", notice)
 
     def hooks(self) -> list[Hook]:
         return [FinetuneValidation(self)]

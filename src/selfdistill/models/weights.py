@@ -17,13 +17,14 @@ timm pretrained tag or ``hf-hub:`` name is read from the local Hugging Face cach
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -68,7 +69,8 @@ def read_tensors(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        with _readable_safetensors(path):
+            return load_file(str(path))
     try:  # DINO / EsViT checkpoints carry their argparse ``args``: plain values, safe to rebuild
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(str(path), map_location="cpu", weights_only=True)
@@ -92,9 +94,22 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
+    with _readable_safetensors(path), safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
     return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+
+
+@contextlib.contextmanager
+def _readable_safetensors(path: Path) -> Iterator[None]:
+    """The safetensors library's error on a damaged file (``header too large``...) as one ValueError
+    naming the file: it is raised as a bare ``SafetensorError`` the callers would not expect."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated, corrupted or another format?): "
+                         f"{e}; write it again or pass another file") from None
 
 
 def resolve_weights(spec: str | Path, part: str = "eval") -> Path:
