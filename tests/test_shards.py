@@ -137,17 +137,17 @@ class Interrupted(RuntimeError):
 
 def interrupt_after(monkeypatch: pytest.MonkeyPatch, n_shards: int) -> None:
     """Make the writer die (like a killed job) when it starts shard number ``n_shards``."""
-    real = shards.write_shard
+    real = shards.open_shard
     calls = []
 
-    def flaky(task):
+    def flaky(out_dir, name, index, start):
         if len(calls) == n_shards:
-            Path(task.out_dir, f".{task.name}.tmp").write_bytes(b"half a shard")
+            Path(out_dir, f".{name}.tmp").write_bytes(b"half a shard")
             raise Interrupted("killed")
-        calls.append(task.name)
-        return real(task)
+        calls.append(name)
+        return real(out_dir, name, index, start)
 
-    monkeypatch.setattr(shards, "write_shard", flaky)
+    monkeypatch.setattr(shards, "open_shard", flaky)
 
 
 def identity(path: Path) -> tuple[int, int]:
@@ -341,7 +341,8 @@ def test_unreadable_image_is_skipped_and_recorded(folder: Path, tmp_path: Path) 
     bad = folder / "class_b" / "zz_broken.jpg"
     bad.write_bytes(b"not an image at all")
     out = tmp_path / "shards"
-    info = shards.write_shards(out, shards.folder_input(folder), samples_per_shard=5, progress=False)
+    info = shards.write_shards(out, shards.folder_input(folder), samples_per_shard=5, progress=False,
+                               max_bad_fraction=0.05)  # 1 of 24
     assert info["total_samples"] == 23
     assert [src for s in info["shards"] for src in s["skipped"]] == [str(bad)]
     assert str(bad) not in {json.loads(s["json"])["source"] for s in read_back(out)}
@@ -370,3 +371,87 @@ def test_timm_and_wids_read_a_written_directory(folder: Path, tmp_path: Path) ->
     labels = sorted(int(s[".cls"]) for s in samples)
     assert labels == sorted(int(s["cls"]) for s in read_back(out))
     assert all(any(k in s for k in (".jpg", ".png")) for s in samples)
+
+
+def truncate(path: Path, keep: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def photo_jpeg(path: Path, seed: int = 0) -> Path:
+    """A 64x48 JPEG with detail in every block, so a cut file misses image data, not padding."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    return path
+
+
+def test_truncated_jpeg_is_caught_by_writer_and_verify(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """A JPEG cut to 60 % of its bytes passes PIL's verify() (headers only): the writer decodes every
+    image and skips it; verify decodes every stored image and refuses a shard holding one."""
+    cut = photo_jpeg(folder / "class_a" / "zz_cut.jpg")
+    truncate(cut)
+    with Image.open(cut) as img:
+        img.verify()  # what the writer and verify used to rely on: no error
+
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5",
+                 "--max-bad-fraction", "0.05") == 0
+    assert "skipped 1 unreadable images" in capsys.readouterr().out
+    info = shard_format.read_info(out)
+    assert [src for s in info["shards"] for src in s["skipped"]] == [str(cut)] and info["total_samples"] == 23
+    assert str(cut) not in {json.loads(s["json"])["source"] for s in read_back(out)}
+
+    # The same folder written by a writer that only checks headers (the old one): verify refuses it.
+    monkeypatch.setattr(shards, "decode_all", lambda img: img.verify())
+    stored = tmp_path / "headers_only"
+    assert write("--folder", str(folder), "--out", str(stored), "--samples-per-shard", "5") == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["verify", "--dir", str(stored), "--no-progress"]) == 1
+    report = capsys.readouterr().out
+    assert "FAILED: 1 of 5 shards" in report and "image does not decode (OSError: image file is truncated" in report
+
+
+def test_folder_of_non_images_is_refused_leaving_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.jpg").write_text(f"not a picture {i}")
+    out = tmp_path / "out" / "train"
+    assert write("--folder", str(folder), "--out", str(out), "--max-bad-fraction", "1") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no readable image in ") and err.count("\n") == 1 and str(folder) in err
+    assert not out.exists()
+    assert write("--folder", str(folder), "--out", str(out), "--workers", "2") == 1  # the default limit: at once
+    err = capsys.readouterr().err
+    assert "more than --max-bad-fraction 0.01 allows" in err and f"{folder}/" in err and err.count("\n") == 1
+    assert not out.exists()
+    warnings = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert warnings and all("not an image format PIL can read" in w and "BytesIO" not in w for w in warnings)
+
+
+def test_bad_fraction_limit(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """2 unreadable of 23 (9 %): refused by default and by --max-bad-fraction 0.05, kept with 0.1."""
+    for name in ("bad_0.jpg", "bad_1.png"):
+        (folder / "class_c" / name).write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "class_a" / "000.png").unlink()
+    (folder / "class_b" / "000.png").unlink()
+    out = tmp_path / "shards"
+    for limit in ([], ["--max-bad-fraction", "0.05"]):
+        assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5", *limit) == 1
+        assert "at least 2 of the 23 images" in capsys.readouterr().err or limit == []
+        assert not out.exists()
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5", "--max-bad-fraction", "0.1") == 0
+    assert "wrote 21 samples" in capsys.readouterr().out
+
+
+def test_verify_refuses_a_directory_without_samples(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "50") == 0
+    info = json.loads((out / "_info.json").read_text())
+    (out / "_info.json").write_text(json.dumps({**info, "shards": [], "total_samples": 0}))
+    capsys.readouterr()
+    assert main(["verify", "--dir", str(out), "--no-progress"]) == 1
+    assert "_info.json: no samples" in capsys.readouterr().out
