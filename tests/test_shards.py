@@ -455,3 +455,112 @@ def test_verify_refuses_a_directory_without_samples(folder: Path, tmp_path: Path
     capsys.readouterr()
     assert main(["verify", "--dir", str(out), "--no-progress"]) == 1
     assert "_info.json: no samples" in capsys.readouterr().out
+
+
+def same_output(a: Path, b: Path) -> None:
+    """Byte-identical shards, wids index and _info.json (but for its creation time)."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name == "_info.json":
+            strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if k != "created"}  # noqa: E731
+            assert strip(a / name) == strip(b / name)
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_no_worker_and_resume_is_identical(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    folder = make_mixed_folder(tmp_path / "images", counts=(60, 60), size=(160, 120))
+    args = ["--folder", str(folder), "--samples-per-shard", "2", "--resize-shorter", "40"]
+    clean, out = tmp_path / "clean" / "train", tmp_path / "killed" / "train"
+    assert write(*args, "--out", str(clean), "--workers", "1") == 0
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(shards.__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "selfdistill.cli.shards", "write", *args, "--out", str(out),
+                             "--workers", "2", "--no-progress"], env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "shard-000001.tar").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) == 2 and proc.poll() is None  # killed mid-write
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    def alive() -> list[psutil.Process]:
+        def running(p: psutil.Process) -> bool:
+            try:
+                return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+        return [p for p in workers if running(p)]
+
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alive() == []
+    assert not (out / "_info.json").exists() and (out / "_progress.json").exists()
+
+    assert write(*args, "--out", str(out), "--workers", "2") == 0
+    same_output(out, clean)
+
+
+def test_size_cut_encodes_each_image_once_and_resume_trusts_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    folder = make_mixed_folder(tmp_path / "images", counts=(6, 6), size=(64, 64))
+    calls = []
+    real = shards.prepare_image
+    monkeypatch.setattr(shards, "prepare_image", lambda raw, options: calls.append(1) or real(raw, options))
+    out = tmp_path / "shards"
+    args = ["--folder", str(folder), "--out", str(out), "--max-shard-bytes", "4e4", "--samples-per-shard", "0",
+            "--quality", "90", "--workers", "1"]
+    assert write(*args) == 0
+    assert len(calls) == 12  # one preparation (decode, encode) per image
+    n_shards = len(shard_format.read_info(out)["shards"])
+    assert n_shards > 2
+
+    # A flipped byte keeps the size: a resume trusts the file by size and record, --rehash does not.
+    victim = out / "shard-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    calls.clear()
+    assert write(*args) == 0 and calls == [] and victim.read_bytes() == bytes(data)
+    assert write(*args, "--rehash") == 0
+    assert 0 < len(calls) < 12 and shards.verify_shards(out, progress=False).ok
+    assert len(shard_format.read_info(out)["shards"]) == n_shards
+
+    # Progress: per image, with images/s; a plain line (no carriage return) when stderr is not a terminal.
+    capsys.readouterr()
+    shards.write_shards(tmp_path / "p", shards.folder_input(folder), samples_per_shard=5, workers=1)
+    err = capsys.readouterr().err
+    assert "writing: 12/12 images, " in err and " images/s" in err and "\r" not in err
+
+
+def test_three_nodes_and_finalize_equal_a_single_write(folder: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    args = ["--folder", str(folder), "--samples-per-shard", "3", "--quality", "85"]
+    single, split = tmp_path / "single" / "train", tmp_path / "split" / "train"
+    assert write(*args, "--out", str(single)) == 0
+    for rank in (2, 0):
+        assert write(*args, "--out", str(split), "--num-nodes", "3", "--node-rank", str(rank)) == 0
+    assert "finalize --out" in capsys.readouterr().out
+    assert main(["finalize", "--out", str(split), "--num-nodes", "3"]) == 2  # node 1 has not run
+    assert "_progress-node1-of-3.json is missing" in capsys.readouterr().err
+    assert not (split / "_info.json").exists()
+    assert write(*args, "--out", str(split), "--num-nodes", "3", "--node-rank", "1") == 0
+    assert main(["finalize", "--out", str(split), "--num-nodes", "3"]) == 0
+    assert "wrote 23 samples (3 classes) in 8 shards" in capsys.readouterr().out
+    same_output(split, single)
+
+    assert write(*args, "--out", str(tmp_path / "x"), "--num-nodes", "2", "--max-shard-bytes", "1e6") == 2
+    assert "--num-nodes needs a plan known before writing" in capsys.readouterr().err

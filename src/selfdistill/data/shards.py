@@ -840,9 +840,11 @@ def _adopt(path: str, name: str, start: int, stop: int, keys: Sequence[str],
 
 
 def _remove_tmp_files(out_dir: str, prefix: str) -> None:
-    """Half-written shards of an interrupted run are useless; they are rewritten from scratch."""
-    for tmp in Path(out_dir).glob(f".{prefix}-*.tar*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Half-written files of an interrupted run (shards, progress records) are useless; they are
+    written again from scratch."""
+    for pattern in (f".{prefix}-*.tar.*.tmp", f".{prefix}-*.tar.tmp", "._*.json.*.tmp", f".{WIDS_INDEX_NAME}.*.tmp"):
+        for tmp in Path(out_dir).glob(pattern):
+            tmp.unlink(missing_ok=True)
 
 
 def _sorted_done(state: dict[str, Any]) -> list[dict[str, Any]]:
