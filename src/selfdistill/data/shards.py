@@ -714,6 +714,9 @@ class Target:
             object_store.upload_file(os.path.join(self.local, name), self.url(name))
 
 
+UPLOADS_AHEAD = 2  # finished shards waiting for upload before writing waits for them
+
+
 class _Writer:
     """Writes one node's shards in order from a stream of prepared samples, recording each finished
     (and uploaded) shard in the node's progress file and stopping when too much input is unreadable."""
@@ -751,8 +754,19 @@ class _Writer:
             self.save()
 
     def close(self) -> None:
-        if self.uploader is not None:
-            self.uploader.shutdown(wait=True, cancel_futures=True)
+        """Let a running upload finish and record what did, also when the write stops on an error."""
+        if self.uploader is None:
+            return
+        self.uploader.shutdown(wait=True)  # at most UPLOADS_AHEAD + 1 shards
+        self.uploader = None
+        finished = [n for n, f in self.uploads.items() if f.done() and not f.cancelled() and f.exception() is None]
+        for name in finished:
+            del self.uploads[name]
+            self.state["uploaded"].append(name)
+            if self.target.delete_local:
+                os.remove(os.path.join(self.target.local, name))
+        if finished:
+            self.save()
 
     def _add(self, shard: _ShardFile, sample: Sample, prepared: Prepared, bar: _Progress) -> None:
         members, reason = prepared
@@ -777,6 +791,9 @@ class _Writer:
         self.save()
         self.upload(record["name"])
         self.collect_uploads(wait=False)
+        while len(self.uploads) > UPLOADS_AHEAD:  # the staging disk holds a few shards, not the data set
+            next(iter(self.uploads.values())).exception()
+            self.collect_uploads(wait=False)
 
     def run(self, fixed: Sequence[tuple[int, int, int]], tail: tuple[int, int] | None, ordered: Sequence[Sample],
             stream: Iterator[Prepared], bar: _Progress) -> None:
