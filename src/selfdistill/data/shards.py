@@ -82,6 +82,7 @@ PASS_THROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 DEFAULT_JPEG_QUALITY = 95
 TAR_MTIME = 0  # fixed header fields make the shards reproducible byte for byte
 TAR_USER = "selfdistill"
+TAR_MODE = 0o444
 TAR_BLOCK = tarfile.BLOCKSIZE
 TAR_RECORD = tarfile.RECORDSIZE
 #: Unreadable images tolerated before a write is refused, as in training (``data.max_bad_fraction``).
@@ -516,38 +517,66 @@ def node_shards(n_shards: int, num_nodes: int, node_rank: int) -> range:
 # Writing shards
 
 
+_USTAR_TAIL = (b"ustar\x0000" + TAR_USER.encode().ljust(32, b"\0") + TAR_USER.encode().ljust(32, b"\0")
+               + b"\0" * 183)  # devmajor, devminor (empty for a regular file), prefix, padding
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The 512-byte header tarfile writes for a regular file (PAX format, which is plain ustar for
+    short ASCII names), with the fixed mode, owner and mtime: built directly, since tarfile's
+    general path cost more per sample than copying the image (tested against ``TarInfo.tobuf``)."""
+    encoded = name.encode()
+    if len(encoded) >= 100 or not name.isascii() or size >= 8 ** 11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, TAR_MTIME, TAR_MODE, TAR_USER, TAR_USER
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    head = (encoded.ljust(100, b"\0") + b"%07o\0" % TAR_MODE + b"0000000\0" * 2 + b"%011o\0" % size
+            + b"%011o\0" % TAR_MTIME)
+    rest = b"0" + b"\0" * 100 + _USTAR_TAIL
+    checksum = sum(head) + sum(rest) + 8 * ord(" ")
+    return head + b"%06o\0 " % checksum + rest
+
+
 class _ShardFile:
     """One shard being written: a temp file beside its final name, hashed as it is written, renamed
-    into place (through :func:`atomic_path`) only when complete."""
+    into place (through :func:`atomic_path`) only when complete. The bytes are those of
+    webdataset's ``TarWriter`` with our fixed header fields (members sorted by extension)."""
 
     def __init__(self, out_dir: str, name: str, index: int, start: int) -> None:
-        import webdataset as wds
-
         self.name, self.index, self.start = name, index, start
         self.skipped: list[str | int] = []
         self.samples = 0
         self._atomic = atomic_path(os.path.join(out_dir, name))
         tmp = self._atomic.__enter__()
         self._file = open(tmp, "wb")  # noqa: SIM115 - closed in finish/abort
-        self._hashing = _HashingFile(self._file)
-        self._tar = wds.TarWriter(self._hashing, user=TAR_USER, group=TAR_USER, mtime=TAR_MTIME, encoder=False,
-                                  compress=False)
+        self._sha256 = hashlib.sha256()
+        self._bytes = 0
+
+    def _write(self, data: bytes) -> None:
+        self._sha256.update(data)
+        self._bytes += len(data)
+        self._file.write(data)
 
     def add(self, members: dict[str, Any]) -> None:
-        self._tar.write(members)
+        key = members["__key__"]
+        for ext in sorted(k for k in members if not k.startswith("_")):
+            data = members[ext]
+            self._write(tar_header(f"{key}.{ext}", len(data)))
+            self._write(data)
+            if len(data) % TAR_BLOCK:
+                self._write(b"\0" * (TAR_BLOCK - len(data) % TAR_BLOCK))
         self.samples += 1
 
     def finish(self, stop: int) -> dict[str, Any]:
-        self._tar.close()
+        end = _tar_file_bytes(self._bytes) - self._bytes  # two zero blocks, padded to a record
+        self._write(b"\0" * end)
         self._file.close()
         self._atomic.__exit__(None, None, None)
-        return {"name": self.name, "samples": self.samples, "bytes": self._hashing.bytes,
-                "sha256": self._hashing.sha256.hexdigest(), "start": self.start, "stop": stop,
+        return {"name": self.name, "samples": self.samples, "bytes": self._bytes,
+                "sha256": self._sha256.hexdigest(), "start": self.start, "stop": stop,
                 "skipped": self.skipped}
 
     def abort(self, err: BaseException) -> None:
-        with contextlib.suppress(Exception):
-            self._tar.close()  # before the file: tarfile flushes its buffer when it is collected
         with contextlib.suppress(Exception):
             self._file.close()
         with contextlib.suppress(BaseException):
@@ -557,20 +586,6 @@ class _ShardFile:
 def open_shard(out_dir: str, name: str, index: int, start: int) -> _ShardFile:
     """A new shard file (a function of its own so that tests can interrupt a write here)."""
     return _ShardFile(out_dir, name, index, start)
-
-
-class _HashingFile:
-    """A write-only file wrapper that hashes and counts what passes through it."""
-
-    def __init__(self, f: Any) -> None:
-        self.f = f
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return self.f.write(data)
 
 
 # --------------------------------------------------------------------------------------------
