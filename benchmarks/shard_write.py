@@ -142,7 +142,8 @@ def markdown(report: dict) -> str:
         ratio = "" if tool == "ShardWriter" else f"{r['images_per_s'] / ref:.2f}x"
         if tool == "selfdistill" and mode == "copy":
             ratio += f" ({r['images_per_s'] / by[('ShardWriter', 'check', 1)]['images_per_s']:.2f}x with the check)"
-        lines.append(f"| {tool} | {names[mode]} | {workers} | {r['images_per_s']:.0f} | {r['mb_per_s']:.1f} | {ratio} |")
+        lines.append(f"| {tool} | {names[mode]} | {workers} | {r['images_per_s']:.0f} | {r['mb_per_s']:.1f} "
+                     f"| {ratio} |")
     return "\n".join(lines)
 
 

