@@ -319,6 +319,12 @@ def test_input_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert write("--folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o")) == 2
     assert "no images" in capsys.readouterr().err
     assert main(["verify", "--dir", str(tmp_path / "nope")]) == 2
+    capsys.readouterr()
+    images = make_mixed_folder(tmp_path / "images", counts=(1,))
+    assert write("--folder", str(images), "--out", "s3://bucket/train/") == 2
+    assert "needs --staging DIR" in capsys.readouterr().err
+    assert write("--folder", str(images), "--out", str(tmp_path / "o"), "--delete-local") == 2
+    assert "only apply to an s3:// --out" in capsys.readouterr().err
 
 
 def test_resume_with_different_arguments_is_refused(folder: Path, tmp_path: Path,

@@ -985,6 +985,30 @@ def _discard(target: Target, names: Iterable[str], progress_path: str, created: 
             os.rmdir(target.local)
 
 
+def _start_state(target: Target, source: ShardInput, args: dict[str, Any], listing: str, ordered: Sequence[Sample],
+                 created: bool, node: tuple[int, int], out_dir: str) -> dict[str, Any]:
+    """The earlier run's state when resuming (after checking it matches), else a fresh plan: the
+    shard cut by count, or ``None`` for a size cut (made while writing)."""
+    num_nodes, node_rank = node
+    state = _load_state(target.local, progress_name(num_nodes, node_rank), target.remote is not None)
+    if state is not None:
+        _check_same_run(state, args, listing, out_dir)
+        state.setdefault("uploaded", [])
+        return {**state, "finished": False}
+    prefix, per_shard = args["prefix"], args["samples_per_shard"]
+    plan = _plan_by_count(len(ordered), per_shard) if args["max_shard_bytes"] is None else None
+    mine = node_shards(len(plan), num_nodes, node_rank) if plan is not None else range(0)
+    stray = [] if created else [n for n in _stray_shards(target.local, prefix)
+                                if plan is None or _shard_index(n) in mine]  # other nodes' shards are expected
+    if stray:
+        raise ValueError(f"{target.local} holds shards ({stray[0]} ...) but no {INFO_NAME} or "
+                         f"{progress_name(num_nodes, node_rank)}; use an empty --out directory")
+    return {"format": FORMAT, "args": args, "listing_sha256": listing,
+            "class_names": list(source.class_names) if source.labelled else None,
+            "plan": [list(p) for p in plan] if plan is not None else None, "done": {}, "uploaded": [],
+            "finished": False}
+
+
 def write_shards(
     out_dir: str | os.PathLike,
     source: ShardInput,
@@ -1029,22 +1053,7 @@ def write_shards(
         return [f"{k:0{width}d}" for k in range(start, stop)]
 
     progress_path = os.path.join(target.local, progress_name(num_nodes, node_rank))
-    state = _load_state(target.local, progress_name(num_nodes, node_rank), target.remote is not None)
-    if state is not None:
-        _check_same_run(state, args, listing, out_dir=os.fspath(out_dir))
-    else:
-        plan = _plan_by_count(len(ordered), samples_per_shard) if max_shard_bytes is None else None
-        mine = node_shards(len(plan), num_nodes, node_rank) if plan is not None else range(0)
-        stray = [n for n in _stray_shards(target.local, prefix)
-                 if plan is None or _shard_index(n) in mine] if not created else []
-        if stray:
-            raise ValueError(f"{target.local} holds shards ({stray[0]} ...) but no {INFO_NAME} or "
-                             f"{progress_name(num_nodes, node_rank)}; use an empty --out directory")
-        state = {"format": FORMAT, "args": args, "listing_sha256": listing,
-                 "class_names": list(source.class_names) if source.labelled else None,
-                 "plan": [list(p) for p in plan] if plan is not None else None, "done": {}, "uploaded": []}
-    state.setdefault("uploaded", [])
-    state["finished"] = False
+    state = _start_state(target, source, args, listing, ordered, created, (num_nodes, node_rank), os.fspath(out_dir))
     write_json_atomic(progress_path, state, indent=1)
     for name in (INFO_NAME, WIDS_INDEX_NAME):  # incomplete again until every shard is checked
         with contextlib.suppress(FileNotFoundError):
