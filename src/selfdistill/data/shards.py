@@ -457,17 +457,18 @@ def _map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterat
 
 
 class _Progress:
-    """Images done and images/s: a tqdm bar on a terminal, else a plain line every ``interval`` s
+    """Items done and items/s: a tqdm bar on a terminal, else a plain line every ``interval`` s
     (a redirected log, e.g. SLURM's, gets no carriage returns)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str, interval: float = 30.0) -> None:
-        self.total, self.done, self.desc, self.interval = total, initial, desc, interval
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str, unit: str = "images",
+                 interval: float = 30.0) -> None:
+        self.total, self.done, self.desc, self.unit, self.interval = total, initial, desc, unit, interval
         self.start = self.last = time.monotonic()
         self.initial = initial
         self.bar = None
         self.lines = enabled and not sys.stderr.isatty()
         if enabled and not self.lines:
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -479,7 +480,8 @@ class _Progress:
 
     def _line(self) -> None:
         rate = (self.done - self.initial) / max(time.monotonic() - self.start, 1e-9)
-        print(f"{self.desc}: {self.done}/{self.total} images, {rate:.0f} images/s", file=sys.stderr, flush=True)
+        print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.0f} {self.unit}/s", file=sys.stderr,
+              flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -1254,10 +1256,13 @@ def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool
     if not info["total_samples"]:
         failures[INFO_NAME] = ["no samples: every input image was unreadable"]
     n_samples = 0
-    with tqdm(total=len(tasks), desc="verifying", unit="shard", disable=not progress) as bar:
+    bar = _Progress(len(tasks), 0, progress, "verifying", unit="shards")
+    try:
         for name, problems, count in _map(_verify_task, tasks, workers):
             n_samples += count
             if problems:
                 failures[name] = problems
             bar.update(1)
+    finally:
+        bar.close()
     return VerifyReport(len(tasks), n_samples, failures)
