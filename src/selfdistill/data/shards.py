@@ -48,6 +48,7 @@ import datetime
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -424,26 +425,48 @@ CHUNK = 16  # samples per worker task
 AHEAD = 4  # tasks in flight per worker: enough to keep workers busy, bounded memory
 
 
+class _PreparedStream:
+    """Prepared samples in order; ``close`` ends the pool (on an error or interrupt, queued chunks
+    are dropped instead of run to no purpose), also when the stream was never read."""
+
+    def __init__(self, items: Iterator[Prepared], pool: concurrent.futures.ProcessPoolExecutor | None = None) -> None:
+        self._items, self._pool = items, pool
+
+    def __iter__(self) -> _PreparedStream:
+        return self
+
+    def __next__(self) -> Prepared:
+        return next(self._items)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _prepared_stream(reader: ImageReader, options: EncodeOptions, items: Iterable[tuple[str, Sample]],
-                     workers: int) -> Iterator[Prepared]:
-    """Every item prepared, in order; with ``workers > 1`` in a process pool, a bounded window ahead."""
+                     workers: int) -> _PreparedStream:
+    """Every item prepared, in order; with ``workers > 1`` in a process pool, a bounded window ahead.
+    The pool's workers are forked here, before the writer starts any upload thread."""
     chunks = _batched(items, CHUNK)
     if workers <= 1:
-        for chunk in chunks:
-            yield from _prepare_chunk(reader, options, chunk)
-        return
+        return _PreparedStream(p for chunk in chunks for p in _prepare_chunk(reader, options, chunk))
     pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
     try:
-        window: collections.deque[concurrent.futures.Future] = collections.deque()
-        for chunk in chunks:
-            window.append(pool.submit(_prepare_chunk, reader, options, chunk))
-            if len(window) >= AHEAD * workers:
-                yield from window.popleft().result()
-        while window:
-            yield from window.popleft().result()
-    finally:
-        # On an error or interrupt, queued chunks are dropped instead of run to no purpose.
+        window = collections.deque(pool.submit(_prepare_chunk, reader, options, chunk)
+                                   for chunk in itertools.islice(chunks, AHEAD * workers))
+    except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    return _PreparedStream(_pooled(pool, window, reader, options, chunks), pool)
+
+
+def _pooled(pool: concurrent.futures.ProcessPoolExecutor, window: collections.deque, reader: ImageReader,
+            options: EncodeOptions, chunks: Iterator[list[tuple[str, Sample]]]) -> Iterator[Prepared]:
+    for chunk in chunks:
+        yield from window.popleft().result()
+        window.append(pool.submit(_prepare_chunk, reader, options, chunk))
+    while window:
+        yield from window.popleft().result()
 
 
 def _map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
@@ -1080,9 +1103,9 @@ def write_shards(
     bar = _Progress(node_range[1] - node_range[0], node_range[1] - node_range[0] - len(positions), progress, "writing")
     items = ((f"{p:0{width}d}", ordered[p]) for p in positions)
     try:
-        for name in to_upload:
-            writer.upload(name)
         with contextlib.closing(_prepared_stream(source.reader, options, items, workers)) as stream:
+            for name in to_upload:
+                writer.upload(name)
             writer.run(fixed, tail, ordered, stream, bar)
         writer.collect_uploads(wait=True)
         if num_nodes == 1:
