@@ -559,18 +559,30 @@ def test_size_cut_encodes_each_image_once_and_resume_trusts_size(tmp_path: Path,
     assert "writing: 12/12 images, " in err and " images/s" in err and "\r" not in err
 
 
+@pytest.mark.slow
 def test_three_nodes_and_finalize_equal_a_single_write(folder: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
+    """Three processes write one directory: node 1 here, then nodes 0 and 2 at once; finalize joins them."""
+    import subprocess
+    import sys
+
     args = ["--folder", str(folder), "--samples-per-shard", "3", "--quality", "85"]
     single, split = tmp_path / "single" / "train", tmp_path / "split" / "train"
     assert write(*args, "--out", str(single)) == 0
-    for rank in (2, 0):
-        assert write(*args, "--out", str(split), "--num-nodes", "3", "--node-rank", str(rank)) == 0
-    assert "finalize --out" in capsys.readouterr().out
-    assert main(["finalize", "--out", str(split), "--num-nodes", "3"]) == 2  # node 1 has not run
-    assert "_progress-node1-of-3.json is missing" in capsys.readouterr().err
-    assert not (split / "_info.json").exists()
     assert write(*args, "--out", str(split), "--num-nodes", "3", "--node-rank", "1") == 0
+    assert "finalize --out" in capsys.readouterr().out
+    assert main(["finalize", "--out", str(split), "--num-nodes", "3"]) == 2  # nodes 0 and 2 have not run
+    assert "_progress-node0-of-3.json is missing" in capsys.readouterr().err
+    assert not (split / "_info.json").exists()
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(shards.__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    nodes = [subprocess.Popen([sys.executable, "-m", "selfdistill.cli.shards", "write", *args, "--out", str(split),
+                               "--num-nodes", "3", "--node-rank", str(rank), "--no-progress", "--workers", "1"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
     assert main(["finalize", "--out", str(split), "--num-nodes", "3"]) == 0
     assert "wrote 23 samples (3 classes) in 8 shards" in capsys.readouterr().out
     same_output(split, single)
