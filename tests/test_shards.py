@@ -137,17 +137,17 @@ class Interrupted(RuntimeError):
 
 def interrupt_after(monkeypatch: pytest.MonkeyPatch, n_shards: int) -> None:
     """Make the writer die (like a killed job) when it starts shard number ``n_shards``."""
-    real = shards.write_shard
+    real = shards.open_shard
     calls = []
 
-    def flaky(task):
+    def flaky(out_dir, name, index, start):
         if len(calls) == n_shards:
-            Path(task.out_dir, f".{task.name}.tmp").write_bytes(b"half a shard")
+            Path(out_dir, f".{name}.tmp").write_bytes(b"half a shard")
             raise Interrupted("killed")
-        calls.append(task.name)
-        return real(task)
+        calls.append(name)
+        return real(out_dir, name, index, start)
 
-    monkeypatch.setattr(shards, "write_shard", flaky)
+    monkeypatch.setattr(shards, "open_shard", flaky)
 
 
 def identity(path: Path) -> tuple[int, int]:
@@ -319,6 +319,12 @@ def test_input_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert write("--folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o")) == 2
     assert "no images" in capsys.readouterr().err
     assert main(["verify", "--dir", str(tmp_path / "nope")]) == 2
+    capsys.readouterr()
+    images = make_mixed_folder(tmp_path / "images", counts=(1,))
+    assert write("--folder", str(images), "--out", "s3://bucket/train/") == 2
+    assert "needs --staging DIR" in capsys.readouterr().err
+    assert write("--folder", str(images), "--out", str(tmp_path / "o"), "--delete-local") == 2
+    assert "only apply to an s3:// --out" in capsys.readouterr().err
 
 
 def test_resume_with_different_arguments_is_refused(folder: Path, tmp_path: Path,
@@ -341,7 +347,8 @@ def test_unreadable_image_is_skipped_and_recorded(folder: Path, tmp_path: Path) 
     bad = folder / "class_b" / "zz_broken.jpg"
     bad.write_bytes(b"not an image at all")
     out = tmp_path / "shards"
-    info = shards.write_shards(out, shards.folder_input(folder), samples_per_shard=5, progress=False)
+    info = shards.write_shards(out, shards.folder_input(folder), samples_per_shard=5, progress=False,
+                               max_bad_fraction=0.05)  # 1 of 24
     assert info["total_samples"] == 23
     assert [src for s in info["shards"] for src in s["skipped"]] == [str(bad)]
     assert str(bad) not in {json.loads(s["json"])["source"] for s in read_back(out)}
@@ -370,3 +377,228 @@ def test_timm_and_wids_read_a_written_directory(folder: Path, tmp_path: Path) ->
     labels = sorted(int(s[".cls"]) for s in samples)
     assert labels == sorted(int(s["cls"]) for s in read_back(out))
     assert all(any(k in s for k in (".jpg", ".png")) for s in samples)
+
+
+def truncate(path: Path, keep: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def photo_jpeg(path: Path, seed: int = 0) -> Path:
+    """A 64x48 JPEG with detail in every block, so a cut file misses image data, not padding."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path, quality=90)
+    return path
+
+
+def test_truncated_jpeg_is_caught_by_writer_and_verify(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """A JPEG cut to 60 % of its bytes passes PIL's verify() (headers only): the writer decodes every
+    image and skips it; verify decodes every stored image and refuses a shard holding one."""
+    cut = photo_jpeg(folder / "class_a" / "zz_cut.jpg")
+    truncate(cut)
+    with Image.open(cut) as img:
+        img.verify()  # what the writer and verify used to rely on: no error
+
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5",
+                 "--max-bad-fraction", "0.05") == 0
+    assert "skipped 1 unreadable images" in capsys.readouterr().out
+    info = shard_format.read_info(out)
+    assert [src for s in info["shards"] for src in s["skipped"]] == [str(cut)] and info["total_samples"] == 23
+    assert str(cut) not in {json.loads(s["json"])["source"] for s in read_back(out)}
+
+    # The same folder written by a writer that only checks headers (the old one): verify refuses it.
+    monkeypatch.setattr(shards, "decode_all", lambda img: img.verify())
+    stored = tmp_path / "headers_only"
+    assert write("--folder", str(folder), "--out", str(stored), "--samples-per-shard", "5") == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["verify", "--dir", str(stored), "--no-progress"]) == 1
+    report = capsys.readouterr().out
+    assert "FAILED: 1 of 5 shards" in report and "image does not decode (OSError: image file is truncated" in report
+
+
+def test_folder_of_non_images_is_refused_leaving_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.jpg").write_text(f"not a picture {i}")
+    out = tmp_path / "out" / "train"
+    assert write("--folder", str(folder), "--out", str(out), "--max-bad-fraction", "1") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no readable image in ") and err.count("\n") == 1 and str(folder) in err
+    assert not out.exists()
+    assert write("--folder", str(folder), "--out", str(out), "--workers", "2") == 1  # the default limit: at once
+    err = capsys.readouterr().err
+    assert "more than --max-bad-fraction 0.01 allows" in err and f"{folder}/" in err and err.count("\n") == 1
+    assert not out.exists()
+    warnings = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert warnings and all("not an image format PIL can read" in w and "BytesIO" not in w for w in warnings)
+
+
+def test_bad_fraction_limit(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """2 unreadable of 23 (9 %): refused by default and by --max-bad-fraction 0.05, kept with 0.1."""
+    for name in ("bad_0.jpg", "bad_1.png"):
+        (folder / "class_c" / name).write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "class_a" / "000.png").unlink()
+    (folder / "class_b" / "000.png").unlink()
+    out = tmp_path / "shards"
+    for limit in ([], ["--max-bad-fraction", "0.05"]):
+        assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5", *limit) == 1
+        assert "at least 2 of the 23 images" in capsys.readouterr().err or limit == []
+        assert not out.exists()
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "5",
+                 "--max-bad-fraction", "0.1") == 0
+    assert "wrote 21 samples" in capsys.readouterr().out
+
+
+def test_verify_refuses_a_directory_without_samples(folder: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "50") == 0
+    info = json.loads((out / "_info.json").read_text())
+    (out / "_info.json").write_text(json.dumps({**info, "shards": [], "total_samples": 0}))
+    capsys.readouterr()
+    assert main(["verify", "--dir", str(out), "--no-progress"]) == 1
+    assert "_info.json: no samples" in capsys.readouterr().out
+
+
+def same_output(a: Path, b: Path) -> None:
+    """Byte-identical shards, wids index and _info.json (but for its creation time)."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        if name == "_info.json":
+            strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if k != "created"}  # noqa: E731
+            assert strip(a / name) == strip(b / name)
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of a process from /proc, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_kill_9_leaves_no_worker_and_resume_is_identical(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = make_mixed_folder(tmp_path / "images", counts=(60, 60), size=(160, 120))
+    args = ["--folder", str(folder), "--samples-per-shard", "2", "--resize-shorter", "40"]
+    clean, out = tmp_path / "clean" / "train", tmp_path / "killed" / "train"
+    assert write(*args, "--out", str(clean), "--workers", "1") == 0
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(shards.__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "selfdistill.cli.shards", "write", *args, "--out", str(out),
+                             "--workers", "2", "--no-progress"], env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "shard-000001.tar").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    stats = {int(p.name): proc_stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    workers = {pid: st[2] for pid, st in stats.items() if st is not None and st[1] == proc.pid}
+    assert len(workers) == 2 and proc.poll() is None  # killed mid-write
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    def alive() -> list[int]:  # a zombie has exited (nobody may reap it in a container)
+        stats = {pid: proc_stat(pid) for pid in workers}
+        return [pid for pid, st in stats.items() if st is not None and st[0] != "Z" and st[2] == workers[pid]]
+
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alive() == []
+    assert not (out / "_info.json").exists() and (out / "_progress.json").exists()
+
+    assert write(*args, "--out", str(out), "--workers", "2") == 0
+    same_output(out, clean)
+
+
+def test_size_cut_encodes_each_image_once_and_resume_trusts_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    folder = make_mixed_folder(tmp_path / "images", counts=(6, 6), size=(64, 64))
+    calls = []
+    real = shards.prepare_image
+    monkeypatch.setattr(shards, "prepare_image", lambda raw, options: calls.append(1) or real(raw, options))
+    out = tmp_path / "shards"
+    args = ["--folder", str(folder), "--out", str(out), "--max-shard-bytes", "4e4", "--samples-per-shard", "0",
+            "--quality", "90", "--workers", "1"]
+    assert write(*args) == 0
+    assert len(calls) == 12  # one preparation (decode, encode) per image
+    n_shards = len(shard_format.read_info(out)["shards"])
+    assert n_shards > 2
+
+    # A flipped byte keeps the size: a resume trusts the file by size and record, --rehash does not.
+    victim = out / "shard-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    calls.clear()
+    assert write(*args) == 0 and calls == [] and victim.read_bytes() == bytes(data)
+    assert write(*args, "--rehash") == 0
+    assert 0 < len(calls) < 12 and shards.verify_shards(out, progress=False).ok
+    assert len(shard_format.read_info(out)["shards"]) == n_shards
+
+    # Progress: per image, with images/s; a plain line (no carriage return) when stderr is not a terminal.
+    capsys.readouterr()
+    shards.write_shards(tmp_path / "p", shards.folder_input(folder), samples_per_shard=5, workers=1)
+    err = capsys.readouterr().err
+    assert "writing: 12/12 images, " in err and " images/s" in err and "\r" not in err
+
+
+@pytest.mark.slow
+def test_three_nodes_and_finalize_equal_a_single_write(folder: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """Three processes write one directory: node 1 here, then nodes 0 and 2 at once; finalize joins them."""
+    import subprocess
+    import sys
+
+    args = ["--folder", str(folder), "--samples-per-shard", "3", "--quality", "85"]
+    single, split = tmp_path / "single" / "train", tmp_path / "split" / "train"
+    assert write(*args, "--out", str(single)) == 0
+    assert write(*args, "--out", str(split), "--num-nodes", "3", "--node-rank", "1") == 0
+    assert "finalize --out" in capsys.readouterr().out
+    assert main(["finalize", "--out", str(split), "--num-nodes", "3"]) == 2  # nodes 0 and 2 have not run
+    assert "_progress-node0-of-3.json is missing" in capsys.readouterr().err
+    assert not (split / "_info.json").exists()
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(shards.__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    nodes = [subprocess.Popen([sys.executable, "-m", "selfdistill.cli.shards", "write", *args, "--out", str(split),
+                               "--num-nodes", "3", "--node-rank", str(rank), "--no-progress", "--workers", "1"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert main(["finalize", "--out", str(split), "--num-nodes", "3"]) == 0
+    assert "wrote 23 samples (3 classes) in 8 shards" in capsys.readouterr().out
+    same_output(split, single)
+
+    assert write(*args, "--out", str(tmp_path / "x"), "--num-nodes", "2", "--max-shard-bytes", "1e6") == 2
+    assert "--num-nodes needs a plan known before writing" in capsys.readouterr().err
+
+
+def test_shard_bytes_are_those_of_webdataset_tarwriter(folder: Path, tmp_path: Path) -> None:
+    """The writer builds tar headers itself (tarfile's general path was its slowest part); the file
+    is byte for byte what webdataset's TarWriter writes for the same samples and header fields."""
+    out = tmp_path / "shards"
+    assert write("--folder", str(folder), "--out", str(out), "--samples-per-shard", "50") == 0
+    shard = out / "shard-000000.tar"
+    again = io.BytesIO()
+    with wds.TarWriter(again, user="selfdistill", group="selfdistill", mtime=0, encoder=False) as writer:
+        for sample in wds.WebDataset(str(shard), shardshuffle=False):
+            writer.write({k: v for k, v in sample.items() if k != "__url__"})
+    assert again.getvalue() == shard.read_bytes()

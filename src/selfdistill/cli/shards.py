@@ -1,10 +1,11 @@
 """``selfdistill-shards``: pack images into webdataset tar shards, and verify them.
 
     selfdistill-shards write --folder /data/imagenet/train --out /data/imagenet-shards/train \\
-        --resize-shorter 256 --workers 16
-    selfdistill-shards verify --dir /data/imagenet-shards/train --workers 16
+        --resize-shorter 256
+    selfdistill-shards verify --dir /data/imagenet-shards/train
 
-A rerun of ``write`` with the same arguments finishes an interrupted run, keeping intact shards.
+A rerun of ``write`` with the same arguments finishes an interrupted run, keeping finished shards.
+On N machines: ``write ... --num-nodes N --node-rank R`` on each, then ``finalize --out ... --num-nodes N``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def _add_write(sub: Any) -> None:
     w.add_argument("--image-column", default="image", help="HF image column (default: image)")
     w.add_argument("--label-column", default="label", help="HF label column; absent means unlabelled")
     w.add_argument("--hf-split", default="train", help="split of an HF DatasetDict (default: train)")
-    w.add_argument("--out", required=True, help="output directory")
+    w.add_argument("--out", required=True, help="output directory, or s3://bucket/prefix/ (needs --staging)")
+    w.add_argument("--staging", help="with an s3:// --out: local directory where shards are written before upload")
+    w.add_argument("--delete-local", action="store_true",
+                   help="with an s3:// --out: delete each local shard once it is uploaded")
     w.add_argument("--prefix", default="shard", help="shard names are {prefix}-{index:06d}.tar")
     w.add_argument("--samples-per-shard", type=int, default=1000,
                    help="default 1000; 0: no count limit (needs --max-shard-bytes)")
@@ -49,7 +53,14 @@ def _add_write(sub: Any) -> None:
     order = w.add_mutually_exclusive_group()
     order.add_argument("--shuffle-seed", type=int, default=0, help="seed of the one-off sample shuffle (default 0)")
     order.add_argument("--no-shuffle", action="store_true", help="keep the input order")
-    w.add_argument("--workers", type=int, default=1, help="processes; each writes whole shards")
+    w.add_argument("--workers", type=int, default=None,
+                   help="processes reading and encoding images (default: the cores this job may use)")
+    w.add_argument("--max-bad-fraction", type=float, default=None,
+                   help="refuse the input when more than this fraction of its images is unreadable (default 0.01)")
+    w.add_argument("--num-nodes", type=int, default=1, help="split the write over this many machines (default 1)")
+    w.add_argument("--node-rank", type=int, default=0, help="which part this machine writes: 0..num-nodes-1")
+    w.add_argument("--rehash", action="store_true", help="on a resume, check finished shards by sha256, "
+                   "not only by size and record")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -57,8 +68,15 @@ def _add_verify(sub: Any) -> None:
     v = sub.add_parser("verify", help="re-read every shard: checksum, sample count, images decode, labels",
                        allow_abbrev=False)
     v.add_argument("--dir", required=True, help="shard directory holding _info.json")
-    v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--workers", type=int, default=None, help="processes (default: the cores available)")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_finalize(sub: Any) -> None:
+    f = sub.add_parser("finalize", help="join the parts of a write split with --num-nodes: write _info.json",
+                       allow_abbrev=False)
+    f.add_argument("--out", required=True, help="the --out the nodes wrote to (a directory or s3:// prefix)")
+    f.add_argument("--num-nodes", type=int, required=True, help="the --num-nodes the nodes were given")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_write(sub)
     _add_verify(sub)
+    _add_finalize(sub)
     return p
 
 
@@ -87,22 +106,40 @@ def run_write(args: argparse.Namespace) -> int:
     from selfdistill.data import shards
 
     source = _source(args)
+    bad = shards.DEFAULT_MAX_BAD_FRACTION if args.max_bad_fraction is None else args.max_bad_fraction
     info = shards.write_shards(
         args.out, source, prefix=args.prefix, samples_per_shard=args.samples_per_shard or None,
         max_shard_bytes=args.max_shard_bytes, resize_shorter=args.resize_shorter, quality=args.quality,
         shuffle_seed=None if args.no_shuffle else args.shuffle_seed, workers=args.workers,
-        progress=not args.no_progress)
+        progress=not args.no_progress, max_bad_fraction=bad, num_nodes=args.num_nodes, node_rank=args.node_rank,
+        staging=args.staging, delete_local=args.delete_local, rehash=args.rehash)
+    if info is None:
+        print(f"node {args.node_rank} of {args.num_nodes} wrote its part to {args.out}; when every node is done: "
+              f"selfdistill-shards finalize --out {args.out} --num-nodes {args.num_nodes}")
+        return 0
+    _summary(info, args.out)
+    return 0
+
+
+def _summary(info: dict[str, Any], out: str) -> None:
     skipped = sum(len(s["skipped"]) for s in info["shards"])
     classes = len(info["class_names"]) if info["class_names"] is not None else "no"
     print(f"wrote {info['total_samples']} samples ({classes} classes) in {len(info['shards'])} shards "
-          f"to {args.out}" + (f"; skipped {skipped} unreadable images" if skipped else ""))
+          f"to {out}" + (f"; skipped {skipped} unreadable images" if skipped else ""))
+
+
+def run_finalize(args: argparse.Namespace) -> int:
+    from selfdistill.data import shards
+
+    _summary(shards.finalize_shards(args.out, args.num_nodes), args.out)
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
     from selfdistill.data import shards
 
-    report = shards.verify_shards(args.dir, workers=args.workers, progress=not args.no_progress)
+    workers = shards.default_workers() if args.workers is None else args.workers
+    report = shards.verify_shards(args.dir, workers=workers, progress=not args.no_progress)
     if report.ok:
         print(f"OK: {report.n_shards} shards, {report.n_samples} samples in {args.dir}")
         return 0
@@ -113,10 +150,24 @@ def run_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _refusing_bad_data(handler: Any) -> Any:
+    """Unusable input data or an unreachable object store: one line and exit 1 (2 is for usage)."""
+    from selfdistill.data import BadDataError
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except BadDataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return dispatch(run_write if args.command == "write" else run_verify, args)
+    handler = {"write": run_write, "verify": run_verify, "finalize": run_finalize}[args.command]
+    return dispatch(_refusing_bad_data(handler), args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""``s3://`` URLs, read through a command-line client: s5cmd when it is on PATH, else the AWS CLI.
+"""``s3://`` URLs, read and written through a command-line client: s5cmd when it is on PATH, else the AWS CLI.
 
 A shard becomes a ``pipe:`` command (``s5cmd cat URL`` / ``aws s3 cp URL -``) that the shard reader
 runs; a directory prefix (``s3://bucket/train/``) is read like a local shard directory, through its
 ``_info.json``. The endpoint comes from ``S3_ENDPOINT_URL``, else ``AWS_ENDPOINT_URL``, and is passed
 to the client as ``--endpoint-url``: s5cmd 2.3 reads only the first variable and the AWS CLI only the
 second, so either one works with either client. Credentials are the clients' own (environment,
-``~/.aws``).
+``~/.aws``). The shard writer uploads through :func:`upload_file` (retried: one failed request must not
+end a day-long write) and removes its bookkeeping objects with :func:`delete_object`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,7 +25,8 @@ from selfdistill.data.folder import BadDataError
 from selfdistill.data.shard_format import FORMAT, INFO_NAME
 
 __all__ = ["ENDPOINT_VARIABLES", "ObjectStoreError", "check_credentials", "check_endpoint", "client_command",
-           "endpoint", "is_prefix", "read_object", "read_remote_info", "remote_shard_urls", "to_pipe"]
+           "delete_object", "endpoint", "is_prefix", "read_object", "read_remote_info", "remote_shard_urls", "to_pipe",
+           "upload_file"]
 
 ENDPOINT_VARIABLES = ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")  # in this order of precedence
 
@@ -40,15 +43,21 @@ def endpoint() -> tuple[str, str]:
     return "", ""
 
 
-def client_command(url: str) -> list[str]:
-    """The command that writes the object ``url`` to stdout."""
+def _client(url: str) -> tuple[list[str], list[str]]:
+    """(the client with its endpoint flag, the sub-command prefix: ``[]`` for s5cmd, ``["s3"]`` for aws)."""
     ep, _ = endpoint()
     flag = ["--endpoint-url", ep] if ep else []
     if shutil.which("s5cmd"):
-        return ["s5cmd", *flag, "cat", url]
+        return ["s5cmd", *flag], []
     if shutil.which("aws"):
-        return ["aws", *flag, "s3", "cp", url, "-"]
-    raise ObjectStoreError(f"{url}: reading s3:// shards needs s5cmd or the AWS CLI on PATH")
+        return ["aws", *flag], ["s3"]
+    raise ObjectStoreError(f"{url}: reading or writing s3:// objects needs s5cmd or the AWS CLI on PATH")
+
+
+def client_command(url: str) -> list[str]:
+    """The command that writes the object ``url`` to stdout."""
+    base, sub = _client(url)
+    return [*base, "cat", url] if not sub else [*base, *sub, "cp", url, "-"]
 
 
 def to_pipe(url: str) -> str:
@@ -108,19 +117,44 @@ def is_prefix(path: str) -> bool:
     return path.startswith("s3://") and "{" not in path and "::" not in path and not path.endswith(".tar")
 
 
-def read_object(url: str) -> bytes:
-    """The whole object ``url``; a one-line error with the client's last message if it fails."""
-    check_endpoint()
-    command = client_command(url)
+def _run(command: list[str], url: str, timeout: float = 300) -> bytes:
+    """Run a client command; its stdout, or a one-line error with the client's last message."""
     try:
-        done = subprocess.run(command, capture_output=True, timeout=300)
+        done = subprocess.run(command, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise ObjectStoreError(f"{url}: {command[0]} gave no answer in 300 s") from None
+        raise ObjectStoreError(f"{url}: {command[0]} gave no answer in {timeout:g} s") from None
     if done.returncode:
         lines = [line.strip() for line in done.stderr.decode(errors="replace").splitlines() if line.strip()]
         raise ObjectStoreError(f"{url}: {command[0]} failed (exit {done.returncode}): "
                                 f"{lines[-1] if lines else 'no message'}")
     return done.stdout
+
+
+def read_object(url: str) -> bytes:
+    """The whole object ``url``; a one-line error with the client's last message if it fails."""
+    check_endpoint()
+    return _run(client_command(url), url)
+
+
+def upload_file(path: str | os.PathLike, url: str, retries: int = 3, backoff_s: float = 1.0) -> None:
+    """Copy a local file to the object ``url``, trying ``retries`` more times (waits of ``backoff_s``,
+    doubling) before the last failure's one-line error."""
+    check_endpoint()
+    base, sub = _client(url)
+    for attempt in range(retries + 1):
+        try:
+            _run([*base, *sub, "cp", os.fspath(path), url], url, timeout=3600)
+            return
+        except ObjectStoreError:
+            if attempt == retries:
+                raise
+            time.sleep(backoff_s * 2 ** attempt)
+
+
+def delete_object(url: str) -> None:
+    """Remove the object ``url``."""
+    base, sub = _client(url)
+    _run([*base, *sub, "rm", url], url)
 
 
 def read_remote_info(prefix: str) -> dict[str, Any]:

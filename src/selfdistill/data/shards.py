@@ -3,7 +3,7 @@
 Training from millions of small files is bound by file-system metadata; a few hundred tar files
 read sequentially are not. The writer shuffles the sample order once (training reads shards in
 order, so a class-sorted folder would otherwise yield single-class shards) and cuts the shuffled
-list into shards up-front, so which sample lands in which shard is a pure function of the
+list into shards by a rule, so which sample lands in which shard is a pure function of the
 arguments and the input listing.
 
 The layout of the output directory is :mod:`selfdistill.data.shard_format` (what readers use);
@@ -12,22 +12,35 @@ The layout of the output directory is :mod:`selfdistill.data.shard_format` (what
 ``key`` is the sample's zero-padded position in the shuffled order. Tar headers carry a fixed
 mtime, user and mode, so the same arguments give byte-identical shards.
 
-Size planning: with ``max_shard_bytes`` every sample is prepared once (read, and re-encoded when it
-will be) to measure its exact tar footprint before the cut; the plan is stored in
-``_progress.json`` so a resumed run does not measure again. Without it the cut is by count only.
+Size planning: with ``max_shard_bytes`` the cut is made while writing, in order: a shard closes
+when the next prepared sample would push it past the limit, so each image is read and encoded once.
+Such a plan is known only as far as it was written; a count plan is known up-front, which is what
+lets ``num_nodes`` writers each take a contiguous block of shards (:func:`node_shards`) and
+:func:`finalize_shards` join them into the same directory a single writer makes.
+
+Work is spread over ``workers`` processes that read and encode a few samples per task, a bounded
+window ahead; the parent writes the tar files in order, so the output does not depend on
+``workers``. Workers end themselves when the parent is gone (``kill -9`` included).
 
 Crash safety: each shard is written to a ``.{name}.*.tmp`` file, fsynced and renamed, so a final shard name
 always holds a complete shard. ``_progress.json`` (rewritten atomically after every shard) keeps
-the records of an interrupted run; a shard file that exists but has no record (the run died
-between the rename and the record) is complete by atomicity and is hashed and adopted. A recorded
-shard whose file is missing or whose sha256 differs is written again.
+the records of an interrupted run; a resume trusts a recorded shard whose file has the recorded
+size (``rehash=True`` also compares sha256), adopts a complete unrecorded one (the run died between
+the rename and the record), and writes the others again.
 
-Unreadable images are skipped with a warning and listed in their shard's ``"skipped"`` record, so
-one corrupt file does not stop a day-long job; ``"samples"`` counts what was actually written.
+Object storage: with an ``s3://`` output, shards are written in a local staging directory and each
+finished one is uploaded (and optionally deleted locally); uploads are recorded so a resume skips
+them, and ``_info.json`` is uploaded last, so a reader never sees a half-written data set.
+
+Every image is decoded whole (:func:`decode_all`): unreadable ones are skipped with a warning naming
+the file and listed in their shard's ``"skipped"`` record, so one corrupt file does not stop a
+day-long job; ``"samples"`` counts what was actually written. More than ``max_bad_fraction`` of
+them unreadable, or none readable, refuses the input and removes what was written.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -35,26 +48,32 @@ import datetime
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 import random
+import sys
 import tarfile
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from selfdistill.atomic import atomic_path, write_json_atomic
-from selfdistill.data.folder import ImageFolderDataset
+from selfdistill.data import object_store
+from selfdistill.data.folder import BadDataError, ImageFolderDataset
 from selfdistill.data.hf import load_hf_split
 from selfdistill.data.shard_format import (FORMAT, IMAGE_MEMBERS, INFO_NAME, PROGRESS_NAME, WIDS_INDEX_NAME, member_key,
                                            read_info)
 
-__all__ = ["Sample", "ShardInput", "VerifyReport", "file_list_input", "folder_input", "hf_input", "verify_shards",
-           "write_shards"]
+__all__ = ["DEFAULT_MAX_BAD_FRACTION", "Sample", "ShardInput", "VerifyReport", "decode_all", "default_workers",
+           "file_list_input", "finalize_shards", "folder_input", "hf_input", "verify_shards", "write_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +83,11 @@ PASS_THROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 DEFAULT_JPEG_QUALITY = 95
 TAR_MTIME = 0  # fixed header fields make the shards reproducible byte for byte
 TAR_USER = "selfdistill"
+TAR_MODE = 0o444
 TAR_BLOCK = tarfile.BLOCKSIZE
 TAR_RECORD = tarfile.RECORDSIZE
+#: Unreadable images tolerated before a write is refused, as in training (``data.max_bad_fraction``).
+DEFAULT_MAX_BAD_FRACTION = 0.01
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,20 +314,39 @@ def _encode(img: Image.Image, target: tuple[int, int] | None, options: EncodeOpt
     return out.getvalue(), "png"
 
 
+def decode_all(img: Image.Image) -> None:
+    """Decode all of an image's data, raising on a truncated or corrupt file.
+
+    ``Image.verify()`` checks a JPEG's headers only, so a file cut short passes it; ``load()`` runs
+    the decoder over every byte. A JPEG is decoded at 1/8 scale (``draft``): the entropy-coded data,
+    where damage shows, is still read to its end, only the inverse DCT is smaller (about 2x faster).
+    """
+    if img.format == "JPEG":
+        img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+    img.load()
+
+
 def prepare_image(raw: bytes, options: EncodeOptions) -> tuple[bytes, str]:
     """The bytes to store and their extension.
 
     JPEG/PNG/WEBP are kept as they are unless a resize happens or a quality is given; other
-    formats (BMP, TIFF) become PNG without loss unless a quality asks for JPEG. Raises on
-    undecodable data.
+    formats (BMP, TIFF) become PNG without loss unless a quality asks for JPEG. Every image is
+    decoded whole, so undecodable data raises here instead of in training.
     """
     with Image.open(io.BytesIO(raw)) as img:
         target = _target_size(img.size, options.resize_shorter)
         if target is None and options.quality is None and img.format in PASS_THROUGH:
-            img.verify()
+            decode_all(img)
             return raw, PASS_THROUGH[img.format]
         img.load()
         return _encode(img, target, options)
+
+
+def unreadable_reason(err: BaseException) -> str:
+    """Why an image could not be read, without PIL's ``<_io.BytesIO object at 0x...>``."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    return f"{type(err).__name__}: {err}"
 
 
 def _sample_members(key: str, sample: Sample, image: bytes, ext: str) -> dict[str, Any]:
@@ -317,15 +358,22 @@ def _sample_members(key: str, sample: Sample, image: bytes, ext: str) -> dict[st
     return members
 
 
-def _prepare_sample(reader: ImageReader, sample: Sample, key: str,
-                    options: EncodeOptions) -> dict[str, Any] | None:
-    """Tar members for one sample, or ``None`` (logged) when its image cannot be read."""
+Prepared = tuple[dict[str, Any] | None, str | None]  # (tar members, None) or (None, why it is unreadable)
+
+
+def _prepare_sample(reader: ImageReader, sample: Sample, key: str, options: EncodeOptions) -> Prepared:
     try:
         image, ext = prepare_image(_read_raw(reader, sample), options)
     except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
-        logger.warning("skipping unreadable image %s (%s: %s)", sample.source, type(err).__name__, err)
-        return None
-    return _sample_members(key, sample, image, ext)
+        return None, unreadable_reason(err)
+    return _sample_members(key, sample, image, ext), None
+
+
+def _prepare_chunk(reader: ImageReader, options: EncodeOptions,
+                   items: Sequence[tuple[str, Sample]]) -> list[Prepared]:
+    """A worker's unit of work: a few consecutive samples (one task per image would cost more in
+    inter-process messages than reading a JPEG)."""
+    return [_prepare_sample(reader, sample, key, options) for key, sample in items]
 
 
 def _padded(size: int, unit: int) -> int:
@@ -340,6 +388,129 @@ def _sample_tar_bytes(members: dict[str, Any]) -> int:
 def _tar_file_bytes(samples_bytes: int) -> int:
     """Size of a tar file whose members take ``samples_bytes``: end marker, padded to a record."""
     return _padded(samples_bytes + 2 * TAR_BLOCK, TAR_RECORD)
+
+
+# --------------------------------------------------------------------------------------------
+# Workers
+
+
+def default_workers() -> int:
+    """The cores this process may run on (a SLURM or container CPU limit, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker when the writer is gone. A ``kill -9`` of the writer runs
+    no clean-up, and orphaned workers would go on reading and encoding for nothing."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+CHUNK = 16  # samples per worker task
+AHEAD = 4  # tasks in flight per worker: enough to keep workers busy, bounded memory
+
+
+class _PreparedStream:
+    """Prepared samples in order; ``close`` ends the pool (on an error or interrupt, queued chunks
+    are dropped instead of run to no purpose), also when the stream was never read."""
+
+    def __init__(self, items: Iterator[Prepared], pool: concurrent.futures.ProcessPoolExecutor | None = None) -> None:
+        self._items, self._pool = items, pool
+
+    def __iter__(self) -> _PreparedStream:
+        return self
+
+    def __next__(self) -> Prepared:
+        return next(self._items)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepared_stream(reader: ImageReader, options: EncodeOptions, items: Iterable[tuple[str, Sample]],
+                     workers: int) -> _PreparedStream:
+    """Every item prepared, in order; with ``workers > 1`` in a process pool, a bounded window ahead.
+    The pool's workers are forked here, before the writer starts any upload thread."""
+    chunks = _batched(items, CHUNK)
+    if workers <= 1:
+        return _PreparedStream(p for chunk in chunks for p in _prepare_chunk(reader, options, chunk))
+    pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+    try:
+        window = collections.deque(pool.submit(_prepare_chunk, reader, options, chunk)
+                                   for chunk in itertools.islice(chunks, AHEAD * workers))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    return _PreparedStream(_pooled(pool, window, reader, options, chunks), pool)
+
+
+def _pooled(pool: concurrent.futures.ProcessPoolExecutor, window: collections.deque, reader: ImageReader,
+            options: EncodeOptions, chunks: Iterator[list[tuple[str, Sample]]]) -> Iterator[Prepared]:
+    for chunk in chunks:
+        yield from window.popleft().result()
+        window.append(pool.submit(_prepare_chunk, reader, options, chunk))
+    while window:
+        yield from window.popleft().result()
+
+
+def _map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
+    """``map`` in order, in ``workers`` processes when more than one."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(items)), initializer=_exit_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
+        yield from pool.map(fn, items)
+
+
+class _Progress:
+    """Items done and items/s: a tqdm bar on a terminal, else a plain line every ``interval`` s
+    (a redirected log, e.g. SLURM's, gets no carriage returns)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str, unit: str = "images",
+                 interval: float = 30.0) -> None:
+        self.total, self.done, self.desc, self.unit, self.interval = total, initial, desc, unit, interval
+        self.start = self.last = time.monotonic()
+        self.initial = initial
+        self.bar = None
+        self.lines = enabled and not sys.stderr.isatty()
+        if enabled and not self.lines:
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.lines and time.monotonic() - self.last >= self.interval:
+            self.last = time.monotonic()
+            self._line()
+
+    def _line(self) -> None:
+        rate = (self.done - self.initial) / max(time.monotonic() - self.start, 1e-9)
+        print(f"{self.desc}: {self.done}/{self.total} {self.unit}, {rate:.0f} {self.unit}/s", file=sys.stderr,
+              flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.lines:
+            self._line()
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,115 +533,84 @@ def _plan_by_count(n: int, per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(start + per_shard, n)) for start in range(0, n, per_shard)]
 
 
-def _plan_by_size(sizes: Sequence[int], per_shard: int | None, max_bytes: int) -> list[tuple[int, int]]:
-    """Greedy cut: a shard closes when the next sample would push the file past ``max_bytes``
-    (or the count limit is reached); every shard holds at least one sample."""
-    plan, start, used = [], 0, 0
-    for i, size in enumerate(sizes):
-        full = per_shard is not None and i - start >= per_shard
-        if i > start and (full or _tar_file_bytes(used + size) > max_bytes):
-            plan.append((start, i))
-            start, used = i, 0
-        used += size
-    if start < len(sizes):
-        plan.append((start, len(sizes)))
-    return plan
-
-
-def _measure_chunk(reader: ImageReader, samples: Sequence[Sample], options: EncodeOptions) -> list[int]:
-    """Tar footprint of each sample, as it will be written (0 for unreadable ones).
-
-    The key only names the members (header size is fixed), so a placeholder serves.
-    """
-    sizes = []
-    for sample in samples:
-        members = _prepare_sample(reader, sample, "0", options)
-        sizes.append(_sample_tar_bytes(members) if members is not None else 0)
-    return sizes
-
-
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def _measure(source: ShardInput, ordered: Sequence[Sample], options: EncodeOptions,
-             workers: int, progress: bool) -> list[int]:
-    """Sizes of all samples in write order, measured in parallel chunks."""
-    chunks = _chunks(ordered, 256)
-    sizes: list[int] = []
-    with tqdm(total=len(ordered), desc="measuring", unit="img", disable=not progress) as bar:
-        for chunk_sizes in _map(functools.partial(_measure_chunk, source.reader, options=options), chunks, workers):
-            sizes.extend(chunk_sizes)
-            bar.update(len(chunk_sizes))
-    return sizes
-
-
-def _map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
-    """``map`` in order, in ``workers`` processes when more than one."""
-    if workers <= 1 or len(items) <= 1:
-        yield from map(fn, items)
-        return
-    with concurrent.futures.ProcessPoolExecutor(min(workers, len(items))) as pool:
-        yield from pool.map(fn, items)
+def node_shards(n_shards: int, num_nodes: int, node_rank: int) -> range:
+    """The shard indices node ``node_rank`` of ``num_nodes`` writes: a contiguous block, sizes within one."""
+    return range(node_rank * n_shards // num_nodes, (node_rank + 1) * n_shards // num_nodes)
 
 
 # --------------------------------------------------------------------------------------------
-# Writing one shard
+# Writing shards
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardTask:
-    """Everything a worker needs to write one shard."""
-
-    out_dir: str
-    name: str
-    start: int
-    stop: int
-    keys: tuple[str, ...]
-    samples: tuple[Sample, ...]
-    reader: ImageReader
-    options: EncodeOptions
+_USTAR_TAIL = (b"ustar\x0000" + TAR_USER.encode().ljust(32, b"\0") + TAR_USER.encode().ljust(32, b"\0")
+               + b"\0" * 183)  # devmajor, devminor (empty for a regular file), prefix, padding
 
 
-class _HashingFile:
-    """A write-only file wrapper that hashes and counts what passes through it."""
-
-    def __init__(self, f: Any) -> None:
-        self.f = f
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return self.f.write(data)
-
-
-def _write_tar(path: str, task: ShardTask) -> tuple[dict[str, Any], list[str | int]]:
-    """Write the shard's samples to ``path``; return size/hash/count and the skipped sources."""
-    import webdataset as wds
-
-    skipped: list[str | int] = []
-    written = 0
-    with open(path, "wb") as f:
-        hashing = _HashingFile(f)
-        with wds.TarWriter(hashing, user=TAR_USER, group=TAR_USER, mtime=TAR_MTIME, encoder=False,
-                           compress=False) as writer:
-            for key, sample in zip(task.keys, task.samples):
-                members = _prepare_sample(task.reader, sample, key, task.options)
-                if members is None:
-                    skipped.append(sample.source)
-                    continue
-                writer.write(members)
-                written += 1
-    return {"samples": written, "bytes": hashing.bytes, "sha256": hashing.sha256.hexdigest()}, skipped
+def tar_header(name: str, size: int) -> bytes:
+    """The 512-byte header tarfile writes for a regular file (PAX format, which is plain ustar for
+    short ASCII names), with the fixed mode, owner and mtime: built directly, since tarfile's
+    general path cost more per sample than copying the image (tested against ``TarInfo.tobuf``)."""
+    encoded = name.encode()
+    if len(encoded) >= 100 or not name.isascii() or size >= 8 ** 11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, TAR_MTIME, TAR_MODE, TAR_USER, TAR_USER
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    head = (encoded.ljust(100, b"\0") + b"%07o\0" % TAR_MODE + b"0000000\0" * 2 + b"%011o\0" % size
+            + b"%011o\0" % TAR_MTIME)
+    rest = b"0" + b"\0" * 100 + _USTAR_TAIL
+    checksum = sum(head) + sum(rest) + 8 * ord(" ")
+    return head + b"%06o\0 " % checksum + rest
 
 
-def write_shard(task: ShardTask) -> dict[str, Any]:
-    """Write one shard atomically (a ``.{name}.*.tmp`` file, fsynced, then renamed) and return its record."""
-    with atomic_path(os.path.join(task.out_dir, task.name)) as tmp:
-        stats, skipped = _write_tar(str(tmp), task)
-    return {"name": task.name, **stats, "start": task.start, "stop": task.stop, "skipped": skipped}
+class _ShardFile:
+    """One shard being written: a temp file beside its final name, hashed as it is written, renamed
+    into place (through :func:`atomic_path`) only when complete. The bytes are those of
+    webdataset's ``TarWriter`` with our fixed header fields (members sorted by extension)."""
+
+    def __init__(self, out_dir: str, name: str, index: int, start: int) -> None:
+        self.name, self.index, self.start = name, index, start
+        self.skipped: list[str | int] = []
+        self.samples = 0
+        self._atomic = atomic_path(os.path.join(out_dir, name))
+        tmp = self._atomic.__enter__()
+        self._file = open(tmp, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._sha256 = hashlib.sha256()
+        self._bytes = 0
+
+    def _write(self, data: bytes) -> None:
+        self._sha256.update(data)
+        self._bytes += len(data)
+        self._file.write(data)
+
+    def add(self, members: dict[str, Any]) -> None:
+        key = members["__key__"]
+        for ext in sorted(k for k in members if not k.startswith("_")):
+            data = members[ext]
+            self._write(tar_header(f"{key}.{ext}", len(data)))
+            self._write(data)
+            if len(data) % TAR_BLOCK:
+                self._write(b"\0" * (TAR_BLOCK - len(data) % TAR_BLOCK))
+        self.samples += 1
+
+    def finish(self, stop: int) -> dict[str, Any]:
+        end = _tar_file_bytes(self._bytes) - self._bytes  # two zero blocks, padded to a record
+        self._write(b"\0" * end)
+        self._file.close()
+        self._atomic.__exit__(None, None, None)
+        return {"name": self.name, "samples": self.samples, "bytes": self._bytes,
+                "sha256": self._sha256.hexdigest(), "start": self.start, "stop": stop,
+                "skipped": self.skipped}
+
+    def abort(self, err: BaseException) -> None:
+        with contextlib.suppress(Exception):
+            self._file.close()
+        with contextlib.suppress(BaseException):
+            self._atomic.__exit__(type(err), err, err.__traceback__)
+
+
+def open_shard(out_dir: str, name: str, index: int, start: int) -> _ShardFile:
+    """A new shard file (a function of its own so that tests can interrupt a write here)."""
+    return _ShardFile(out_dir, name, index, start)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,17 +642,24 @@ def _listing_sha256(source: ShardInput) -> str:
     return digest.hexdigest()
 
 
-def _load_state(out_dir: str) -> dict[str, Any] | None:
-    """The newest record of an earlier run: ``_progress.json`` (unfinished) before ``_info.json``."""
-    progress = _read_json(os.path.join(out_dir, PROGRESS_NAME))
-    if progress is not None:
-        return progress
+def progress_name(num_nodes: int, node_rank: int) -> str:
+    """``_progress.json`` for a single-node write; one file per node otherwise (nodes never share one)."""
+    return PROGRESS_NAME if num_nodes == 1 else f"_progress-node{node_rank}-of-{num_nodes}.json"
+
+
+def _load_state(out_dir: str, progress: str, remote: bool) -> dict[str, Any] | None:
+    """The newest record of an earlier run: the progress file (unfinished) before ``_info.json``.
+    ``_info.json`` of an upload is written after every shard is uploaded, so all of them were."""
+    state = _read_json(os.path.join(out_dir, progress))
+    if state is not None:
+        return state
     info = _read_json(os.path.join(out_dir, INFO_NAME))
     if info is None:
         return None
     kept = {k: info.get(k) for k in ("format", "args", "listing_sha256", "class_names")}
-    plan = [[s["start"], s["stop"]] for s in info["shards"]]
-    return {**kept, "plan": plan, "done": {s["name"]: s for s in info["shards"]}}
+    done = {s["name"]: s for s in info["shards"]}
+    plan = [[s["start"], s["stop"]] for s in info["shards"]] if info["args"]["max_shard_bytes"] is None else None
+    return {**kept, "plan": plan, "done": done, "uploaded": sorted(done) if remote else []}
 
 
 def _check_same_run(state: dict[str, Any], args: dict[str, Any], listing: str, out_dir: str) -> None:
@@ -528,28 +675,24 @@ def _check_same_run(state: dict[str, Any], args: dict[str, Any], listing: str, o
                          "use a new --out directory")
 
 
-def _stray_shards(out_dir: str, prefix: str) -> list[str]:
-    return sorted(n for n in os.listdir(out_dir) if n.startswith(f"{prefix}-") and n.endswith(".tar"))
-
-
-# --------------------------------------------------------------------------------------------
-# The write driver
-
-
 def _shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
+def _shard_index(name: str) -> int:
+    return int(name.rsplit("-", 1)[1].split(".", 1)[0])
+
+
 def _run_args(source: ShardInput, prefix: str, samples_per_shard: int | None, max_shard_bytes: int | None,
               options: EncodeOptions, shuffle_seed: int | None) -> dict[str, Any]:
-    """The arguments that decide the output bytes (not ``workers``, not the output path)."""
+    """The arguments that decide the output bytes (not ``workers``, nodes or where the output goes)."""
     return {"input": source.describe, "prefix": prefix, "samples_per_shard": samples_per_shard,
             "max_shard_bytes": max_shard_bytes, "resize_shorter": options.resize_shorter,
             "quality": options.quality, "shuffle_seed": shuffle_seed}
 
 
-def _validate_limits(samples_per_shard: int | None, max_shard_bytes: int | None,
-                     options: EncodeOptions) -> None:
+def _validate(samples_per_shard: int | None, max_shard_bytes: int | None, options: EncodeOptions,
+              max_bad_fraction: float, num_nodes: int, node_rank: int) -> None:
     if samples_per_shard is None and max_shard_bytes is None:
         raise ValueError("set samples_per_shard, max_shard_bytes or both")
     if samples_per_shard is not None and samples_per_shard < 1:
@@ -560,34 +703,13 @@ def _validate_limits(samples_per_shard: int | None, max_shard_bytes: int | None,
         raise ValueError(f"resize_shorter must be >= 1, got {options.resize_shorter}")
     if options.quality is not None and not 1 <= options.quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {options.quality}")
-
-
-def _make_plan(source: ShardInput, ordered: Sequence[Sample], samples_per_shard: int | None,
-               max_shard_bytes: int | None, options: EncodeOptions, workers: int,
-               progress: bool) -> list[tuple[int, int]]:
-    if max_shard_bytes is None:
-        assert samples_per_shard is not None
-        return _plan_by_count(len(ordered), samples_per_shard)
-    sizes = _measure(source, ordered, options, workers, progress)
-    return _plan_by_size(sizes, samples_per_shard, max_shard_bytes)
-
-
-def _is_intact(out_dir: str, name: str, record: dict[str, Any] | None) -> bool:
-    """A shard may be skipped if its file exists and, when recorded, still has its sha256."""
-    path = os.path.join(out_dir, name)
-    if not os.path.exists(path):
-        return False
-    return record is None or _file_sha256(path)[0] == record["sha256"]
-
-
-def _adopt(task: ShardTask) -> dict[str, Any]:
-    """Record a complete but unrecorded shard (the run died between rename and record)."""
-    path = os.path.join(task.out_dir, task.name)
-    sha, size = _file_sha256(path)
-    keys = _tar_keys(path)
-    skipped = [s.source for key, s in zip(task.keys, task.samples) if key not in keys]
-    return {"name": task.name, "samples": len(keys), "bytes": size, "sha256": sha,
-            "start": task.start, "stop": task.stop, "skipped": skipped}
+    if not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction must be in 0..1, got {max_bad_fraction}")
+    if num_nodes < 1 or not 0 <= node_rank < num_nodes:
+        raise ValueError(f"node_rank must be in 0..num_nodes-1 and num_nodes >= 1, got {node_rank} of {num_nodes}")
+    if num_nodes > 1 and max_shard_bytes is not None:
+        raise ValueError("--num-nodes needs a plan known before writing: use --samples-per-shard without "
+                         "--max-shard-bytes (a size cut depends on every earlier image)")
 
 
 def _tar_keys(path: str) -> set[str]:
@@ -595,39 +717,252 @@ def _tar_keys(path: str) -> set[str]:
         return {member_key(m.name) for m in tar.getmembers() if m.isfile()}
 
 
-def _tasks(out_dir: str, prefix: str, plan: Sequence[Sequence[int]], ordered: Sequence[Sample],
-           source: ShardInput, options: EncodeOptions) -> list[ShardTask]:
-    width = _key_width(len(ordered))
-    return [ShardTask(out_dir, _shard_name(prefix, i), start, stop,
-                      tuple(f"{k:0{width}d}" for k in range(start, stop)), tuple(ordered[start:stop]),
-                      source.reader, options)
-            for i, (start, stop) in enumerate(plan)]
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a write goes: ``local`` holds the shards as they are written; with ``remote``
+    (``s3://bucket/prefix/``) each finished shard is uploaded there, and removed locally if
+    ``delete_local``."""
+
+    local: str
+    remote: str | None = None
+    delete_local: bool = False
+
+    @staticmethod
+    def of(out: str | os.PathLike, staging: str | os.PathLike | None, delete_local: bool) -> Target:
+        out = os.fspath(out)
+        if out.startswith("s3://"):
+            if staging is None:
+                raise ValueError(f"--out {out} needs --staging DIR: a local directory where shards are written "
+                                 "before they are uploaded")
+            return Target(_absolute(staging), out.rstrip("/") + "/", delete_local)
+        if staging is not None or delete_local:
+            raise ValueError("--staging and --delete-local only apply to an s3:// --out")
+        return Target(_absolute(out))
+
+    def url(self, name: str) -> str:
+        assert self.remote is not None
+        return self.remote + name
+
+    @property
+    def split(self) -> str:
+        """The output directory's name (timm's schema reads it as the split)."""
+        return os.path.basename(os.path.normpath(self.remote[5:] if self.remote else self.local))
+
+    def publish(self, name: str) -> None:
+        """Upload a finished bookkeeping file (``_info.json`` last of all)."""
+        if self.remote is not None:
+            object_store.upload_file(os.path.join(self.local, name), self.url(name))
 
 
-def _run_tasks(tasks: Sequence[ShardTask], workers: int, bar: Any) -> Iterator[dict[str, Any]]:
-    """Write shards (one per task), yielding each record as it completes."""
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            record = write_shard(task)
-            bar.update(task.stop - task.start)
-            yield record
-        return
-    pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)))
-    try:
-        futures = {pool.submit(write_shard, task): task for task in tasks}
-        for future in concurrent.futures.as_completed(futures):
-            task = futures[future]
-            bar.update(task.stop - task.start)
-            yield future.result()
-    finally:
-        # On an error or interrupt, queued shards are dropped instead of run to no purpose.
-        pool.shutdown(wait=True, cancel_futures=True)
+UPLOADS_AHEAD = 2  # finished shards waiting for upload before writing waits for them
 
 
-def _info(state: dict[str, Any], names: Sequence[str], split: str) -> dict[str, Any]:
+class _Writer:
+    """Writes one node's shards in order from a stream of prepared samples, recording each finished
+    (and uploaded) shard in the node's progress file and stopping when too much input is unreadable."""
+
+    def __init__(self, target: Target, state: dict[str, Any], progress_path: str, prefix: str,
+                 limits: tuple[int | None, int | None], node_total: int, max_bad_fraction: float,
+                 describe: str) -> None:
+        self.target, self.state, self.progress_path, self.prefix = target, state, progress_path, prefix
+        self.samples_per_shard, self.max_shard_bytes = limits
+        self.node_total, self.max_bad_fraction, self.describe = node_total, max_bad_fraction, describe
+        self.bad = sum(len(r["skipped"]) for r in state["done"].values())
+        self.first_bad: tuple[Any, str] | None = None
+        self.written: list[str] = []  # shards this run wrote (removed if the input is refused)
+        self.uploads: dict[str, concurrent.futures.Future] = {}
+        self.uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="upload") if target.remote else None
+
+    def save(self) -> None:
+        write_json_atomic(self.progress_path, self.state, indent=1)
+
+    def upload(self, name: str) -> None:
+        if self.uploader is not None:
+            self.uploads[name] = self.uploader.submit(object_store.upload_file, os.path.join(self.target.local, name),
+                                                      self.target.url(name))
+
+    def collect_uploads(self, wait: bool) -> None:
+        """Record finished uploads (a failed one raises its one-line error); optionally wait for all."""
+        for name, future in list(self.uploads.items()):
+            if not (wait or future.done()):
+                continue
+            future.result()
+            del self.uploads[name]
+            self.state["uploaded"].append(name)
+            if self.target.delete_local:
+                os.remove(os.path.join(self.target.local, name))
+            self.save()
+
+    def close(self) -> None:
+        """Let a running upload finish and record what did, also when the write stops on an error."""
+        if self.uploader is None:
+            return
+        self.uploader.shutdown(wait=True)  # at most UPLOADS_AHEAD + 1 shards
+        self.uploader = None
+        finished = [n for n, f in self.uploads.items() if f.done() and not f.cancelled() and f.exception() is None]
+        for name in finished:
+            del self.uploads[name]
+            self.state["uploaded"].append(name)
+            if self.target.delete_local:
+                os.remove(os.path.join(self.target.local, name))
+        if finished:
+            self.save()
+
+    def _add(self, shard: _ShardFile, sample: Sample, prepared: Prepared, bar: _Progress) -> None:
+        members, reason = prepared
+        bar.update()
+        if members is not None:
+            shard.add(members)
+            return
+        logger.warning("skipping unreadable image %s (%s)", sample.source, reason)
+        shard.skipped.append(sample.source)
+        self.bad += 1
+        self.first_bad = self.first_bad or (sample.source, reason or "")
+        if self.bad > self.max_bad_fraction * self.node_total:
+            where, why = self.first_bad
+            raise BadDataError(f"at least {self.bad} of the {self.node_total} images of {self.describe} are "
+                               f"unreadable, more than --max-bad-fraction {self.max_bad_fraction:g} allows "
+                               f"(first: {where}: {why}); remove or fix them, or raise --max-bad-fraction")
+
+    def _finish(self, shard: _ShardFile, stop: int) -> None:
+        record = shard.finish(stop)
+        self.written.append(record["name"])
+        self.state["done"][record["name"]] = record
+        self.save()
+        self.upload(record["name"])
+        self.collect_uploads(wait=False)
+        while len(self.uploads) > UPLOADS_AHEAD:  # the staging disk holds a few shards, not the data set
+            next(iter(self.uploads.values())).exception()
+            self.collect_uploads(wait=False)
+
+    def run(self, fixed: Sequence[tuple[int, int, int]], tail: tuple[int, int] | None, ordered: Sequence[Sample],
+            stream: Iterator[Prepared], bar: _Progress) -> None:
+        """Write the ``fixed`` shards ``(index, start, stop)``, then, for a size cut, the ``tail`` from
+        ``(index, start)`` to the end, closing a shard when the next sample would not fit."""
+        shard: _ShardFile | None = None
+        try:
+            for index, start, stop in fixed:
+                shard = open_shard(self.target.local, _shard_name(self.prefix, index), index, start)
+                for pos in range(start, stop):
+                    self._add(shard, ordered[pos], next(stream), bar)
+                self._finish(shard, stop)
+                shard = None
+            if tail is not None:
+                self._run_tail(*tail, ordered, stream, bar)
+        except BaseException as err:
+            if shard is not None:
+                shard.abort(err)
+            raise
+
+    def _run_tail(self, index: int, start: int, ordered: Sequence[Sample], stream: Iterator[Prepared],
+                  bar: _Progress) -> None:
+        assert self.max_shard_bytes is not None
+        shard = open_shard(self.target.local, _shard_name(self.prefix, index), index, start)
+        try:
+            used = 0
+            for pos in range(start, len(ordered)):
+                prepared = next(stream)
+                size = _sample_tar_bytes(prepared[0]) if prepared[0] is not None else 0
+                full = self.samples_per_shard is not None and pos - shard.start >= self.samples_per_shard
+                if pos > shard.start and (full or _tar_file_bytes(used + size) > self.max_shard_bytes):
+                    self._finish(shard, pos)
+                    index += 1
+                    shard = open_shard(self.target.local, _shard_name(self.prefix, index), index, pos)
+                    used = 0
+                used += size
+                self._add(shard, ordered[pos], prepared, bar)
+            self._finish(shard, len(ordered))
+        except BaseException as err:
+            if shard.name not in self.state["done"]:
+                shard.abort(err)
+            raise
+
+
+def _is_intact(path: str, record: dict[str, Any], rehash: bool) -> bool:
+    """A finished shard is trusted by its size and record (a file that is there in full was renamed
+    into place complete); ``rehash`` also compares its sha256."""
+    if not os.path.isfile(path) or os.path.getsize(path) != record["bytes"]:
+        return False
+    return not rehash or _file_sha256(path)[0] == record["sha256"]
+
+
+def _adopt(path: str, name: str, start: int, stop: int, keys: Sequence[str],
+           samples: Sequence[Sample]) -> dict[str, Any]:
+    """Record a complete but unrecorded shard (the run died between rename and record)."""
+    sha, size = _file_sha256(path)
+    found = _tar_keys(path)
+    skipped = [s.source for key, s in zip(keys, samples) if key not in found]
+    return {"name": name, "samples": len(found), "bytes": size, "sha256": sha, "start": start, "stop": stop,
+            "skipped": skipped}
+
+
+def _remove_tmp_files(out_dir: str, prefix: str) -> None:
+    """Half-written files of an interrupted run (shards, progress records) are useless; they are
+    written again from scratch."""
+    for pattern in (f".{prefix}-*.tar.*.tmp", f".{prefix}-*.tar.tmp", "._*.json.*.tmp", f".{WIDS_INDEX_NAME}.*.tmp"):
+        for tmp in Path(out_dir).glob(pattern):
+            tmp.unlink(missing_ok=True)
+
+
+def _sorted_done(state: dict[str, Any]) -> list[dict[str, Any]]:
+    return sorted(state["done"].values(), key=lambda r: _shard_index(r["name"]))
+
+
+def _count_jobs(target: Target, state: dict[str, Any], mine: range, prefix: str, keys: Callable[[int, int], list[str]],
+                ordered: Sequence[Sample], rehash: bool) -> tuple[list[tuple[int, int, int]], list[str]]:
+    """(shards to write, shards to upload) of a plan known in advance; complete unrecorded shards
+    are adopted on the way."""
+    fixed, upload = [], []
+    uploaded = set(state["uploaded"])
+    for index in mine:
+        start, stop = state["plan"][index]
+        name = _shard_name(prefix, index)
+        if name in uploaded:
+            continue
+        path = os.path.join(target.local, name)
+        record = state["done"].get(name)
+        if record is None and os.path.isfile(path):
+            state["done"][name] = _adopt(path, name, start, stop, keys(start, stop), ordered[start:stop])
+        elif record is None or not _is_intact(path, record, rehash):
+            state["done"].pop(name, None)
+            fixed.append((index, start, stop))
+            continue
+        upload.append(name)
+    return fixed, upload
+
+
+def _size_jobs(target: Target, state: dict[str, Any], prefix: str, rehash: bool,
+               n: int) -> tuple[list[tuple[int, int, int]], tuple[int, int] | None, list[str]]:
+    """(recorded shards to rewrite, the rest from ``(index, start)``, shards to upload) of a size cut,
+    whose shards are known only as far as they were written. Unrecorded shards past the last record
+    are removed: the tail writes them again, identically."""
+    fixed, upload = [], []
+    uploaded = set(state["uploaded"])
+    done = _sorted_done(state)
+    for record in done:
+        name = record["name"]
+        if name in uploaded:
+            continue
+        if _is_intact(os.path.join(target.local, name), record, rehash):
+            upload.append(name)
+        else:
+            fixed.append((_shard_index(name), record["start"], record["stop"]))
+            del state["done"][name]
+    index, start = len(done), done[-1]["stop"] if done else 0
+    for name in _stray_shards(target.local, prefix):
+        if _shard_index(name) >= index:
+            os.remove(os.path.join(target.local, name))
+    return fixed, (index, start) if start < n else None, upload
+
+
+def _stray_shards(out_dir: str, prefix: str) -> list[str]:
+    return sorted(n for n in os.listdir(out_dir) if n.startswith(f"{prefix}-") and n.endswith(".tar"))
+
+
+def _info(state: dict[str, Any], records: Sequence[dict[str, Any]], split: str) -> dict[str, Any]:
     """The project's fields, plus timm's webdataset reader schema (``name``, ``splits``) so
     ``timm.data.create_dataset("wds/NAME", root=..., split=SPLIT)`` reads the directory."""
-    shards = [state["done"][name] for name in names]
+    shards = list(records)
     total = sum(s["samples"] for s in shards)
     return {"format": FORMAT, "shards": shards, "total_samples": total,
             "class_names": state["class_names"], "args": state["args"],
@@ -644,42 +979,59 @@ def _wids_index(info: dict[str, Any], split: str) -> dict[str, Any]:
             "shardlist": [{"url": s["name"], "nsamples": s["samples"], "filesize": s["bytes"]} for s in info["shards"]]}
 
 
-def _start_state(out_dir: str, source: ShardInput, args: dict[str, Any], listing: str,
-                 ordered: Sequence[Sample], limits: tuple[int | None, int | None], options: EncodeOptions,
-                 workers: int, progress: bool) -> dict[str, Any]:
-    """The earlier run's state when resuming (after checking it matches), else a fresh plan."""
-    state = _load_state(out_dir)
+def _publish(target: Target, state: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Write (and upload) ``wids-index.json``, then ``_info.json``: readers take a directory with
+    ``_info.json`` as complete, so it comes last."""
+    if not sum(r["samples"] for r in records):
+        where, why = next(((s, "unreadable") for r in records for s in r["skipped"]), ("", ""))
+        raise BadDataError(f"no readable image in {state['args']['input'].get('path')} "
+                           f"({sum(len(r['skipped']) for r in records)} tried; first: {where}); nothing written")
+    info = _info(state, records, target.split)
+    write_json_atomic(os.path.join(target.local, WIDS_INDEX_NAME), _wids_index(info, target.split), indent=1)
+    target.publish(WIDS_INDEX_NAME)
+    write_json_atomic(os.path.join(target.local, INFO_NAME), info, indent=1)
+    target.publish(INFO_NAME)
+    return info
+
+
+def _discard(target: Target, names: Iterable[str], progress_path: str, created: bool) -> None:
+    """A refused input leaves nothing behind: this run's shards (local and uploaded), its progress
+    file, and the output directory if this run made it."""
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(target.local, name))
+        if target.remote is not None:
+            with contextlib.suppress(object_store.ObjectStoreError):
+                object_store.delete_object(target.url(name))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(progress_path)
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(target.local)
+
+
+def _start_state(target: Target, source: ShardInput, args: dict[str, Any], listing: str, ordered: Sequence[Sample],
+                 created: bool, node: tuple[int, int], out_dir: str) -> dict[str, Any]:
+    """The earlier run's state when resuming (after checking it matches), else a fresh plan: the
+    shard cut by count, or ``None`` for a size cut (made while writing)."""
+    num_nodes, node_rank = node
+    state = _load_state(target.local, progress_name(num_nodes, node_rank), target.remote is not None)
     if state is not None:
         _check_same_run(state, args, listing, out_dir)
-        return state
-    stray = _stray_shards(out_dir, args["prefix"])
+        state.setdefault("uploaded", [])
+        return {**state, "finished": False}
+    prefix, per_shard = args["prefix"], args["samples_per_shard"]
+    plan = _plan_by_count(len(ordered), per_shard) if args["max_shard_bytes"] is None else None
+    mine = node_shards(len(plan), num_nodes, node_rank) if plan is not None else range(0)
+    stray = [] if created else [n for n in _stray_shards(target.local, prefix)
+                                if plan is None or _shard_index(n) in mine]  # other nodes' shards are expected
     if stray:
-        raise ValueError(f"{out_dir} holds shards ({stray[0]} ...) but no {INFO_NAME} or {PROGRESS_NAME}; "
-                         "use an empty --out directory")
-    plan = _make_plan(source, ordered, *limits, options, workers, progress)
+        raise ValueError(f"{target.local} holds shards ({stray[0]} ...) but no {INFO_NAME} or "
+                         f"{progress_name(num_nodes, node_rank)}; use an empty --out directory")
     return {"format": FORMAT, "args": args, "listing_sha256": listing,
             "class_names": list(source.class_names) if source.labelled else None,
-            "plan": [list(p) for p in plan], "done": {}}
-
-
-def _pending(out_dir: str, state: dict[str, Any], tasks: Sequence[ShardTask]) -> list[ShardTask]:
-    """Tasks whose shard must be (re)written; unrecorded complete shards are adopted on the way."""
-    todo = []
-    for task in tasks:
-        record = state["done"].get(task.name)
-        if not _is_intact(out_dir, task.name, record):
-            state["done"].pop(task.name, None)
-            todo.append(task)
-        elif record is None:
-            state["done"][task.name] = _adopt(task)
-    return todo
-
-
-def _remove_tmp_files(out_dir: str, tasks: Iterable[ShardTask]) -> None:
-    """Half-written shards of an interrupted run are useless; they are rewritten from scratch."""
-    for task in tasks:
-        for tmp in Path(out_dir).glob(f".{task.name}*.tmp"):
-            tmp.unlink(missing_ok=True)
+            "plan": [list(p) for p in plan] if plan is not None else None, "done": {}, "uploaded": [],
+            "finished": False}
 
 
 def write_shards(
@@ -692,45 +1044,139 @@ def write_shards(
     resize_shorter: int | None = None,
     quality: int | None = None,
     shuffle_seed: int | None = 0,
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Write (or finish writing) ``source`` as tar shards in ``out_dir``; return ``_info.json``'s content.
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    num_nodes: int = 1,
+    node_rank: int = 0,
+    staging: str | os.PathLike | None = None,
+    delete_local: bool = False,
+    rehash: bool = False,
+) -> dict[str, Any] | None:
+    """Write (or finish writing) ``source`` as tar shards in ``out_dir`` (a directory or an ``s3://``
+    prefix, written through ``staging``); return ``_info.json``'s content.
 
-    ``shuffle_seed=None`` keeps the input order. A rerun with the same arguments skips intact
-    shards and rewrites the rest; different arguments raise ``ValueError``.
+    ``shuffle_seed=None`` keeps the input order. A rerun with the same arguments skips finished
+    shards and writes the rest; different arguments raise ``ValueError``. With ``num_nodes > 1`` this
+    call writes node ``node_rank``'s part of the plan and returns ``None``: :func:`finalize_shards`
+    writes ``_info.json`` once every node is done. More than ``max_bad_fraction`` of the (node's)
+    images unreadable, or none readable, raises :class:`BadDataError` and removes what was written.
     """
     options = EncodeOptions(resize_shorter, quality)
-    _validate_limits(samples_per_shard, max_shard_bytes, options)
-    out = _absolute(out_dir)
-    os.makedirs(out, exist_ok=True)
+    _validate(samples_per_shard, max_shard_bytes, options, max_bad_fraction, num_nodes, node_rank)
+    target = Target.of(out_dir, staging, delete_local)
+    workers = default_workers() if workers is None else max(1, workers)
+    created = not os.path.isdir(target.local)
+    os.makedirs(target.local, exist_ok=True)
     args = _run_args(source, prefix, samples_per_shard, max_shard_bytes, options, shuffle_seed)
     listing = _listing_sha256(source)
-    ordered = [source.samples[i] for i in _shuffled(len(source.samples), shuffle_seed)]
+    order = _shuffled(len(source.samples), shuffle_seed)
+    ordered = [source.samples[i] for i in order]
+    width = _key_width(len(ordered))
 
-    state = _start_state(out, source, args, listing, ordered, (samples_per_shard, max_shard_bytes), options,
-                         workers, progress)
-    progress_path = os.path.join(out, PROGRESS_NAME)
+    def keys(start: int, stop: int) -> list[str]:
+        return [f"{k:0{width}d}" for k in range(start, stop)]
+
+    progress_path = os.path.join(target.local, progress_name(num_nodes, node_rank))
+    state = _start_state(target, source, args, listing, ordered, created, (num_nodes, node_rank), os.fspath(out_dir))
     write_json_atomic(progress_path, state, indent=1)
     for name in (INFO_NAME, WIDS_INDEX_NAME):  # incomplete again until every shard is checked
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out, name))
+            os.remove(os.path.join(target.local, name))
+    _remove_tmp_files(target.local, prefix)
 
-    tasks = _tasks(out, prefix, state["plan"], ordered, source, options)
-    _remove_tmp_files(out, tasks)
-    todo = _pending(out, state, tasks)
+    if state["plan"] is not None:
+        mine = node_shards(len(state["plan"]), num_nodes, node_rank)
+        fixed, to_upload = _count_jobs(target, state, mine, prefix, keys, ordered, rehash)
+        tail = None
+        node_range = (state["plan"][mine[0]][0], state["plan"][mine[-1]][1]) if len(mine) else (0, 0)
+    else:
+        fixed, tail, to_upload = _size_jobs(target, state, prefix, rehash, len(ordered))
+        node_range = (0, len(ordered))
     write_json_atomic(progress_path, state, indent=1)
-    done_samples = len(ordered) - sum(t.stop - t.start for t in todo)
-    with tqdm(total=len(ordered), initial=done_samples, desc="writing", unit="img", disable=not progress) as bar:
-        for record in _run_tasks(todo, workers, bar):
-            state["done"][record["name"]] = record
-            write_json_atomic(progress_path, state, indent=1)
 
-    split = os.path.basename(os.path.normpath(out))
-    info = _info(state, [t.name for t in tasks], split)
-    write_json_atomic(os.path.join(out, WIDS_INDEX_NAME), _wids_index(info, split), indent=1)
-    write_json_atomic(os.path.join(out, INFO_NAME), info, indent=1)
-    os.remove(progress_path)
+    positions = [p for _, start, stop in fixed for p in range(start, stop)]
+    if tail is not None:
+        positions += range(tail[1], len(ordered))
+    writer = _Writer(target, state, progress_path, prefix, (samples_per_shard, max_shard_bytes),
+                     node_range[1] - node_range[0], max_bad_fraction, str(args["input"].get("path")))
+    bar = _Progress(node_range[1] - node_range[0], node_range[1] - node_range[0] - len(positions), progress, "writing")
+    items = ((f"{p:0{width}d}", ordered[p]) for p in positions)
+    try:
+        with contextlib.closing(_prepared_stream(source.reader, options, items, workers)) as stream:
+            for name in to_upload:
+                writer.upload(name)
+            writer.run(fixed, tail, ordered, stream, bar)
+        writer.collect_uploads(wait=True)
+        if num_nodes == 1:
+            info = _publish(target, state, _sorted_done(state))
+    except BadDataError:
+        writer.close()
+        _discard(target, [*writer.written, *(state["done"] if created else [])], progress_path, created)
+        raise
+    finally:
+        writer.close()
+        bar.close()
+    if num_nodes == 1:
+        os.remove(progress_path)  # the local _info.json stays: a rerun reads the finished state from it
+        return info
+    state["finished"] = True
+    write_json_atomic(progress_path, state, indent=1)
+    target.publish(os.path.basename(progress_path))
+    return None
+
+
+def _node_state(target: Target, name: str) -> dict[str, Any]:
+    """One node's progress file: local, or downloaded from the upload prefix."""
+    if target.remote is not None:
+        try:
+            return json.loads(object_store.read_object(target.url(name)))
+        except object_store.ObjectStoreError:
+            raise ValueError(f"{target.url(name)} is missing: that node has not finished its part "
+                             "(rerun it with the same arguments)") from None
+    state = _read_json(os.path.join(target.local, name))
+    if state is None:
+        raise ValueError(f"{os.path.join(target.local, name)} is missing: that node has not started or finished "
+                         "its part (rerun it with the same arguments)")
+    return state
+
+
+def finalize_shards(out_dir: str | os.PathLike, num_nodes: int, staging: str | os.PathLike | None = None
+                    ) -> dict[str, Any]:
+    """Join the parts of a ``num_nodes`` write: check that every node finished its shards with the
+    same arguments and input, then write (upload) ``wids-index.json`` and ``_info.json`` and remove
+    the nodes' progress files. The result equals a single-node write."""
+    if num_nodes < 2:
+        raise ValueError("finalize joins a write split with --num-nodes N > 1")
+    remote = os.fspath(out_dir).startswith("s3://")
+    with contextlib.ExitStack() as stack:
+        if remote and staging is None:
+            staging = stack.enter_context(tempfile.TemporaryDirectory(prefix="selfdistill-finalize-"))
+        target = Target.of(out_dir, staging, False)
+        names = [progress_name(num_nodes, r) for r in range(num_nodes)]
+        states = [_node_state(target, name) for name in names]
+        first = states[0]
+        for rank, state in enumerate(states):
+            _check_same_run(state, first["args"], first["listing_sha256"], os.fspath(out_dir))
+            if not state.get("finished"):
+                raise ValueError(f"node {rank} of {num_nodes} has not finished its part (rerun it with the same "
+                                 "arguments), so the shard set is incomplete")
+        merged = {**first, "done": {k: v for s in states for k, v in s["done"].items()}}
+        records = [merged["done"].get(_shard_name(first["args"]["prefix"], i)) for i in range(len(first["plan"]))]
+        missing = [_shard_name(first["args"]["prefix"], i) for i, r in enumerate(records) if r is None]
+        if missing:
+            raise ValueError(f"{len(missing)} shards ({missing[0]} ...) are not recorded by any node; was the write "
+                             f"split with --num-nodes {num_nodes}?")
+        if not remote:
+            for record in records:
+                if not _is_intact(os.path.join(target.local, record["name"]), record, rehash=False):
+                    raise ValueError(f"{record['name']} is missing or not of its recorded size; rerun its node")
+        info = _publish(target, merged, records)
+        for name in names:
+            if remote:
+                object_store.delete_object(target.url(name))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(target.local, name))
     return info
 
 
@@ -770,9 +1216,9 @@ def _check_image(members: dict[str, bytes]) -> str | None:
         return f"no image member (has {sorted(members)})"
     try:
         with Image.open(io.BytesIO(image)) as img:
-            img.verify()
+            decode_all(img)
     except Exception as err:  # noqa: BLE001 - PIL raises many types on bad data
-        return f"image does not decode ({type(err).__name__}: {err})"
+        return f"image does not decode ({unreadable_reason(err)})"
     return None
 
 
@@ -824,16 +1270,22 @@ def _verify_task(task: tuple[str, dict[str, Any], Sequence[str] | None]) -> tupl
 
 
 def verify_shards(directory: str | os.PathLike, workers: int = 1, progress: bool = True) -> VerifyReport:
-    """Re-read every shard of ``_info.json``: existence, sha256, count, decodable images, labels."""
+    """Re-read every shard of ``_info.json``: existence, sha256, count, every image decoded, labels.
+    A directory without a single sample is a failure too: there is nothing to train on."""
     directory = os.fspath(directory)
     info = read_info(directory)
     tasks = [(directory, record, info["class_names"]) for record in info["shards"]]
     failures: dict[str, list[str]] = {}
+    if not info["total_samples"]:
+        failures[INFO_NAME] = ["no samples: every input image was unreadable"]
     n_samples = 0
-    with tqdm(total=len(tasks), desc="verifying", unit="shard", disable=not progress) as bar:
+    bar = _Progress(len(tasks), 0, progress, "verifying", unit="shards")
+    try:
         for name, problems, count in _map(_verify_task, tasks, workers):
             n_samples += count
             if problems:
                 failures[name] = problems
             bar.update(1)
+    finally:
+        bar.close()
     return VerifyReport(len(tasks), n_samples, failures)
