@@ -71,18 +71,13 @@ def shard_writer(files: list[Path], out: Path, per_shard: int, mode: str) -> Non
 
 
 def selfdistill_writer(folder: Path, out: Path, per_shard: int, mode: str, workers: int) -> None:
-    """``mode`` ``headers`` swaps the decode check for PIL's header-only ``verify()`` (the old check,
-    not an option of the tool): what the writing path itself costs against ``ShardWriter``'s copy."""
+    """``mode`` ``headers`` is ``--check headers`` (PIL's header check instead of a whole decode): what
+    the writing path itself costs against ``ShardWriter``'s copy."""
     from selfdistill.data import shards
 
-    real = shards.decode_all
-    if mode == "headers":
-        shards.decode_all = lambda img: img.verify()
-    try:
-        shards.write_shards(out, shards.folder_input(folder), samples_per_shard=per_shard, workers=workers,
-                            progress=False, resize_shorter=SHORTER if mode == "resize" else None)
-    finally:
-        shards.decode_all = real
+    shards.write_shards(out, shards.folder_input(folder), samples_per_shard=per_shard, workers=workers,
+                        progress=False, resize_shorter=SHORTER if mode == "resize" else None,
+                        check="headers" if mode == "headers" else "decode")
 
 
 def timed(run, out: Path) -> tuple[float, int]:

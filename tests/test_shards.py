@@ -391,7 +391,7 @@ def photo_jpeg(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def test_truncated_jpeg_is_caught_by_writer_and_verify(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_truncated_jpeg_is_caught_by_writer_and_verify(folder: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     """A JPEG cut to 60 % of its bytes passes PIL's verify() (headers only): the writer decodes every
     image and skips it; verify decodes every stored image and refuses a shard holding one."""
@@ -408,11 +408,11 @@ def test_truncated_jpeg_is_caught_by_writer_and_verify(folder: Path, tmp_path: P
     assert [src for s in info["shards"] for src in s["skipped"]] == [str(cut)] and info["total_samples"] == 23
     assert str(cut) not in {json.loads(s["json"])["source"] for s in read_back(out)}
 
-    # The same folder written by a writer that only checks headers (the old one): verify refuses it.
-    monkeypatch.setattr(shards, "decode_all", lambda img: img.verify())
+    # The same folder written with --check headers (the old header-only check): the cut JPEG is stored,
+    # and verify, which always decodes, refuses it.
     stored = tmp_path / "headers_only"
-    assert write("--folder", str(folder), "--out", str(stored), "--samples-per-shard", "5") == 0
-    monkeypatch.undo()
+    assert write("--folder", str(folder), "--out", str(stored), "--samples-per-shard", "5", "--check", "headers") == 0
+    assert str(cut) in {json.loads(s["json"])["source"] for s in read_back(stored)}
     capsys.readouterr()
     assert main(["verify", "--dir", str(stored), "--no-progress"]) == 1
     report = capsys.readouterr().out

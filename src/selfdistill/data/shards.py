@@ -277,6 +277,9 @@ class EncodeOptions:
 
     resize_shorter: int | None = None
     quality: int | None = None
+    #: ``decode``: every image decoded whole; ``headers``: PIL's header check only for the images stored
+    #: as they are (a truncated JPEG passes), for input that was verified before and must go fast.
+    check: str = "decode"
 
 
 def _read_raw(reader: ImageReader, sample: Sample) -> bytes:
@@ -336,7 +339,10 @@ def prepare_image(raw: bytes, options: EncodeOptions) -> tuple[bytes, str]:
     with Image.open(io.BytesIO(raw)) as img:
         target = _target_size(img.size, options.resize_shorter)
         if target is None and options.quality is None and img.format in PASS_THROUGH:
-            decode_all(img)
+            if options.check == "headers":
+                img.verify()
+            else:
+                decode_all(img)
             return raw, PASS_THROUGH[img.format]
         img.load()
         return _encode(img, target, options)
@@ -703,6 +709,8 @@ def _validate(samples_per_shard: int | None, max_shard_bytes: int | None, option
         raise ValueError(f"resize_shorter must be >= 1, got {options.resize_shorter}")
     if options.quality is not None and not 1 <= options.quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {options.quality}")
+    if options.check not in ("decode", "headers"):
+        raise ValueError(f"check must be 'decode' or 'headers', got {options.check!r}")
     if not 0 <= max_bad_fraction <= 1:
         raise ValueError(f"max_bad_fraction must be in 0..1, got {max_bad_fraction}")
     if num_nodes < 1 or not 0 <= node_rank < num_nodes:
@@ -1043,6 +1051,7 @@ def write_shards(
     max_shard_bytes: int | None = None,
     resize_shorter: int | None = None,
     quality: int | None = None,
+    check: str = "decode",
     shuffle_seed: int | None = 0,
     workers: int | None = None,
     progress: bool = True,
@@ -1062,7 +1071,7 @@ def write_shards(
     writes ``_info.json`` once every node is done. More than ``max_bad_fraction`` of the (node's)
     images unreadable, or none readable, raises :class:`BadDataError` and removes what was written.
     """
-    options = EncodeOptions(resize_shorter, quality)
+    options = EncodeOptions(resize_shorter, quality, check)
     _validate(samples_per_shard, max_shard_bytes, options, max_bad_fraction, num_nodes, node_rank)
     target = Target.of(out_dir, staging, delete_local)
     workers = default_workers() if workers is None else max(1, workers)
