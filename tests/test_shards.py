@@ -602,3 +602,19 @@ def test_shard_bytes_are_those_of_webdataset_tarwriter(folder: Path, tmp_path: P
         for sample in wds.WebDataset(str(shard), shardshuffle=False):
             writer.write({k: v for k, v in sample.items() if k != "__url__"})
     assert again.getvalue() == shard.read_bytes()
+
+
+def test_options_as_section_key_words_equal_the_flags(folder: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """`shards.key=value` is the same command as `--key value` (the override grammar of every entry point);
+    an unknown key is one line with the closest name, exit 2."""
+    flags, words = tmp_path / "flags", tmp_path / "words"
+    assert write("--folder", str(folder), "--out", str(flags), "--samples-per-shard", "5") == 0
+    assert main(["write", f"shards.folder={folder}", f"shards.out={words}", "shards.samples_per_shard=5",
+                 "shards.no_progress=true"]) == 0
+    assert shard_shas(flags) == shard_shas(words)
+    assert main(["verify", f"shards.dir={words}", "shards.no_progress=true"]) == 0
+    capsys.readouterr()
+    assert main(["write", f"shards.folder={folder}", "shards.samples_per_shards=5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shards.samples_per_shards: unknown key" in err and "shards.samples_per_shard" in err

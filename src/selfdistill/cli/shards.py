@@ -4,6 +4,7 @@
         --resize-shorter 256
     selfdistill-shards verify --dir /data/imagenet-shards/train
 
+Every option is also a ``shards.key=value`` word (``shards.out=DIR``), as on every entry point.
 A rerun of ``write`` with the same arguments finishes an interrupted run, keeping finished shards.
 On N machines: ``write ... --num-nodes N --node-rank R`` on each, then ``finalize --out ... --num-nodes N``.
 """
@@ -168,7 +169,20 @@ def _refusing_bad_data(handler: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from selfdistill.configkit import ConfigError, option_overrides
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    # A sub-command's options also as shards.key=value words (shards.out=DIR is --out DIR), the grammar of
+    # every entry point; argparse lists sub-parsers only through its (stable) private action.
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and argv[0] in commands:
+        try:
+            argv = [argv[0], *option_overrides(commands[argv[0]], "shards", argv[1:])]
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handler = {"write": run_write, "verify": run_verify, "finalize": run_finalize}[args.command]
     return dispatch(_refusing_bad_data(handler), args)
