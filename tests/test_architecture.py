@@ -135,3 +135,29 @@ def test_one_training_loop():
     assert hits and all(h.startswith("selfdistill.engine.") for h in hits), hits
     finetune = MODULES["selfdistill.eval.finetune"].read_text()
     assert not re.search(r"^\s+for .* in .*(loader|batches)", finetune, re.M)
+
+
+def _backward_and_step_calls(source: str) -> list[int]:
+    """Lines calling ``<expression>.backward(...)`` or ``<expression>.step(...)``: a backward pass
+    (``loss.backward()``, ``accelerator.backward(loss)``) or a step of an optimizer. Any ``.step(``
+    counts, whatever the receiver (a name cannot tell an optimizer from a torch LR scheduler, and
+    both belong to the loop); schedules are set through ``step_update(step)``, which the loop calls."""
+    return [node.lineno for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("backward", "step")]
+
+
+def test_only_the_engine_calls_backward_or_step():
+    """Whatever updates weights is a task of the one loop: outside ``engine/`` no module runs a
+    backward pass or steps an optimizer (read from the syntax tree, not from the text)."""
+    hits = [f"{m}:{line}" for m, p in MODULES.items() if not m.startswith("selfdistill.engine.")
+            for line in _backward_and_step_calls(p.read_text())]
+    assert not hits, hits
+    engine = _backward_and_step_calls(MODULES["selfdistill.engine.trainer"].read_text())
+    assert engine, "the loop itself must be seen calling backward/step"
+
+
+def test_the_backward_and_step_finder_finds_them():  # the check above can fail
+    code = "for b in bar:\n    acc.backward(loss)\n    opt.step()\n    sched.step_update(3)\n    step(x)\n" \
+           "    (a or b).step(closure=f)\n"
+    assert _backward_and_step_calls(code) == [2, 3, 6]

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from conftest import make_image_folder
+from selfdistill.engine.task import Hook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,25 +36,30 @@ class Features(Dataset):
         return {"image": self.x[i], "label": int(self.y[i]), "index": i, "bad": []}
 
 
-def _accelerator():
-    from accelerate import Accelerator
+class FeatureImages:
+    """``Features`` served to the loop as an image set: an epoch-seeded map-style source."""
 
-    return Accelerator(cpu=True)
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def train_source(self, batch_size, rank, world_size, collate_fn, repeat_batches=0, pin_memory=False):
+        from selfdistill.data.sources import MapSource
+
+        return MapSource(self.ds, batch_size, rank, world_size, 0, 0, collate_fn, repeat_batches, pin_memory)
+
+    def finish(self, batch):
+        return batch
 
 
-def _train(tmp: Path, recipe: str, epochs: int, lr: float, source_wrapper=None, resume: bool = True):
+def _train(tmp: Path, recipe: str, epochs: int, lr: float, resume: bool = True, hooks=(), checkpoint_every=1000):
     from selfdistill.data import collate_eval
-    from selfdistill.data.sources import MapSource
-    from selfdistill.eval.linear import RECIPES, train_linear_classifier
+    from selfdistill.eval.linear import train_linear_classifier
 
     train, val = Features(24, seed=0), Features(10, seed=1)
-    source = MapSource(train, 16, 0, 1, seed=0, num_workers=0, collate_fn=collate_eval)
-    if source_wrapper:
-        source = source_wrapper(source)
     return train_linear_classifier(
-        lambda x: x, 16, 6, source, lambda: DataLoader(val, batch_size=20, collate_fn=collate_eval),
-        RECIPES[recipe], _accelerator(), tmp, epochs=epochs, batch_size=16, base_lr=lr, resume=resume,
-        show_progress=False)
+        lambda x: x, 16, 6, FeatureImages(train), lambda: DataLoader(val, batch_size=20, collate_fn=collate_eval),
+        recipe, tmp, epochs=epochs, batch_size=16, base_lr=lr, resume=resume, show_progress=False, cpu=True,
+        hooks=hooks, checkpoint_every=checkpoint_every)
 
 
 @pytest.mark.parametrize("recipe,lr", [("dino", 16.0), ("smd", 1600.0)])
@@ -126,32 +132,40 @@ def test_vit_features_are_cls_tokens_of_the_last_blocks():
     assert LinearFeatures(r, 4).describe().startswith("average-pooled")
 
 
-class _StopAt:
-    """A source whose loader fails at one epoch: an interrupted run."""
+class _KillAt(Hook):
+    """An interrupted run: dies before optimizer step ``step`` (after the checkpoint of the one before)."""
 
-    def __init__(self, source, epoch: int) -> None:
-        self.source, self.epoch = source, epoch
-        self.batches_per_epoch = source.batches_per_epoch
+    def __init__(self, step: int) -> None:
+        self.step = step
 
-    def loader(self, epoch: int):
-        if epoch == self.epoch:
+    def on_step_start(self, loop) -> None:
+        if loop.state.step == self.step:
             raise KeyboardInterrupt
-        return self.source.loader(epoch)
 
 
-def test_resume_equals_uninterrupted_and_refuses_other_settings(tmp_path, fresh_accelerate_state):
+def test_resume_after_a_kill_at_a_random_step_equals_uninterrupted(tmp_path, fresh_accelerate_state):
+    """A checkpoint every step (the loop's), a kill at a random one, resumed: the same history and
+    head bit for bit; a resume with other settings is refused before anything is written."""
+    import random
+
     from safetensors.torch import load_file
 
-    full = _train(tmp_path / "full", "dino", epochs=3, lr=4.0)
+    from selfdistill.configkit import ConfigError
+    from selfdistill.engine.checkpoint import checkpoint_dir
+
+    full = _train(tmp_path / "full", "dino", epochs=3, lr=4.0)  # 9 steps: 3 per epoch
+    kill = int(os.environ.get("LINEAR_KILL_STEP", random.randrange(1, 9)))
     with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path / "cut", "dino", epochs=3, lr=4.0, source_wrapper=lambda s: _StopAt(s, 2))
-    assert torch.load(tmp_path / "cut" / "linear_checkpoint.pt", weights_only=True)["epoch"] == 2
-    resumed = _train(tmp_path / "cut", "dino", epochs=3, lr=4.0)
-    assert resumed["history"] == full["history"]
+        _train(tmp_path / "cut", "dino", epochs=3, lr=4.0, hooks=[_KillAt(kill)], checkpoint_every=1)
+    assert checkpoint_dir(tmp_path / "cut", kill).is_dir()
+    resumed = _train(tmp_path / "cut", "dino", epochs=3, lr=4.0, checkpoint_every=1)
+    events = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "resumed"] == [kill]
+    assert resumed["history"] == full["history"], f"killed before step {kill}"
     a = load_file(str(tmp_path / "full" / "linear_head.safetensors"))
     b = load_file(str(tmp_path / "cut" / "linear_head.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="other settings"):
+    assert all(torch.equal(a[k], b[k]) for k in a), f"killed before step {kill}"
+    with pytest.raises(ConfigError, match="another recipe: probe.lr"):
         _train(tmp_path / "cut", "dino", epochs=3, lr=8.0)
 
 

@@ -237,8 +237,8 @@ def test_pretraining_optimizers_come_from_timm_with_the_named_groups(image_folde
     sgd stays plain momentum SGD (timm's own sgd is Nesterov); adamw is PyTorch's fused AdamW."""
     import timm.optim
 
+    from selfdistill.engine.optim import create_optimizer
     from selfdistill.methods import build_method
-    from selfdistill.methods.base import build_optimizer
 
     config = load_config(None, tiny_overrides(image_folder, tmp_path / "x"))
     task = build_method(config)
@@ -246,7 +246,8 @@ def test_pretraining_optimizers_come_from_timm_with_the_named_groups(image_folde
     for name, cls in (("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("lars", timm.optim.Lars),
                       ("lamb", timm.optim.Lamb)):
         config.optim.name = name
-        opt = build_optimizer(config.optim, groups, torch.device("cpu"))
+        o = config.optim
+        opt = create_optimizer(groups, name, momentum=o.momentum, betas=o.betas, fused=o.fused, device=torch.device("cpu"))
         assert type(opt) is cls, name
         assert [g["name"] for g in opt.param_groups] == [g["name"] for g in groups]
         if name == "sgd":
@@ -255,6 +256,38 @@ def test_pretraining_optimizers_come_from_timm_with_the_named_groups(image_folde
             assert opt.defaults["fused"] is True
     with pytest.raises(ConfigError, match=r"optim.name: unknown optimizer 'lasr' \(closest: lars"):
         load_config(None, ["optim.name=lasr"])
+
+
+def test_sgd_is_one_optimizer_for_pretraining_finetuning_and_the_linear_probe(image_folder, tmp_path):
+    """optim.name=sgd means DINO's plain momentum SGD (momentum 0.9, no Nesterov, no dampening) in every
+    task: a method's optimizer, fine-tuning's (timm's own sgd would be Nesterov there) and the linear
+    probe's dino recipe; one step from the same gradient moves a weight the same way in all three."""
+    import timm
+
+    from selfdistill.eval.finetune import FinetuneOptimConfig
+    from selfdistill.eval.finetune import build_optimizer as finetune_optimizer
+    from selfdistill.eval.linear import RECIPES
+    from selfdistill.eval.linear import build_optimizer as linear_optimizer
+    from selfdistill.methods import build_method
+
+    config = load_config(None, tiny_overrides(image_folder, tmp_path / "x") + ["optim.name=sgd"])
+    pretraining = build_method(config).build_optimizer(256, torch.device("cpu"))
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, embed_dim=16, num_heads=1,
+                              num_classes=2)
+    finetuning = finetune_optimizer(model, FinetuneOptimConfig(name="sgd", weight_decay=0.0, layer_decay=1.0), 0.1)
+    probe = linear_optimizer(torch.nn.Linear(4, 2).parameters(), RECIPES["dino"], 0.1)
+    steps = []
+    for opt in (pretraining, finetuning, probe):
+        assert type(opt) is torch.optim.SGD
+        assert (opt.defaults["momentum"], opt.defaults["nesterov"], opt.defaults["dampening"]) == (0.9, False, 0)
+        w = torch.nn.Parameter(torch.ones(3))
+        opt.add_param_group({"params": [w], "lr": 0.1, "weight_decay": 0.0})
+        for _ in range(2):
+            w.grad = torch.tensor([1.0, -2.0, 0.5])
+            opt.step()
+        steps.append(w.detach())
+    assert torch.equal(steps[0], steps[1]) and torch.equal(steps[1], steps[2])
+    assert torch.allclose(steps[0], 1 - 0.1 * (1 + 1.9) * torch.tensor([1.0, -2.0, 0.5]))
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")

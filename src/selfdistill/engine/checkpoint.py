@@ -80,9 +80,10 @@ RECIPE_KEYS = ("optim.name",)
 FREE_KEYS = ("model.grad_checkpointing", "model.channels_last", "model.pretrained", "model.pretrained_format")
 
 
-def check_same_recipe(path: str | Path, config: dict[str, Any]) -> None:
+def check_same_recipe(path: str | Path, config: dict[str, Any], sections: tuple[str, ...] = RECIPE_SECTIONS) -> None:
     """Refuse to resume checkpoint ``path`` under ``config`` (a recipe's ``to_dict()``) when they
-    differ in what the checkpoint's tensors are made of; one :class:`ConfigError` naming the keys."""
+    differ in what the checkpoint's tensors are made of (its ``sections``, ``optim.name``); one
+    :class:`ConfigError` naming the keys."""
     file = Path(path) / CONFIG
     if not file.is_file():  # (a checkpoint written before checkpoints held their recipe)
         return
@@ -90,7 +91,7 @@ def check_same_recipe(path: str | Path, config: dict[str, Any]) -> None:
 
     saved, now = _flat(yaml.safe_load(file.read_text()) or {}), _flat(config)
     differ = [k for k in sorted(set(saved) | set(now))
-              if (k.split(".", 1)[0] in RECIPE_SECTIONS or k in RECIPE_KEYS) and k not in FREE_KEYS
+              if (k.split(".", 1)[0] in sections or k in RECIPE_KEYS) and k not in FREE_KEYS
               and not k.startswith(tuple(f + "." for f in FREE_KEYS)) and saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k, 'unset')!r} there, {now.get(k, 'unset')!r} now" for k in differ[:5])

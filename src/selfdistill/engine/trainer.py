@@ -68,11 +68,13 @@ class Trainer:
     alike (identical initial weights); ``data(task)``, when given, replaces the task's training
     images (``train_source`` and ``finish`` as :class:`~selfdistill.data.ImageSet`; a benchmark
     serves one synthetic batch); ``check_data`` decodes every training image once
-    before the first step; ``resume_elastic`` lets a resume change the global batch."""
+    before the first step; ``resume_elastic`` lets a resume change the global batch;
+    ``keep_process_group`` leaves the ranks' process group up when the run ends. A config root may
+    name the sections a resume must match (``recipe_sections``, default ``model`` and ``method``)."""
 
     def __init__(self, config: Any, make_task: Callable[[], Task], resume: str | None = None,
                  hooks: Sequence[Hook] = (), data: Callable[[Task], Any] | None = None,
-                 check_data: bool = False, resume_elastic: bool = False) -> None:
+                 check_data: bool = False, resume_elastic: bool = False, keep_process_group: bool = False) -> None:
         self.config = config
         self.make_task = make_task
         self.resume = resume
@@ -81,6 +83,7 @@ class Trainer:
         self.data = data
         self.check_data = check_data
         self.resume_elastic = resume_elastic
+        self.keep_process_group = keep_process_group
         self.results: dict[str, Any] = {}  # what hooks report at the end (fit's return value)
 
     # ------------------------------------------------------------------------------------------
@@ -94,7 +97,8 @@ class Trainer:
         # DeepSpeed's universal format, which the engine must be configured for (below).
         self.resume_from = ckpt.resolve_resume(self.resume, self.run_dir)
         if self.resume_from is not None:
-            ckpt.check_same_recipe(self.resume_from, self.config.to_dict())
+            ckpt.check_same_recipe(self.resume_from, self.config.to_dict(),
+                                   getattr(self.config, "recipe_sections", ckpt.RECIPE_SECTIONS))
         self.accelerator = acc = make_accelerator(t.precision, t.grad_accum_steps, t.cpu, t.trackers, str(self.run_dir))
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +189,11 @@ class Trainer:
         self._emit("on_final_checkpoint", final)
         if acc.is_main_process:
             self._report_end()
-        acc.end_training()
+        if self.keep_process_group:  # more work follows in this process (the linear probe inside an evaluation)
+            for tracker in acc.trackers:
+                tracker.finish()
+        else:
+            acc.end_training()
 
     def _report_end(self) -> dict[str, Any]:
         """``<run>/summary.json`` and one line on stdout: steps, final loss, the last evaluation's top-1

@@ -37,6 +37,7 @@ from selfdistill.configkit import (Root, check_kwargs_have_values, fail, fractio
                                    positive, read_recipe, root_from_tree)
 from selfdistill.data import SourceConfig, collate_eval, detect_format, open_images, sample_seed
 from selfdistill.engine.inference import sum_over_batches
+from selfdistill.engine.optim import create_optimizer
 from selfdistill.engine.task import Export, Hook, Progress, StepOutput, Task
 from selfdistill.engine.trainer import Trainer
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
@@ -196,7 +197,7 @@ class MixupConfig:
 class FinetuneOptimConfig:
     """AdamW with layer-wise lr decay and a per-step cosine schedule with linear warm-up."""
 
-    name: str = "adamw"  # any timm optimizer name (create_optimizer_v2)
+    name: str = "adamw"  # any timm optimizer name (engine.optim.create_optimizer; sgd: plain momentum)
     lr: float = 5e-4  # for a global batch of lr_base_batch images
     lr_base_batch: int = 256  # lr (and min_lr, warmup_lr) scale with global batch / this (FD: 512)
     scale_lr_with_batch: bool = True
@@ -412,16 +413,9 @@ def param_groups(model: nn.Module, cfg: FinetuneOptimConfig) -> list[dict[str, A
 
 
 def build_optimizer(model: nn.Module, cfg: FinetuneOptimConfig, lr: float) -> torch.optim.Optimizer:
-    from timm.optim import create_optimizer_v2
-
-    extra: dict[str, Any] = {}
-    if "adam" in cfg.name or "lamb" in cfg.name:
-        extra = {"betas": tuple(cfg.betas), "eps": cfg.eps}
-    try:
-        return create_optimizer_v2(param_groups(model, cfg), opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay,
-                                   momentum=cfg.momentum, **extra)
-    except (ValueError, AssertionError) as e:
-        raise ValueError(f"optim.name: timm cannot build optimizer {cfg.name!r}: {e}") from None
+    """``optim.name`` over the layer-decay groups, from the one factory (``sgd``: plain momentum)."""
+    return create_optimizer(param_groups(model, cfg), cfg.name, lr=lr, weight_decay=cfg.weight_decay,
+                            momentum=cfg.momentum, betas=cfg.betas, eps=cfg.eps)
 
 
 def build_scheduler(optimizer: Any, total_steps: int, warmup_steps: int, min_lr: float, warmup_lr: float):

@@ -14,6 +14,9 @@ epochs, cosine per epoch to 0; ``smd`` = LARS (LARC with trust 0.001, no clippin
 ``timm.optim.Lars(always_adapt=True)``) over SGD momentum 0.9, wd 0, lr 0.1·batch/256, batch 4096,
 90 epochs, cosine per epoch.
 
+The training is a task of the one loop (:mod:`selfdistill.eval.linear_task`); a killed probe
+resumes exactly from the loop's checkpoints.
+
 One difference from DINO: with ``avgpool_patchtokens`` DINO interleaves the CLS and average
 vectors element by element (and so only works with ``n_last_blocks=1``); here they are
 concatenated, which is the same features in another order (a linear layer learns the same
@@ -22,51 +25,17 @@ function) and also works with ``n_last_blocks > 1``.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from selfdistill.atomic import torch_save_atomic, write_safetensors_atomic
-from selfdistill.data import SourceConfig, collate_eval, open_images
+from selfdistill.data import SourceConfig, open_images
 from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from selfdistill.engine.inference import sum_over_batches
-from selfdistill.engine.logger import interactive
+from selfdistill.eval.linear_task import (RECIPES, Recipe, build_optimizer, evaluate_head, linear_head,
+                                          train_linear_classifier)
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol, settings_from_run
-
-log = logging.getLogger(__name__)
-
-CHECKPOINT = "linear_checkpoint.pt"
-HEAD_FILE = "linear_head.safetensors"
-
-
-@dataclass(frozen=True)
-class Recipe:
-    optimizer: str  # "sgd" or "lars"
-    lr: float  # per 256 images (linear scaling rule)
-    batch_size: int  # global
-    epochs: int
-    momentum: float
-    weight_decay: float
-    val_interpolation: str  # of the validation resize
-    reference: str
-
-
-RECIPES = {
-    "dino": Recipe("sgd", 0.001, 1024, 100, 0.9, 0.0, "bicubic",
-                   "DINO eval_linear.py: SGD momentum 0.9, wd 0, lr 0.001*batch/256, CosineAnnealingLR per epoch "
-                   "(eta_min 0); RandomResizedCrop(scale 0.08-1)+flip; val Resize(256, bicubic)+CenterCrop(224)"),
-    "smd": Recipe("lars", 0.1, 4096, 90, 0.9, 0.0, "bilinear",
-                  "SMD/SimSiam main_lincls.py --lars: LARC(trust 0.001, no clip) over SGD momentum 0.9, wd 0, "
-                  "lr 0.1*batch/256, cosine per epoch; RandomResizedCrop+flip; val Resize(256)+CenterCrop(224)"),
-}
 
 
 # option -> (the run's config keys, the default without a run): a run is probed as it was evaluated
@@ -153,157 +122,6 @@ class LinearFeatures:
         return s + (" + average of the last block's patch tokens" if self.avgpool else "")
 
 
-def linear_head(dim: int, num_classes: int, seed: int = 0) -> nn.Linear:
-    """DINO's LinearClassifier: weights ~ N(0, 0.01), bias 0, no batch norm."""
-    head = nn.Linear(dim, num_classes)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
-        head.bias.zero_()
-    return head
-
-
-def build_optimizer(params: Iterable[torch.Tensor], recipe: Recipe, lr: float) -> torch.optim.Optimizer:
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    if recipe.optimizer == "lars":
-        from timm.optim import Lars
-
-        # always_adapt: the trust ratio applies with wd 0 too, as apex LARC(clip=False) does.
-        return Lars(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-                    trust_coeff=0.001, trust_clip=False, always_adapt=True)
-    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
-
-
-def _topk_hits(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
-    top = logits.topk(max(ks), dim=1).indices
-    hit = top == target[:, None]
-    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
-
-
-def evaluate_head(head: nn.Module, feature_fn: Callable, batches: Iterable[dict], num_classes: int,
-                  accelerator: Any, show_progress: bool = True) -> dict[str, float]:
-    """Top-1 / top-5 (percent) over every validation sample of every rank."""
-    ks = (1, 5) if num_classes >= 5 else (1,)
-
-    def counts(batch: dict) -> torch.Tensor:  # hits at each k, samples
-        x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
-        return torch.tensor([*_topk_hits(head(feature_fn(x)).float(), y, ks), y.numel()], dtype=torch.float64)
-
-    head.eval()
-    total = sum_over_batches(counts, batches, accelerator, torch.zeros(len(ks) + 1, dtype=torch.float64),
-                             "linear val", show_progress).cpu()
-    if total[-1] == 0:
-        raise ValueError("the validation set is empty")
-    return {f"top{k}": 100.0 * float(total[i] / total[-1]) for i, k in enumerate(ks)}
-
-
-def train_linear_classifier(
-    feature_fn: Callable[[torch.Tensor], torch.Tensor],
-    dim: int,
-    num_classes: int,
-    train_source: Any,
-    val_batches: Callable[[], Iterable[dict]],
-    recipe: Recipe,
-    accelerator: Any,
-    out_dir: str | os.PathLike,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    base_lr: float | None = None,
-    val_every: int = 1,
-    seed: int = 0,
-    resume: bool = True,
-    settings: dict[str, Any] | None = None,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """Train a linear head on ``feature_fn`` features and validate it; returns metrics and history.
-
-    ``train_source`` has ``batches_per_epoch`` and ``loader(epoch)`` (a ``MapSource`` or
-    ``ShardSource`` built with the per-process batch); ``val_batches()`` yields this process's
-    share of the validation set. A checkpoint is written to ``out_dir`` after every epoch and
-    picked up when ``resume`` and its ``settings`` match; the trained head goes to
-    ``out_dir/linear_head.safetensors``.
-    """
-    out_dir = Path(out_dir)
-    epochs = epochs or recipe.epochs
-    batch_size = batch_size or recipe.batch_size
-    lr = (base_lr or recipe.lr) * batch_size / 256
-    settings = {**(settings or {}), "recipe": asdict(recipe), "epochs": epochs, "batch_size": batch_size,
-                "lr": lr, "seed": seed, "dim": dim, "num_classes": num_classes}
-
-    head = linear_head(dim, num_classes, seed).to(accelerator.device)
-    optimizer = build_optimizer(head.parameters(), recipe, lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.0)
-    state = {"epoch": 0, "history": []}
-    ckpt_path = out_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if json.loads(ckpt["settings"]) != json.loads(json.dumps(settings)):
-            raise ValueError(f"{ckpt_path} was written with other settings ({ckpt['settings']}); remove it, "
-                             "pass --no-resume, or choose another output directory")
-        head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = {"epoch": int(ckpt["epoch"]), "history": json.loads(ckpt["history"])}
-        log.info("linear: resuming from %s at epoch %d", ckpt_path, state["epoch"])
-    model = accelerator.prepare(head)  # DDP over the processes; the optimizer holds the same tensors
-
-    for epoch in range(state["epoch"], epochs):
-        model.train()
-        loss_sum = torch.zeros((), device=accelerator.device)
-        n_steps = 0
-        bar = tqdm(train_source.loader(epoch), total=train_source.batches_per_epoch, dynamic_ncols=True,
-                   desc=f"linear epoch {epoch + 1}/{epochs}", disable=not (show_progress and accelerator.is_main_process and interactive()))
-        for batch in bar:
-            x, y = batch["image"].to(accelerator.device), batch["label"].to(accelerator.device)
-            if (y < 0).any():
-                raise ValueError("the linear probe needs labelled training images (got label -1)")
-            with torch.no_grad():
-                feats = feature_fn(x)
-            loss = F.cross_entropy(model(feats.float()), y)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            loss_sum += loss.detach()
-            n_steps += 1
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": epoch_lr,
-                               "train_loss": float(accelerator.reduce(loss_sum, "mean")) / max(n_steps, 1)}
-        if (epoch + 1) % val_every == 0 or epoch + 1 == epochs:
-            row.update(evaluate_head(accelerator.unwrap_model(model), feature_fn, val_batches(), num_classes,
-                                     accelerator, show_progress))
-            log.info("linear epoch %d: %s", epoch + 1, {k: round(v, 3) for k, v in row.items()})
-        state = {"epoch": epoch + 1, "history": [*state["history"], row]}
-        if accelerator.is_main_process:
-            torch_save_atomic({"epoch": epoch + 1, "history": json.dumps(state["history"]),
-                               "settings": json.dumps(settings),
-                               "head": {k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()},
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, ckpt_path)
-        accelerator.wait_for_everyone()
-
-    validated = [r for r in state["history"] if "top1" in r]
-    if not validated:
-        raise ValueError("no validation ran (epochs must be >= 1)")
-    best = max(validated, key=lambda r: r["top1"])
-    last = validated[-1]
-    metrics = {"top1": best["top1"], "best_epoch": best["epoch"], "top1_last": last["top1"]}
-    if "top5" in best:
-        metrics.update(top5=best["top5"], top5_last=last["top5"])
-    head_path = out_dir / HEAD_FILE
-    if accelerator.is_main_process:
-        weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        write_safetensors_atomic(head_path, weights, {"selfdistill_linear": json.dumps(settings)})
-    accelerator.wait_for_everyone()
-    return {"metrics": metrics, "history": state["history"], "head": str(head_path), "lr": lr,
-            "epochs": epochs, "batch_size": batch_size}
-
-
 # --------------------------------------------------------------------------------------------
 # The protocol: images -> features -> head
 # --------------------------------------------------------------------------------------------
@@ -358,7 +176,6 @@ def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) 
     num_classes, classes = _num_classes(train)
     if train.dataset is not None and batch_size > len(train):
         raise ValueError(f"linear: --batch-size {batch_size} is larger than the {len(train)} training images")
-    source = train.train_source(per_device, acc.process_index, acc.num_processes, collate_eval)
 
     backbone = weights.backbone().to(ctx.device)
     features = LinearFeatures(backbone, options.n_last_blocks, options.avgpool_patchtokens)
@@ -368,10 +185,10 @@ def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) 
                 "image_size": options.image_size, "mean": list(options.mean), "std": list(options.std),
                 "feature": features.describe()}
     out = train_linear_classifier(
-        features, dim, num_classes, source,
+        features, dim, num_classes, train,
         lambda: val.eval_loader(per_device, acc.process_index, acc.num_processes),
-        recipe, acc, ctx.out_dir, options.epochs, batch_size, options.lr, options.val_every, options.seed,
-        options.resume, settings)
+        options.recipe, ctx.out_dir, options.epochs, batch_size, options.lr, options.val_every, options.seed,
+        options.resume, settings, cpu=ctx.cpu)
     protocol = {
         "description": f"linear probe ({options.recipe} recipe): {recipe.reference}",
         "recipe": options.recipe, "optimizer": recipe.optimizer, "epochs": out["epochs"],
@@ -387,5 +204,5 @@ def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) 
             "classes": classes}
 
 
-__all__ = ["LinearFeatures", "LinearOptions", "RECIPES", "Recipe", "build_optimizer", "evaluate_head",
-           "linear_head", "linear_protocol", "linear_transforms", "train_linear_classifier"]
+__all__ = ["LinearFeatures", "LinearOptions", "RECIPES", "Recipe", "build_optimizer", "evaluate_head", "linear_head",
+           "linear_protocol", "linear_transforms", "train_linear_classifier"]

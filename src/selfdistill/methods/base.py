@@ -21,6 +21,7 @@ from selfdistill.config import Config, MethodConfig
 from selfdistill.configkit import ConfigError, check_kwargs_have_values, fail
 from selfdistill.data import augment_on_device, open_images
 from selfdistill.engine.distributed import uses_deepspeed
+from selfdistill.engine.optim import create_optimizer
 from selfdistill.engine.task import Export, ParamGroup, Progress, StepOutput, Task
 from selfdistill.models import Backbone
 from selfdistill.models.frozen import FrozenTeacher
@@ -29,7 +30,7 @@ from selfdistill.models.weights import EXPORTS, load_teacher, weight_formats
 from selfdistill.registry import Registry
 from selfdistill.schedules import GroupCosineScheduler
 
-__all__ = ["Method", "ParamGroup", "Progress", "StepOutput", "TeacherConfig", "build_method", "build_optimizer",
+__all__ = ["Method", "ParamGroup", "Progress", "StepOutput", "TeacherConfig", "build_method",
            "load_frozen_teacher", "method_class", "method_config_class", "method_names", "register_method"]
 
 log = logging.getLogger("selfdistill")
@@ -85,7 +86,9 @@ class Method(Task):
         groups = [{"name": g.name, "params": g.params, "lr": 0.0, "weight_decay": 0.0, "apply_wd": g.weight_decay,
                    "fixed_lr": g.fixed_lr, "frozen_epochs": g.frozen_epochs}
                   for g in self.param_groups() if g.params]  # DeepSpeed drops empty groups; names, not positions
-        return build_optimizer(self.config.optim, groups, device)
+        o = self.config.optim
+        return create_optimizer(groups, o.name, momentum=o.momentum, betas=o.betas, fused=o.fused, device=device,
+                                kwargs=o.kwargs)
 
     def build_scheduler(self, optimizer: Any, steps_per_epoch: int, total_steps: int,
                         global_batch: int) -> GroupCosineScheduler:
@@ -159,33 +162,6 @@ def load_frozen_teacher(cfg: TeacherConfig, accelerator: Any, wrap: Callable[[nn
              "ZeRO-3 partitioned: " if teacher.partitioned else "", teacher.parameters_per_rank(), total,
              accelerator.process_index)
     return teacher
-
-
-OPTIMIZER_ALIASES = {"sgd": "momentum"}  # our sgd is DINO's plain momentum SGD; timm's "sgd" is Nesterov
-
-
-def build_optimizer(o: Any, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    """Any timm optimizer (``timm.optim.create_optimizer_v2``) over the method's named groups, which
-    keep their names, lr = 0 / fixed-lr / no-decay flags for the schedule. ``optim.fused`` uses
-    PyTorch's fused kernels where the optimizer has them (AdamW, Adam, SGD: one pass over each
-    tensor on CPU and GPU); ``optim.kwargs`` reaches the optimizer's constructor."""
-    import inspect
-
-    from timm.optim import create_optimizer_v2, get_optimizer_info
-
-    name = OPTIMIZER_ALIASES.get(o.name, o.name)
-    info = get_optimizer_info(name)
-    accepts = inspect.signature(info.opt_class.__init__).parameters
-    kw: dict[str, Any] = {}
-    if "betas" in accepts and info.has_betas:
-        kw["betas"] = tuple(o.betas)
-    if o.fused and "fused" in accepts and device.type in ("cpu", "cuda"):
-        kw["fused"] = True
-    kw.update(o.kwargs)
-    try:
-        return create_optimizer_v2(groups, opt=name, lr=0.0, weight_decay=0.0, momentum=o.momentum, **kw)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"optim: timm cannot build {o.name!r} with {kw}: {e}") from None
 
 
 _METHODS = Registry("method")
