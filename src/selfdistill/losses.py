@@ -462,11 +462,12 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     top = _all_reduce(top.reshape(1).clone(), "max")
     q = torch.exp((logits - top) / teacher_temp).t()  # [K, N]
     n_samples = _all_reduce(torch.full((1,), float(q.shape[1]), device=q.device))
+    tiny = torch.finfo(q.dtype).tiny  # a prototype no sample can reach stays 0 instead of 0/0
     q /= _all_reduce(q.sum().reshape(1))
     for _ in range(n_iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))  # each prototype: total mass 1 ...
+        q /= _all_reduce(q.sum(dim=1, keepdim=True)).clamp_min(tiny)  # each prototype: total mass 1 ...
         q /= n_prototypes  # ... then 1/K
-        q /= q.sum(dim=0, keepdim=True)  # each sample: total mass 1 ...
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)  # each sample: total mass 1 ...
         q /= n_samples  # ... then 1/N
     return (q * n_samples).t()
 
