@@ -105,7 +105,8 @@ def test_sinkhorn_knopp_on_two_ranks_equals_one_rank_on_all_rows(tmp_path):
     rows = torch.randn(6, 5) * 3
     rows[:, 0] += 4  # a dominant prototype the balance has to see across ranks
     out = str(tmp_path / "q")
-    torch.multiprocessing.spawn(_sinkhorn_rank, args=(2, f"file://{tmp_path / 'init'}", rows, out), nprocs=2)
+    torch.multiprocessing.start_processes(_sinkhorn_rank, args=(2, f"file://{tmp_path / 'init'}", rows, out),
+                                          nprocs=2, start_method="fork")  # fork: no second import of torch
     both = torch.cat([torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1)])
     assert torch.allclose(both, sinkhorn_knopp(rows, 0.1), atol=1e-6)
 
@@ -255,10 +256,11 @@ def test_ibot_loss_falls_on_real_photos(photo_folder, tmp_path):
 @pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_two_gloo_ranks_give_the_losses_of_one(tmp_path):
-    """Sinkhorn-Knopp's sums, the centres and the loss means over two ranks of batch 8 equal one
-    rank of batch 16 (same images, same per-image crops and masks)."""
+    """Sinkhorn-Knopp's sums and the loss means over two ranks of batch 8 equal one rank of batch
+    16 (same images, same per-image crops and masks). KoLeo's nearest neighbours are searched in
+    each rank's batch, as DINOv2 does, so it differs by design and is left out here."""
     data = make_image_folder(tmp_path / "img")
-    common = [*V2, "train.epochs=1", "model.drop_path_rate=0.0"]
+    common = [*V2, "train.epochs=1", "model.drop_path_rate=0.0", "method.koleo_loss_weight=0"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_training(data, one, *common, "train.batch_size_per_device=16")
     accelerate_launch(["--num_processes", "2"], data, two, *common, "train.batch_size_per_device=8")
