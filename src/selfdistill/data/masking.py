@@ -82,8 +82,12 @@ class BlockMasking:
 
 class MaskedMultiCrop:
     """A multi-crop augmentation whose samples also carry ``"masks"`` ``[n_global_crops, rows*cols]``
-    (one :class:`BlockMasking` draw per global crop, after the crops' own draws). Everything else,
-    ``on_device`` and ``finish`` included, is the wrapped augmentation's."""
+    (one :class:`BlockMasking` draw per global crop). Everything else, ``on_device`` and ``finish``
+    included, is the wrapped augmentation's.
+
+    The masks are drawn *before* the crops, in ``plan`` too: cutting for the device draws the crops
+    at decode time and the masks again in the transform, each under the sample's freshly seeded RNG,
+    so both paths see the same masks and the same crops."""
 
     def __init__(self, augmentation: Any, masking: BlockMasking) -> None:
         self.augmentation, self.masking = augmentation, masking
@@ -96,15 +100,21 @@ class MaskedMultiCrop:
     def on_device(self, value: bool) -> None:
         self.augmentation.on_device = value
 
+    def _masks(self) -> torch.Tensor:
+        return torch.stack([self.masking() for _ in range(self.augmentation.n_global_crops)])
+
     def plan(self, width: int, height: int) -> Any:
+        if self.on_device:
+            self._masks()  # the draws __call__ makes first, so the crops are drawn from the same RNG state
         return self.augmentation.plan(width, height)
 
     def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.augmentation.finish(batch)
 
     def __call__(self, img: Any) -> dict[str, Any]:
+        masks = self._masks()
         sample = self.augmentation(img)
-        sample["masks"] = torch.stack([self.masking() for _ in range(self.augmentation.n_global_crops)])
+        sample["masks"] = masks
         return sample
 
     def __repr__(self) -> str:
