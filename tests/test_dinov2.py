@@ -168,6 +168,18 @@ def test_student_sees_the_mask_token_where_masked_and_the_teacher_the_whole_crop
     assert not torch.allclose(glob_m[0], glob_u[0]) and torch.allclose(glob_m[1:], glob_u[1:], atol=1e-6)
 
 
+def test_register_tokens_are_prefix_tokens_not_patches():
+    """timm's ViTs with register tokens (DINOv2's *_reg4): the iBOT patches are the 16 grid tokens."""
+    regs = [o for o in TINY if not o.startswith("model.kwargs")] + [
+        "model.kwargs={depth: 1, embed_dim: 16, num_heads: 2, reg_tokens: 4}"]
+    method = build_method(load_config(None, regs))
+    assert method.student.backbone.num_prefix_tokens == 5
+    masks = torch.zeros(4, 16, dtype=torch.bool)
+    masks[1, 3:9] = True
+    cls, patches, glob = method.student([torch.randn(2, 3, 16, 16)] * 2, masks, True)
+    assert patches.shape == (6, 16) and glob.shape == (4, 16) and cls.shape == (4, 16)
+
+
 def test_refusals_are_one_line_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="model.name.*ViT"):
         build_method(load_config(None, V2 + ["model.name=resnet10t", "model.img_size=null", "method.out_dim=16", "method.head_hidden_dim=16",
