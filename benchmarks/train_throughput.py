@@ -44,6 +44,8 @@ SUITE = [
     ("DINO ViT-S/16", "configs/dino_vit_small16.yaml", [], 8, ["fp32"]),
     ("DINO ViT-S/16 (reduced)", "configs/dino_vit_small16.yaml", REDUCED, 8, ["fp32", "bf16"]),
     ("GLSD Swin-T", "configs/glsd_swin_tiny.yaml", [], 8, ["fp32"]),
+    ("DINOv2 ViT-S/14 (reduced)", "configs/dinov2_vit_small14.yaml",
+     ["model.img_size=112", "data.global_crop_size=112", "data.local_crop_size=56"], 8, ["fp32"]),
     ("SMD ResNet-50 -> ResNet-18", "configs/smd_r50_r18.yaml", [], 8, ["fp32"]),
     ("FD ViT-B/16 (DINO teacher)", "configs/fd_dino_vit_base16.yaml", [], 4, ["fp32"]),
 ]

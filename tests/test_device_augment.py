@@ -155,7 +155,7 @@ def _tiny_run(data, out, *extra):
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("method", [
-    ["method.name=dino"], ["method.name=glsd"], ["method.name=patchwise_dino"],
+    ["method.name=dino"], ["method.name=glsd"], ["method.name=patchwise_dino"], ["method.name=dinov2"],
     ["method.name=simsiam"]])
 def test_training_on_device_augmentation_follows_the_worker_path(photo_folder, tmp_path, method):
     """Same draws, crops within a level or so: the same run's losses agree step by step within 1 %

@@ -1,4 +1,6 @@
-"""Loss functions as pure functions of tensors: no state, no distributed calls.
+"""Loss functions as pure functions of tensors: no state, no distributed calls except the
+cross-rank sums that are part of a loss's maths (DINOv2's Sinkhorn-Knopp normalises over the
+global batch, so :func:`sinkhorn_knopp` all-reduces its sums when ``torch.distributed`` runs).
 
 State such as DINO's center lives in the method object; these functions only compute.
 All arithmetic runs in float32 even when the inputs come from a bf16/fp16 forward, because
@@ -42,10 +44,28 @@ def dino_loss(
         raise ValueError(f"student_out has {student_out.shape[0]} rows; expected n_crops x {batch}")
     if student_out.shape[1] != teacher_out.shape[1]:
         raise ValueError(f"student and teacher widths differ: {student_out.shape[1]} vs {teacher_out.shape[1]}")
-    n_crops = student_out.shape[0] // batch
+    teacher_p = F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1)
+    return dino_cross_entropy(student_out, teacher_p, n_global_crops, student_temp)
 
+
+def dino_cross_entropy(student_out: torch.Tensor, teacher_probs: torch.Tensor, n_global_crops: int,
+                       student_temp: float) -> torch.Tensor:
+    """DINO's cross-entropy over crop pairs given the teacher's *probabilities* (already centred
+    and sharpened, by :func:`dino_loss`'s softmax or by :func:`sinkhorn_knopp` as in DINOv2).
+
+    ``student_out [n_crops * B, K]`` logits and ``teacher_probs [n_global_crops * B, K]``, both
+    crop-major; returns ``mean over pairs (i, v != i) of mean_b sum_k -q_i[b, k] log_softmax(s_v / T_s)[b, k]``.
+    DINOv2 computes the same value as a sum over its local and global terms divided by the
+    number of pairs ``n_global (n_crops - 1)``.
+    """
+    batch = teacher_probs.shape[0] // n_global_crops
+    if teacher_probs.shape[0] % n_global_crops or student_out.shape[0] % batch \
+            or student_out.shape[0] // batch < n_global_crops or student_out.shape[1] != teacher_probs.shape[1]:
+        raise ValueError(f"expected student [n_crops x B, K] and teacher [{n_global_crops} x B, K], got "
+                         f"{tuple(student_out.shape)} and {tuple(teacher_probs.shape)}")
+    n_crops = student_out.shape[0] // batch
     student_logp = F.log_softmax(student_out.float() / student_temp, dim=-1).chunk(n_crops)
-    teacher_p = F.softmax((teacher_out.float() - center.float()) / teacher_temp, dim=-1).detach().chunk(n_global_crops)
+    teacher_p = teacher_probs.float().detach().chunk(n_global_crops)
 
     total = student_out.new_zeros((), dtype=torch.float32)
     n_terms = 0
@@ -360,3 +380,130 @@ def smd_loss(teacher_emb: torch.Tensor, student_emb: torch.Tensor, tau: float = 
     w_an = F.relu(d_tt.gather(1, a[:, None]).squeeze(1) - d_an).detach()
     w_ap = F.relu(d_ap - d_tt.gather(1, p[:, None]).squeeze(1)).detach()
     return F.softplus((w_ap * d_ap - w_an * d_an) / tau).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv2 (Oquab et al., 2023): KoLeo regulariser, Sinkhorn-Knopp centering, iBOT masked patches.
+# ---------------------------------------------------------------------------------------------
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Kozachenko-Leonenko entropy estimator as a loss (DINOv2's ``KoLeoLoss``): spread the
+    batch's features uniformly over the sphere.
+
+    With rows L2-normalised, ``x_i <- x_i / max(|x_i|, eps)``, and ``n(i) = argmax_{j != i} x_i . x_j``
+    each row's nearest other row (no gradient through the choice)::
+
+        L = -1/B sum_i log(|x_i - x_n(i) + eps|_2 + eps)
+
+    the distance as ``torch.nn.PairwiseDistance(p=2, eps=eps)`` computes it. A collapsed batch
+    (two equal rows) costs ``-log(sqrt(D) eps + eps)``, about 18 for ``eps = 1e-8``.
+
+    Args:
+        x: ``[B, D]`` features (DINOv2: the student's backbone CLS tokens of one global crop), B >= 2.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+        >>> round(koleo_loss(x).item(), 4)  # every nearest neighbour at distance sqrt(2)
+        -0.3466
+    """
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"koleo_loss needs [B, D] features with B >= 2, got {tuple(x.shape)}")
+    x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = x @ x.t()
+        dots.fill_diagonal_(-2.0)  # below any cosine: a row is never its own neighbour
+        nearest = dots.argmax(dim=1)
+    distance = torch.linalg.vector_norm(x - x[nearest] + eps, ord=2, dim=-1)
+    return -torch.log(distance + eps).mean()
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``t`` summed (or maxed) over the ranks when ``torch.distributed`` runs; ``t`` itself otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """DINOv2's (and SwAV's) Sinkhorn-Knopp centering: teacher probabilities whose prototypes are
+    used equally over the batch, in place of DINO's centre.
+
+    ``Q = exp(t / T_t)^T`` (``[K, N]``) is divided by its total, then ``n_iterations`` times every
+    prototype row is scaled to sum ``1/K`` and every sample column to ``1/N``; the result is
+    ``N Q^T``, each row summing to 1. When ``torch.distributed`` runs, the total, the row sums and
+    the sample count ``N`` are all-reduced as in DINOv2, so the balance is over the global batch
+    and two ranks give what one rank gives on their concatenated rows; one process is the special
+    case. The logits are shifted by their global maximum first (the same ``Q`` in exact arithmetic,
+    no ``exp`` overflow), and everything runs in float32. No gradients.
+
+    Args:
+        teacher_logits: ``[N, K]`` teacher head outputs (N samples on this rank, may be 0).
+        teacher_temp: the teacher's sharpening temperature.
+        n_iterations: row/column normalisation rounds (DINOv2: 3).
+
+    Returns:
+        ``[N, K]`` float32 teacher probabilities.
+
+    Example:
+        >>> t = torch.tensor([[5.0, 0.0], [5.0, 0.0]])  # prototype 0 dominates both samples
+        >>> sinkhorn_knopp(t, 1.0, n_iterations=50).round(decimals=3)
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]])
+    """
+    if teacher_logits.ndim != 2:
+        raise ValueError(f"sinkhorn_knopp needs [N, K] logits, got {tuple(teacher_logits.shape)}")
+    logits = teacher_logits.detach().float()
+    n_prototypes = logits.shape[1]
+    top = logits.max() if logits.numel() else logits.new_full((), -torch.inf)
+    top = _all_reduce(top.reshape(1).clone(), "max")
+    q = torch.exp((logits - top) / teacher_temp).t()  # [K, N]
+    n_samples = _all_reduce(torch.full((1,), float(q.shape[1]), device=q.device))
+    tiny = torch.finfo(q.dtype).tiny  # a prototype no sample can reach stays 0 instead of 0/0
+    q /= _all_reduce(q.sum().reshape(1))
+    for _ in range(n_iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True)).clamp_min(tiny)  # each prototype: total mass 1 ...
+        q /= n_prototypes  # ... then 1/K
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)  # each sample: total mass 1 ...
+        q /= n_samples  # ... then 1/N
+    return (q * n_samples).t()
+
+
+def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: torch.Tensor, masks: torch.Tensor,
+                    student_temp: float) -> torch.Tensor:
+    """iBOT's masked-patch loss as DINOv2 computes it (``iBOTPatchLoss.forward``).
+
+    Per image ``b`` with masked patches ``M_b`` (``masks[b]``)::
+
+        l_b = 1/max(|M_b|, 1) sum_{n in M_b} sum_k -P_t[b, n, k] log_softmax(s[b, n] / T_s)[k]
+        L   = 1/B sum_b l_b
+
+    so every image weighs the same whatever its number of masked patches, and an image with no
+    masked patch contributes 0 (but still counts in ``B``). The teacher's probabilities are
+    already centred and sharpened (softmax with a centre, or :func:`sinkhorn_knopp`).
+
+    Args:
+        student_patch_logits: ``[B, N, K]`` student head outputs for every patch.
+        teacher_patch_probs: ``[B, N, K]`` teacher probabilities (only masked positions are read).
+        masks: ``[B, N]`` bool, True where the student saw the mask token.
+        student_temp: the student's temperature.
+
+    Example:
+        >>> s = torch.zeros(2, 3, 4)  # uniform student: log 4 per masked patch
+        >>> t = torch.full((2, 3, 4), 0.25)
+        >>> m = torch.tensor([[True, True, False], [False, False, False]])
+        >>> round(ibot_patch_loss(s, t, m, 0.1).item(), 4)  # (log 4 + 0) / 2
+        0.6931
+    """
+    if student_patch_logits.shape != teacher_patch_probs.shape or student_patch_logits.ndim != 3 \
+            or masks.shape != student_patch_logits.shape[:2]:
+        raise ValueError(f"expected student and teacher [B, N, K] and masks [B, N], got "
+                         f"{tuple(student_patch_logits.shape)}, {tuple(teacher_patch_probs.shape)}, {tuple(masks.shape)}")
+    masks = masks.bool()
+    ce = torch.sum(-teacher_patch_probs.detach().float() * F.log_softmax(student_patch_logits.float() / student_temp,
+                                                                         dim=-1), dim=-1)  # [B, N]
+    per_image = (ce * masks).sum(dim=1) / masks.sum(dim=1).clamp_min(1)
+    return per_image.mean()

@@ -528,7 +528,9 @@ def measure_run(config: Any, out_dir: str | os.PathLike, steps: int = 3, flops: 
             "fwd_bwd_bytes": step_memory.steps[-1], "fwd_bwd_steps": step_memory.steps,
             "forward_bytes": step_memory.forward_steps[-1],
             "state": counted, "state_bytes": counted["student"],
-            "teacher_bytes": teacher_bytes(task), "teacher_frozen": isinstance(getattr(task, "teacher", None), FrozenTeacher),
+            "teacher_bytes": teacher_bytes(task),
+            # partitioned under ZeRO-3 only when every teacher is frozen (DINOv2's distillation also keeps an EMA copy)
+            "teacher_frozen": all(isinstance(t, FrozenTeacher) for t in teacher_modules(task)) and bool(teacher_modules(task)),
             "groups": None if trainer.deepspeed else [[p.numel() for p in g["params"]] for g in trainer.optimizer.param_groups],
             "frozen": [p.numel() for p in acc.unwrap_model(trainer.student).parameters() if not p.requires_grad],
             "buffers": [[b.numel(), b.element_size(), int(b.is_floating_point())]
@@ -592,7 +594,8 @@ def count_state(trainer: Any) -> dict[str, int]:
     buffers; DDP's C++ buckets added). The synthetic batch is left out."""
     from selfdistill.engine.memory import ddp_bucket_bytes, live_tensor_bytes
 
-    teacher = storages(dict(module_tensors(getattr(trainer.task, "teacher", None))))
+    teacher = storages({f"{i}.{k}": v for i, t in enumerate(teacher_modules(trainer.task))
+                        for k, v in module_tensors(t).items()})
     task = {k: v for k, v in held_tensors(trainer.task).items() if k not in teacher}
     batch = storages(getattr(trainer.source, "batch", None))
     student = live_tensor_bytes(set(teacher) | set(task) | set(batch)) + ddp_bucket_bytes(trainer.student)
@@ -606,9 +609,19 @@ def module_tensors(module: Any) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters()), **{f"buffer.{k}": v for k, v in module.named_buffers()}}
 
 
+def teacher_modules(task: Any) -> list[torch.nn.Module]:
+    """The task's teachers: ``teacher`` (an EMA copy or a frozen network) and any other frozen network
+    it holds (DINOv2's distillation teacher, beside the student's EMA)."""
+    from selfdistill.models.frozen import FrozenTeacher
+
+    others = [v for k, v in vars(task).items() if k != "teacher" and isinstance(v, FrozenTeacher)]
+    return [t for t in [getattr(task, "teacher", None), *others] if t is not None]
+
+
 def teacher_bytes(task: Any) -> int:
-    """Bytes of the task's teacher (EMA copy or frozen network) as this rank holds it."""
-    return sum(storages(module_tensors(getattr(task, "teacher", None))).values())
+    """Bytes of the task's teachers (EMA copy, frozen networks) as this rank holds them."""
+    return sum(storages({f"{i}.{k}": v for i, t in enumerate(teacher_modules(task))
+                         for k, v in module_tensors(t).items()}).values())
 
 
 def optimizer_kind(name: str) -> str:

@@ -47,7 +47,8 @@ class GroupCosineScheduler:
     """DINO's per-optimizer-step schedules applied to named parameter groups: the learning rate
     warms up linearly from 0 and follows a cosine to ``min_lr``, weight decay a cosine from
     ``weight_decay`` to ``weight_decay_end``. A group may keep the peak rate (``fixed_lr``), stay
-    at rate 0 for its first ``frozen_epochs``, or take no weight decay (``apply_wd`` false)."""
+    at rate 0 for its first ``frozen_epochs``, take no weight decay (``apply_wd`` false) or scale
+    its rate (``lr_scale``: DINOv2's layer-wise decay)."""
 
     def __init__(self, optimizer: Any, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
                  weight_decay: float, weight_decay_end: float, steps_per_epoch: int) -> None:
@@ -63,6 +64,6 @@ class GroupCosineScheduler:
         wd = cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end)
         for group in self.optimizer.param_groups:
             peak_or_lr = self.base_lr if group.get("fixed_lr") else lr
-            group["lr"] = 0.0 if step < group["frozen_steps"] else peak_or_lr
+            group["lr"] = 0.0 if step < group["frozen_steps"] else peak_or_lr * group.get("lr_scale", 1.0)
             group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
         return {"lr": lr, "wd": wd}

@@ -32,7 +32,7 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Any]:
     Returns ``crops`` (list of ``V`` tensors ``[B, 3, S_v, S_v]``, one per view so global and local
     sizes can differ), ``boxes`` ``[B, V, 4]``, ``flips`` ``[B, V]``, ``image_size`` ``[B, 2]``,
     ``label`` and ``index`` ``[B]`` and the flattened ``bad`` paths; with crops cut for the device,
-    their photometric ``params`` (each ``[B, V, ...]``).
+    their photometric ``params`` (each ``[B, V, ...]``); with iBOT masks, ``masks`` ``[B, 2, N]``.
     """
     batch = _collate_common(samples)
     views = [s["image"] for s in samples]
@@ -43,6 +43,8 @@ def collate_multicrop(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch["boxes"] = torch.stack([v["boxes"] for v in views])
     batch["flips"] = torch.stack([v["flips"] for v in views])
     batch["image_size"] = torch.stack([v["image_size"] for v in views])
+    if "masks" in views[0]:  # DINOv2's iBOT masks of the global crops (data.masking.MaskedMultiCrop)
+        batch["masks"] = torch.stack([v["masks"] for v in views])
     if "params" in views[0]:  # data.augment_on=device: uint8 crops, finished where the model trains
         batch["params"] = {k: torch.stack([v["params"][k] for v in views]) for k in views[0]["params"]}
     return batch

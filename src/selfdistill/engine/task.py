@@ -38,6 +38,7 @@ class ParamGroup:
     weight_decay: bool = True  # follows the weight-decay schedule, else 0
     frozen_epochs: float = 0  # learning rate is 0 for this many epochs (counted in optimizer steps)
     fixed_lr: bool = False  # learning rate stays at the peak (no warm-up, no decay): SimSiam's predictor
+    lr_scale: float = 1.0  # the scheduled rate times this: DINOv2's layer-wise decay and patch-embed multiplier
 
 
 @dataclass

@@ -84,7 +84,7 @@ class Method(Task):
 
     def build_optimizer(self, global_batch: int, device: torch.device) -> torch.optim.Optimizer:
         groups = [{"name": g.name, "params": g.params, "lr": 0.0, "weight_decay": 0.0, "apply_wd": g.weight_decay,
-                   "fixed_lr": g.fixed_lr, "frozen_epochs": g.frozen_epochs}
+                   "fixed_lr": g.fixed_lr, "frozen_epochs": g.frozen_epochs, "lr_scale": g.lr_scale}
                   for g in self.param_groups() if g.params]  # DeepSpeed drops empty groups; names, not positions
         o = self.config.optim
         return create_optimizer(groups, o.name, momentum=o.momentum, betas=o.betas, fused=o.fused, device=device,
