@@ -249,8 +249,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def wait_job(self, job_id: int, states: tuple[str, ...], timeout: float = 300,
                  start_now: bool = True) -> dict[str, str]:
         """Poll until the job reaches one of ``states``. ``start_now``: a requeued job waits for its
-        BeginTime (~2 min); tell SLURM to start it now, as an impatient admin would."""
-        deadline, seen = time.monotonic() + timeout, set()
+        BeginTime (~2 min); tell SLURM to start it now, as an impatient admin would, but not within
+        2 s of the requeue: slurmd refuses a job started in the second its old credential was
+        revoked ("Job credential revoked", the job FAILED)."""
+        deadline, seen, held_since = time.monotonic() + timeout, set(), None
         while True:
             info = self.job(job_id)
             state = info.get("JobState", "")
@@ -258,7 +260,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if state in states:
                 return info
             if start_now and state == "PENDING" and info.get("Reason") == "BeginTime":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+                held_since = held_since or time.monotonic()
+                if time.monotonic() - held_since > 2:
+                    self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} not {'/'.join(states)} after {timeout} s (seen {seen}): {info}")
             time.sleep(0.2)

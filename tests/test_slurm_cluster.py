@@ -53,3 +53,80 @@ def test_two_nodes_train_as_two_local_ranks(slurm_cluster, two_rank_run, tmp_pat
     assert launch["world_size"] == 2 and launch["env"]["SLURM_JOB_ID"] == str(job), launch
     assert {h: sorted(r) for h, r in launch["hosts"].items()} == {"n1": [0], "n2": [1]}, launch["hosts"]
     assert_same_run(uninterrupted, out)
+
+
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def check_preemption(cluster: Cluster, images: Path, uninterrupted: Path, out: Path, script: Path = SCRIPT) -> float:
+    """SLURM's early warning by hand (``scancel --signal=USR1 --batch``: the batch shell only, as
+    ``--signal=B:USR1@N`` does): the script passes USR1 through srun and torchrun, both nodes' ranks
+    finish the same step, checkpoint and exit 75, the script requeues the job, the job starts again
+    with --resume auto and ends bit-for-bit where the uninterrupted run ends. Returns the seconds from
+    the signal to the job pending again."""
+    job = submit(cluster, images, out, script=script)
+    try:
+        return _preempt(cluster, job, uninterrupted, out)
+    finally:  # a failed check must not leave its job holding the nodes
+        cluster.run("scancel", str(job), check=False)
+
+
+def launches(out: Path) -> list[dict]:
+    path = out / "provenance.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _preempt(cluster: Cluster, job: int, uninterrupted: Path, out: Path) -> float:
+    deadline = time.monotonic() + 120
+    while logged_step(out) < 2:
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), job_output(out, job)[-4000:]
+        assert time.monotonic() < deadline, "no step 2 after 120 s: " + job_output(out, job)[-4000:]
+        time.sleep(0.05)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    signalled = time.monotonic()
+    requeued = cluster.wait_job(job, ("PENDING",) + FINAL, start_now=False)
+    seconds = time.monotonic() - signalled
+    assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", (requeued, job_output(out, job)[-4000:])
+    stops = [r for r in rows(out) if r.get("event") == "preempted"]
+    assert len(stops) == 1 and stops[0]["signal"] == "SIGUSR1", stops
+    step = stops[0]["step"]
+    assert 2 <= step < STEPS and ckpt.checkpoint_dir(out, step).is_dir()
+    deadline = time.monotonic() + 120
+    while len(launches(out)) < 2:  # the requeued job (started now, not after the ~2 min it would wait)
+        state = cluster.wait_job(job, ("RUNNING",) + FINAL)["JobState"]
+        assert state == "RUNNING" or len(launches(out)) == 2, f"the requeued job ended {state} without a launch: " + \
+            job_output(out, job)[-4000:]
+        assert time.monotonic() < deadline, "the requeued job did not start training in 120 s"
+        time.sleep(0.1)
+    assert launches(out)[1]["step"] == step, f"the requeued job did not resume from step {step}: {launches(out)[1]}"
+    info = cluster.wait_job(job, FINAL)
+    output = job_output(out, job)
+    assert info["JobState"] == "COMPLETED", output[-4000:]
+    # both nodes' ranks stopped (exit 75); torchrun itself exits 1 after a signal it forwarded, and srun
+    # reports the other node's launcher as terminated: the script requeues because it was signalled
+    assert output.count(f"SIGUSR1: stopped after step {step}") == 2, output[-4000:]
+    assert f"requeueing job {job} (exit code" in output, output[-4000:]
+    resumed = [r for r in rows(out) if r.get("event") == "resumed"]
+    assert [r["step"] for r in resumed] == [step], resumed
+    first, second = launches(out)
+    assert first["step"] == 0 and "SLURM_RESTART_COUNT" not in first["env"]
+    assert second["env"]["SLURM_RESTART_COUNT"] == "1"
+    assert_same_run(uninterrupted, out)
+    return seconds
+
+
+def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, two_rank_run, tmp_path):
+    images, uninterrupted = two_rank_run
+    seconds = check_preemption(slurm_cluster, images, uninterrupted, tmp_path / "preempted")
+    print(f"scancel --signal=USR1 --batch to the job pending again: {seconds:.1f} s")
+
+
+def test_the_preemption_check_catches_a_script_that_does_not_resume(slurm_cluster, two_rank_run, tmp_path):
+    """The same check against a copy of the script that forgets `--resume auto` must fail."""
+    images, uninterrupted = two_rank_run
+    broken = tmp_path / "no_resume.sh"
+    text = SCRIPT.read_text()
+    assert "resume=(--resume auto)" in text
+    broken.write_text(text.replace("resume=(--resume auto)", "resume=()"))
+    with pytest.raises(AssertionError, match="the requeued job did not resume from step"):
+        check_preemption(slurm_cluster, images, uninterrupted, tmp_path / "broken", script=broken)
