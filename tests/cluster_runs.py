@@ -103,3 +103,13 @@ def rank_pids(marker: str) -> dict[int, int]:
             rank, pid = int(env[b"RANK"]), int(proc.name)
             found[rank] = min(pid, found.get(rank, pid))  # a loader worker is forked later: larger pid
     return found
+
+
+def max_difference(a: Path, b: Path) -> tuple[float, float]:
+    """Largest difference of the logged losses (step by step) and of the final teachers."""
+    la, lb = logged_losses(a), logged_losses(b)
+    assert len(la) == len(lb) == STEPS
+    teacher_a, teacher_b = final_state(a)[1]["teacher"], final_state(b)[1]["teacher"]
+    loss_diff = max(abs(x - y) for x, y in zip(la, lb))
+    teacher_diff = max((teacher_a[k].float() - teacher_b[k].float()).abs().max().item() for k in teacher_a)
+    return loss_diff, teacher_diff

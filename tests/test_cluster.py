@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_runs import (STEPS, assert_same_run, final_state, finish, logged_step, rank_pids, rows,
+from cluster_runs import (STEPS, assert_same_run, finish, logged_step, max_difference, rank_pids, rows,
                           torchrun, two_rank_overrides, wait_for)
 from conftest import make_image_folder, run_training, tiny_overrides
 from selfdistill.engine import checkpoint as ckpt
@@ -312,16 +312,6 @@ def test_resume_with_another_global_batch_is_refused_unless_elastic(images, tmp_
     resumed = [r for r in rows(out) if r.get("event") == "resumed"]
     assert resumed[-1]["step"] == 1 and "--resume-elastic" in resumed[-1]["layout_change"]  # 24 images = 1 x 16
     assert [r["step"] for r in rows(out) if "loss" in r][-3:] == [2, 3, 4]  # 2 epochs of 2 steps of 16
-
-
-def max_difference(a: Path, b: Path) -> tuple[float, float]:
-    """Largest difference of the logged losses (step by step) and of the final teachers."""
-    la, lb = logged_losses(a), logged_losses(b)
-    assert len(la) == len(lb) == STEPS
-    teacher_a, teacher_b = final_state(a)[1]["teacher"], final_state(b)[1]["teacher"]
-    loss_diff = max(abs(x - y) for x, y in zip(la, lb))
-    teacher_diff = max((teacher_a[k].float() - teacher_b[k].float()).abs().max().item() for k in teacher_a)
-    return loss_diff, teacher_diff
 
 
 def summary_indices(out: Path, rank: int) -> list[int]:

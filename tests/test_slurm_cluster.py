@@ -5,15 +5,13 @@ same recipe on 2 local ranks (conftest ``two_rank_run``)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster_runs import STEPS, assert_same_run, logged_step, rows, two_rank_overrides
+from cluster_runs import STEPS, assert_same_run, logged_step, max_difference, rows, two_rank_overrides
 from conftest import ROOT
 from selfdistill.engine import checkpoint as ckpt
 from slurm_cluster import Cluster
@@ -130,3 +128,20 @@ def test_the_preemption_check_catches_a_script_that_does_not_resume(slurm_cluste
     broken.write_text(text.replace("resume=(--resume auto)", "resume=()"))
     with pytest.raises(AssertionError, match="the requeued job did not resume from step"):
         check_preemption(slurm_cluster, images, uninterrupted, tmp_path / "broken", script=broken)
+
+
+def test_zero2_on_two_nodes_gives_the_ddp_run(slurm_cluster, two_rank_run, tmp_path):
+    """The same with --deepspeed ds_configs/zero2.json: ZeRO-2 across the two nodes gives the 2-rank
+    DDP run's losses and teacher (to the order of float sums, as on one machine)."""
+    images, uninterrupted = two_rank_run
+    out = tmp_path / "zero2"
+    job = submit(slurm_cluster, images, out, "--deepspeed", "ds_configs/zero2.json")
+    info = slurm_cluster.wait_job(job, FINAL, start_now=False)
+    assert info["JobState"] == "COMPLETED", job_output(out, job)[-4000:]
+    assert "DeepSpeed (ds_configs/zero2.json)" in job_output(out, job)
+    launch = launches(out)[0]
+    assert launch["world_size"] == 2 and sorted(launch["hosts"]) == ["n1", "n2"], launch["hosts"]
+    assert "deepspeed" in launch["distributed"].lower(), launch["distributed"]
+    loss_diff, teacher_diff = max_difference(uninterrupted, out)
+    print(f"ZeRO-2 on 2 nodes against DDP on 2 local ranks: loss {loss_diff:.2e}, teacher {teacher_diff:.2e}")
+    assert loss_diff < 1e-5 and teacher_diff < 1e-5
