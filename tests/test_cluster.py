@@ -185,39 +185,6 @@ def test_slurm_script_requeues_on_exit_75_only(tmp_path):
 
 # -- two gloo ranks under torchrun and the SLURM script (slow) -----------------------------------
 @pytest.mark.slow
-def test_slurm_preemption_checkpoints_requeues_and_resumes_exactly(two_rank_run, tmp_path):
-    """SLURM's early warning (--signal=B:USR1) reaches the batch script; the script passes it through
-    srun and torchrun; the ranks finish their step, checkpoint and exit 75; the script requeues; the
-    requeued job resumes and ends exactly where the uninterrupted run ends."""
-    images, uninterrupted = two_rank_run
-    slurm, out = Slurm(tmp_path), tmp_path / "preempted"
-    args = slurm.training(images, out)
-    job = slurm.start(args)
-    wait_for(lambda: logged_step(out) >= 2, "step 2", job)
-    t0 = time.monotonic()
-    job.send_signal(signal.SIGUSR1)
-    rc, output = finish(job)
-    seconds = time.monotonic() - t0
-    assert rc == 0, output[-4000:]
-    assert (slurm.log / "srun.signals").read_text().split() == ["USR1"]
-    assert "requeue 4242" in slurm.scontrol(), output[-4000:]
-    event = rows(out)[-1]
-    assert event["event"] == "preempted" and event["signal"] == "SIGUSR1", event
-    assert 2 <= event["step"] < STEPS and ckpt.latest_checkpoint(out) == ckpt.checkpoint_dir(out, event["step"])
-    print(f"signal to exit of the whole job: {seconds:.1f} s; checkpoint {event['checkpoint_seconds_after_signal']}"
-          f" s after the signal, at step {event['step']}")
-
-    job = slurm.start(args)  # the requeued job: --resume auto
-    rc, output = finish(job)
-    assert rc == 0, output[-4000:]
-    assert_same_run(uninterrupted, out)
-    launches = json.loads((out / "provenance.json").read_text())
-    assert [r["step"] for r in launches] == [0, event["step"]]
-    assert launches[0]["world_size"] == 2 and launches[0]["env"]["SLURM_JOB_ID"] == "4242"
-    assert launches[0]["launcher"][1:3] == ["-m", "torch.distributed.run"]
-
-
-@pytest.mark.slow
 def test_sigterm_to_every_process_of_the_job(two_rank_run, tmp_path):
     """SIGTERM to the launcher, the ranks and their loader workers at once (what slurmstepd does):
     loader workers must not die under the step the ranks finish before their checkpoint."""
@@ -363,3 +330,37 @@ def test_deepspeed_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path, stage)
     loss_diff, teacher_diff = max_difference(uninterrupted, out)
     print(f"ZeRO-{stage} 2 -> 1 ranks: largest loss difference {loss_diff:.2e}, teacher {teacher_diff:.2e}")
     assert loss_diff < 1e-5 and teacher_diff < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, launcher_exit", [(signal.SIGUSR1, -signal.SIGUSR1), (signal.SIGTERM, 143)])
+def test_a_signal_to_accelerate_launch_leaves_no_rank_running(two_rank_run, tmp_path, signum, launcher_exit):
+    """The README's `accelerate launch` line in a user's own batch script, signalled as a scheduler
+    signals a step (the launcher's process group). Accelerate's launcher does not handle SIGUSR1 (it
+    dies, 138) and exits 143 on SIGTERM; torchrun starts the ranks in sessions of their own, so the
+    signal never reaches them. They must still checkpoint and stop, not train on as orphans, and the
+    run goes on with --resume auto to the uninterrupted run's end."""
+    images, uninterrupted = two_rank_run
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    job = subprocess.Popen([accelerate, "launch", "--num_processes", "2", str(ROOT / "run_pretrain.py"),
+                            *two_rank_overrides(images, out), "--resume", "auto"], env=env, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(lambda: logged_step(out) >= 2, "step 2", job)
+    os.killpg(job.pid, signum)
+    job.wait(timeout=60)
+    assert job.returncode == launcher_exit  # killed by SIGUSR1 (a shell says 138) / sys.exit(143)
+    wait_for(lambda: not rank_pids(str(out)), "the ranks to stop", timeout=60)
+    rc, output = finish(job, timeout=60)
+    event = rows(out)[-1]
+    # SIGTERM: the kernel's, when the ranks' torchrun died with the launcher (or torchrun's, forwarded)
+    assert event["event"] == "preempted" and event["signal"] == "SIGTERM" and 2 <= event["step"] < STEPS, \
+        output[-4000:]
+    assert ckpt.latest_checkpoint(out) == ckpt.checkpoint_dir(out, event["step"])
+    if signum == signal.SIGTERM:
+        return  # resuming a preemption checkpoint exactly is tested above; USR1's is the new path
+    rc, output = finish(torchrun(images, out))
+    assert rc == 0, output[-4000:]
+    assert_same_run(uninterrupted, out)

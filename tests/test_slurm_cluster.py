@@ -14,7 +14,7 @@ import pytest
 from cluster_runs import STEPS, assert_same_run, logged_step, max_difference, rows, two_rank_overrides
 from conftest import ROOT
 from selfdistill.engine import checkpoint as ckpt
-from slurm_cluster import Cluster
+from slurm_cluster import Cluster, alive
 
 pytestmark = pytest.mark.slow
 SCRIPT = ROOT / "accelerate_configs" / "slurm_multinode.sh"
@@ -145,3 +145,24 @@ def test_zero2_on_two_nodes_gives_the_ddp_run(slurm_cluster, two_rank_run, tmp_p
     loss_diff, teacher_diff = max_difference(uninterrupted, out)
     print(f"ZeRO-2 on 2 nodes against DDP on 2 local ranks: loss {loss_diff:.2e}, teacher {teacher_diff:.2e}")
     assert loss_diff < 1e-5 and teacher_diff < 1e-5
+
+
+def test_a_cluster_reaches_only_its_own_addresses_and_leaves_nothing_behind(slurm_cluster, tmp_path):
+    """A second cluster beside the session's: its nodes route only to their own /24 (no default route,
+    so a job cannot reach anything else), a two-node step runs on n1 and n2 at their own addresses,
+    and after stop() none of its daemons, job processes, namespaces or links is left."""
+    if slurm_cluster.prefix == "10.214.0":
+        pytest.skip("subnet taken")
+    cluster = Cluster(tmp_path / "second", subnet=214).start()
+    try:
+        for node, ns in cluster.netns.items():
+            routes = cluster.run("ip", "-n", ns, "route", "show").stdout.split("\n")
+            assert [r.split()[0] for r in routes if r.strip()] == ["10.214.0.0/24"], routes
+        step = cluster.run("srun", "-N2", "-n2", "sh", "-c", "echo $(hostname) $(hostname -i)").stdout.split("\n")
+        assert sorted(line for line in step if line) == ["n1 10.214.0.11", "n2 10.214.0.12"]
+        pids = {name: p.pid for name, p in cluster.procs.items()}
+        assert set(pids) == {"munged", "slurmctld", "slurmd-n1", "slurmd-n2"}
+    finally:
+        cluster.stop()
+    assert cluster.leftovers() == []
+    assert not any(alive(pid) for pid in pids.values())
