@@ -204,6 +204,7 @@ def test_sigterm_to_every_process_of_the_job(two_rank_run, tmp_path):
 
 
 EXITS_WITH_LOADER_OPEN = """
+import torch
 from torch.utils.data import DataLoader
 from selfdistill.data.sources import loader_worker_init
 
