@@ -5,13 +5,15 @@ same recipe on 2 local ranks (conftest ``two_rank_run``)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster_runs import STEPS, assert_same_run, logged_step, max_difference, rows, two_rank_overrides
+from cluster_runs import STEPS, assert_same_run, logged_step, max_difference, rank_pids, rows, two_rank_overrides
 from conftest import ROOT
 from selfdistill.engine import checkpoint as ckpt
 from slurm_cluster import Cluster, alive
@@ -166,3 +168,30 @@ def test_a_cluster_reaches_only_its_own_addresses_and_leaves_nothing_behind(slur
         cluster.stop()
     assert cluster.leftovers() == []
     assert not any(alive(pid) for pid in pids.values())
+
+
+def test_a_killed_rank_on_one_node_restarts_both_nodes(slurm_cluster, two_rank_run, tmp_path):
+    """kill -9 of the rank on n2: its torchrun and n1's meet again (--max-restarts), every rank goes on
+    from the last checkpoint, and the job ends bit-for-bit where the uninterrupted run ends; no requeue.
+    (n2's torchrun counts a restart, n1's only sees a membership change: their ranks must still agree
+    on the attempt they join.)"""
+    images, uninterrupted = two_rank_run
+    out = tmp_path / "killed"
+    job = submit(slurm_cluster, images, out, "--max-restarts", "1", **{"train.checkpoint_every": 3})
+    try:
+        deadline = time.monotonic() + 120
+        while ckpt.latest_checkpoint(out) is None or logged_step(out) < 4:
+            assert slurm_cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), job_output(out, job)[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.05)
+        killed_at = logged_step(out)
+        pid = rank_pids(str(out))[1]
+        assert b"SLURMD_NODENAME=n2\0" in Path(f"/proc/{pid}/environ").read_bytes()  # the other node's rank
+        os.kill(pid, signal.SIGKILL)
+        info = slurm_cluster.wait_job(job, FINAL, start_now=False, timeout=180)
+    finally:
+        slurm_cluster.run("scancel", str(job), check=False)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", job_output(out, job)[-4000:]
+    resumed = [r for r in rows(out) if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] % 3 == 0 and resumed[0]["step"] <= killed_at, resumed
+    assert_same_run(uninterrupted, out)

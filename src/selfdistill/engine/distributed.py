@@ -119,13 +119,19 @@ def join_torchelastic_attempt(backend: str) -> None:
     torchrun restarts every rank when one dies (``--max_restarts``). The restarted ranks meet in the
     agent's store, which still holds the previous attempt's keys (this torch no longer prefixes them
     per attempt), so a rank could read the address of a rank that died and fail to connect or hang
-    (seen on 2 gloo ranks). Accelerate and DeepSpeed then use this process group as it is."""
+    (seen on 2 gloo ranks). Accelerate and DeepSpeed then use this process group as it is.
+
+    The attempt is counted in the store (how often this rank has joined; every rank joins once per
+    attempt), not read from ``TORCHELASTIC_RESTART_COUNT``: that count is per node, and only the node
+    whose rank died counts a restart (the others see a membership change), so on two nodes the ranks
+    of one attempt disagreed on it and waited for each other forever (seen on the test cluster)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or torch.distributed.is_initialized():
         return
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    rank = int(os.environ["RANK"])
     agent = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    attempt = agent.add(f"/selfdistill/joins/rank_{rank}", 1)
     store = torch.distributed.PrefixStore(f"/selfdistill/attempt_{attempt}", agent)
-    torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+    torch.distributed.init_process_group(backend, store=store, rank=rank,
                                          world_size=world_size_from_env())
 
 
