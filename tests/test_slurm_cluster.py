@@ -22,15 +22,15 @@ pytestmark = pytest.mark.slow
 SCRIPT = ROOT / "accelerate_configs" / "slurm_multinode.sh"
 
 
-def submit(cluster: Cluster, images: Path, out: Path, *options: str, script: Path = SCRIPT,
-           sbatch: tuple[str, ...] = (), **overrides) -> int:
+def submit(cluster: Cluster, images: Path, out: Path, *options: str, script: Path = SCRIPT, nodes: int = 2,
+           **overrides) -> int:
     """``sbatch --nodes=2 slurm_multinode.sh [options] recipe overrides`` from the repository root, one
     rank per node (this cluster has no GPUs: ``--gpus-per-node=0`` overrides the script's 8)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     recipe = out.parent / "recipe.yaml"
     recipe.write_text("train: {epochs: 3}\n")
-    return cluster.sbatch("--nodes=2", "--cpus-per-task=1", "--gpus-per-node=0", f"--output={out.parent}/job-%j.out",
-                          *sbatch, str(script), "--gpus-per-node", "1", *options, str(recipe),
+    return cluster.sbatch(f"--nodes={nodes}", "--cpus-per-task=1", "--gpus-per-node=0",
+                          f"--output={out.parent}/job-%j.out", str(script), "--gpus-per-node", "1", *options, str(recipe),
                           *two_rank_overrides(images, out, **overrides), cwd=ROOT, PYTHON=sys.executable,
                           OMP_NUM_THREADS="1")
 
@@ -195,3 +195,22 @@ def test_a_killed_rank_on_one_node_restarts_both_nodes(slurm_cluster, two_rank_r
     resumed = [r for r in rows(out) if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] % 3 == 0 and resumed[0]["step"] <= killed_at, resumed
     assert_same_run(uninterrupted, out)
+
+
+def test_a_two_node_checkpoint_goes_on_on_one_node(slurm_cluster, two_rank_run, tmp_path):
+    """Elastic: 3 steps on two nodes x 8, then the same sbatch line with --nodes=1 and
+    train.batch_size_per_device=16 (the same global batch) goes on from that checkpoint: the same
+    images every step, losses and teacher within the order of float sums of the 2-rank run."""
+    images, uninterrupted = two_rank_run
+    out = tmp_path / "elastic"
+    job = submit(slurm_cluster, images, out, **{"train.max_steps": 3})
+    assert slurm_cluster.wait_job(job, FINAL, start_now=False)["JobState"] == "COMPLETED", job_output(out, job)[-4000:]
+    job = submit(slurm_cluster, images, out, nodes=1, **{"train.batch_size_per_device": 16})
+    assert slurm_cluster.wait_job(job, FINAL, start_now=False)["JobState"] == "COMPLETED", job_output(out, job)[-4000:]
+    first, second = launches(out)
+    assert sorted(first["hosts"]) == ["n1", "n2"] and second["world_size"] == 1 and second["step"] == 3
+    changes = [r["layout_change"] for r in rows(out) if r.get("event") == "resumed"]
+    assert len(changes) == 1 and "the same images in every step" in changes[0], changes
+    loss_diff, teacher_diff = max_difference(uninterrupted, out)
+    print(f"2 nodes -> 1 node: largest loss difference {loss_diff:.2e}, teacher {teacher_diff:.2e}")
+    assert loss_diff < 1e-5 and teacher_diff < 1e-5
