@@ -199,10 +199,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def _node(self, node: str) -> None:
         """slurmd in the node's network namespace (nsenter: `ip netns exec` remounts /sys, which breaks
         slurmd) and in new UTS and mount namespaces: the node's hostname and hosts file."""
-        inner = (f"mount --bind {self.root / 'hosts'} /etc/hosts && hostname {node} && "
-                 f"exec slurmd -D -N {node} -f {self.conf}")
-        self._daemon(f"slurmd-{node}", ["nsenter", f"--net={NETNS / self.netns[node]}", "unshare", "--mount", "--uts",
-                                        "--propagation", "private", "sh", "-c", inner])
+        self._daemon(f"slurmd-{node}", self.on_node(node, ["slurmd", "-D", "-N", node, "-f", str(self.conf)]))
+
+    def on_node(self, node: str, cmd: list[str]) -> list[str]:
+        """``cmd`` as it runs on ``node``: in its network namespace, with its hostname and hosts file
+        (each argument passed as it is, no shell re-parsing)."""
+        inner = f'mount --bind {self.root / "hosts"} /etc/hosts && hostname {node} && exec "$@"'
+        return ["nsenter", f"--net={NETNS / self.netns[node]}", "unshare", "--mount", "--uts", "--propagation",
+                "private", "sh", "-c", inner, "sh", *cmd]
 
     def _wait_ready(self, timeout: float) -> None:
         """Ready when a two-node step runs (sinfo can say idle before slurmd registered)."""

@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster_runs import STEPS, assert_same_run, logged_step, max_difference, rank_pids, rows, two_rank_overrides
+from cluster_runs import (STEPS, assert_same_run, finish, logged_step, max_difference, rank_pids, rows,
+                          two_rank_overrides)
 from conftest import ROOT
 from selfdistill.engine import checkpoint as ckpt
 from slurm_cluster import Cluster, alive
@@ -214,3 +216,23 @@ def test_a_two_node_checkpoint_goes_on_on_one_node(slurm_cluster, two_rank_run, 
     loss_diff, teacher_diff = max_difference(uninterrupted, out)
     print(f"2 nodes -> 1 node: largest loss difference {loss_diff:.2e}, teacher {teacher_diff:.2e}")
     assert loss_diff < 1e-5 and teacher_diff < 1e-5
+
+
+def test_accelerate_launch_across_the_two_nodes(slurm_cluster, two_rank_run, tmp_path):
+    """The README's two-node line without SLURM: `accelerate launch --num_machines 2 --machine_rank 0|1
+    --main_process_ip <n1's address>` run on n1 and on n2 trains one run, equal to the 2-local-rank run."""
+    images, uninterrupted = two_rank_run
+    out = tmp_path / "two_machines"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    env.pop("WORLD_SIZE", None)
+    procs = [subprocess.Popen(slurm_cluster.on_node(node, [
+        accelerate, "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+        "--main_process_ip", slurm_cluster.addr["n1"], "--main_process_port", "29555", str(ROOT / "run_pretrain.py"),
+        *two_rank_overrides(images, out)]), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True) for rank, node in enumerate(("n1", "n2"))]
+    outputs = [finish(p, timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    launch = launches(out)[0]
+    assert {h: sorted(r) for h, r in launch["hosts"].items()} == {"n1": [0], "n2": [1]}, launch["hosts"]
+    assert_same_run(uninterrupted, out)
