@@ -54,7 +54,12 @@ def test_two_nodes_train_as_two_local_ranks(slurm_cluster, two_rank_run, tmp_pat
     launch = json.loads((out / "provenance.json").read_text())[0]
     assert launch["world_size"] == 2 and launch["env"]["SLURM_JOB_ID"] == str(job), launch
     assert {h: sorted(r) for h, r in launch["hosts"].items()} == {"n1": [0], "n2": [1]}, launch["hosts"]
-    assert_same_run(uninterrupted, out)
+    if strategy == "ddp":
+        assert_same_run(uninterrupted, out)
+        return
+    assert "deepspeed" in launch["distributed"].lower(), launch["distributed"]
+    loss_diff, teacher_diff = max_difference(uninterrupted, out)
+    assert loss_diff < 1e-5 and teacher_diff < 1e-5
 
 
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
@@ -218,16 +223,26 @@ def test_a_two_node_checkpoint_goes_on_on_one_node(slurm_cluster, two_rank_run, 
     assert loss_diff < 1e-5 and teacher_diff < 1e-5
 
 
-def test_accelerate_launch_across_the_two_nodes(slurm_cluster, two_rank_run, tmp_path):
+ZERO2_LAUNCH = ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "ds_configs/zero2.json"),
+                "--deepspeed_multinode_launcher", "standard"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_accelerate_launch_across_the_two_nodes(slurm_cluster, two_rank_run, tmp_path, strategy):
     """The README's two-node line without SLURM: `accelerate launch --num_machines 2 --machine_rank 0|1
-    --main_process_ip <n1's address>` run on n1 and on n2 trains one run, equal to the 2-local-rank run."""
+    --main_process_ip <n1's address>` run on n1 and on n2 trains one run: under DDP equal to the
+    2-local-rank run, under ZeRO-2 (`--deepspeed_multinode_launcher standard`: torchrun on each node)
+    within the order of float sums of it."""
     images, uninterrupted = two_rank_run
     out = tmp_path / "two_machines"
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
+    if strategy == "ddp":
+        env["ACCELERATE_USE_CPU"] = "1"
+    launcher = ["--multi_gpu"] if strategy == "ddp" else ZERO2_LAUNCH
     procs = [subprocess.Popen(slurm_cluster.on_node(node, [
-        accelerate, "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+        accelerate, "launch", *launcher, "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
         "--main_process_ip", slurm_cluster.addr["n1"], "--main_process_port", "29555", str(ROOT / "run_pretrain.py"),
         *two_rank_overrides(images, out)]), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True) for rank, node in enumerate(("n1", "n2"))]
@@ -235,4 +250,9 @@ def test_accelerate_launch_across_the_two_nodes(slurm_cluster, two_rank_run, tmp
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     launch = launches(out)[0]
     assert {h: sorted(r) for h, r in launch["hosts"].items()} == {"n1": [0], "n2": [1]}, launch["hosts"]
-    assert_same_run(uninterrupted, out)
+    if strategy == "ddp":
+        assert_same_run(uninterrupted, out)
+        return
+    assert "deepspeed" in launch["distributed"].lower(), launch["distributed"]
+    loss_diff, teacher_diff = max_difference(uninterrupted, out)
+    assert loss_diff < 1e-5 and teacher_diff < 1e-5
