@@ -54,12 +54,7 @@ def test_two_nodes_train_as_two_local_ranks(slurm_cluster, two_rank_run, tmp_pat
     launch = json.loads((out / "provenance.json").read_text())[0]
     assert launch["world_size"] == 2 and launch["env"]["SLURM_JOB_ID"] == str(job), launch
     assert {h: sorted(r) for h, r in launch["hosts"].items()} == {"n1": [0], "n2": [1]}, launch["hosts"]
-    if strategy == "ddp":
-        assert_same_run(uninterrupted, out)
-        return
-    assert "deepspeed" in launch["distributed"].lower(), launch["distributed"]
-    loss_diff, teacher_diff = max_difference(uninterrupted, out)
-    assert loss_diff < 1e-5 and teacher_diff < 1e-5
+    assert_same_run(uninterrupted, out)
 
 
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
