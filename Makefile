@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install constraints demo demo-data test test-fast fashion-mnist bench-env bench-train clean
+.PHONY: install constraints demo demo-data slurm test test-fast fashion-mnist bench-env bench-train clean
 
 install: $(STAMP)
 
@@ -54,7 +54,17 @@ fashion-mnist:
 demo: $(DEMO_STAMP) demo-data
 	$(PY) -m selfdistill.demo
 
-test: install
+# The real two-node SLURM cluster of tests/test_slurm_cluster.py needs Debian's SLURM and munge (no service is
+# started by installing them; the tests start and stop their own daemons). Elsewhere those tests skip, saying why.
+slurm:
+	@if ! command -v slurmd >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && $(APT) slurmctld slurmd slurm-client munge iproute2) >/dev/null 2>&1 \
+	      || echo "note: could not install slurmctld slurmd slurm-client munge; the SLURM cluster tests will skip"; \
+	  else echo "note: not root or no apt-get; the SLURM cluster tests will skip"; fi; \
+	fi
+
+test: install slurm
 	$(PY) -m pytest -q tests
 
 test-fast: install

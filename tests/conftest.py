@@ -128,3 +128,35 @@ def accelerate_launch(launcher: list[str], data: Path, out: Path, *extra: str, s
     if check:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The uninterrupted 2-rank run (torchrun, one machine) every cluster run must end equal to:
+    (images, run dir)."""
+    from cluster_runs import STEPS, finish, logged_step, torchrun
+
+    root = tmp_path_factory.mktemp("two_ranks")
+    images = make_image_folder(root / "img", n_per_class=32)
+    out = root / "uninterrupted"
+    rc, output = finish(torchrun(images, out))
+    assert rc == 0, output[-4000:]
+    assert logged_step(out) == STEPS
+    return images, out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real two-node SLURM cluster (tests/slurm_cluster.py) for the whole session, stopped by PID
+    at the end; its teardown fails if a daemon, a job process, a namespace or a link is left."""
+    from slurm_cluster import Cluster, unavailable
+
+    why = unavailable()
+    if why and os.environ.get("CI"):  # CI runs as root with apt-get (make test installs SLURM): never skipped there
+        pytest.fail(f"the SLURM cluster tests cannot run in CI: {why}")
+    if why:
+        pytest.skip(why)
+    cluster = Cluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+    assert cluster.leftovers() == []

@@ -6,40 +6,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import logged_losses, make_image_folder, run_training, tiny_overrides
+from cluster_runs import (STEPS, assert_same_run, finish, logged_step, max_difference, rank_pids, rows,
+                          torchrun, two_rank_overrides, wait_for)
+from conftest import make_image_folder, run_training, tiny_overrides
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine.task import Hook
 from selfdistill.engine.trainer import Preempted
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def final_state(out: Path) -> tuple[dict, dict]:
-    last = ckpt.latest_checkpoint(out)
-    return ckpt.student_state(last), ckpt.load_task_state(last)
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    (s_a, m_a), (s_b, m_b) = final_state(a), final_state(b)
-    assert s_a.keys() == s_b.keys()
-    for k in s_a:
-        assert torch.equal(s_a[k], s_b[k]), k
-    for k in m_a["teacher"]:
-        assert torch.equal(m_a["teacher"][k], m_b["teacher"][k]), k
-    assert logged_losses(a) == logged_losses(b)
 
 
 class SignalAt(Hook):
@@ -87,20 +67,13 @@ def test_checkpoint_every_minutes(images, tmp_path):
     assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(out)] == list(range(1, 9))
 
 
-# -- the SLURM script, with stand-ins for srun and scontrol ----------------------------------------
+# -- the SLURM script's arguments, stand-in srun and scontrol (the real cluster: test_slurm_cluster.py) --
 SLURM_SCRIPT = ROOT / "accelerate_configs" / "slurm_multinode.sh"
 FAKE_SRUN = """#!/usr/bin/env bash
-# stand-in srun: records its arguments (NUL-separated), then runs the step here as the only node,
-# forwarding USR1 as srun does (FAKE_SRUN_RC=N: record only and exit N)
+# stand-in srun: records its arguments (NUL-separated) and exits $FAKE_SRUN_RC; the step itself runs on
+# the real cluster (tests/test_slurm_cluster.py)
 printf '%s\\0' "$@" > "$FAKE_SLURM_LOG/srun.args"
-[ -n "${FAKE_SRUN_RC:-}" ] && exit "$FAKE_SRUN_RC"
-while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
-"$@" &
-child=$!
-trap 'echo USR1 >> "$FAKE_SLURM_LOG/srun.signals"; kill -USR1 $child' USR1
-wait $child; rc=$?
-while kill -0 $child 2>/dev/null; do wait $child; rc=$?; done
-exit $rc
+exit "${FAKE_SRUN_RC:-0}"
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 # stand-in scontrol: `show hostnames` gives this machine; everything is recorded
@@ -129,23 +102,9 @@ class Slurm:
         env.pop("WORLD_SIZE", None)
         return env
 
-    def start(self, args: list[str], **extra: str) -> subprocess.Popen:
-        return subprocess.Popen(["bash", str(SLURM_SCRIPT), *args], cwd=ROOT, env=self.env(**extra),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
     def run(self, args: list[str], **extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(SLURM_SCRIPT), *args], cwd=ROOT, env=self.env(**extra),
                               capture_output=True, text=True, timeout=600)
-
-    def training(self, images: Path, out: Path, *options: str, **overrides) -> list[str]:
-        """The script's arguments for the 2-rank run: its options, a recipe, the overrides."""
-        recipe = out.parent / "recipe.yaml"
-        recipe.write_text("train: {epochs: 3}\n")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
-        return ["--gpus-per-node", "2", "--port", port, *options, str(recipe),
-                *two_rank_overrides(images, out, **overrides)]
 
     def srun_args(self) -> list[str]:
         return (self.log / "srun.args").read_text().split("\0")[:-1]
@@ -202,120 +161,6 @@ def test_slurm_script_requeues_on_exit_75_only(tmp_path):
 
 
 # -- two gloo ranks under torchrun and the SLURM script (slow) -----------------------------------
-STEPS = 12  # 64 images, 2 ranks x 8: 4 optimizer steps per epoch, 3 epochs
-
-
-def two_rank_overrides(images: Path, out: Path, **extra) -> list[str]:
-    """No drop path: a step's result then depends on its images only, not on how they are dealt."""
-    return tiny_overrides(images, out, **{"train.epochs": 3, "model.drop_path_rate": 0.0, **extra})
-
-
-def torchrun(images: Path, out: Path, *args: str, ranks: int = 2,
-             deepspeed: str | None = None, **extra) -> subprocess.Popen:
-    """gloo ranks of run_pretrain.py under torchrun, USR1 forwarded to the ranks as the script does;
-    ``deepspeed``: a ds_configs/ name, set the way the SLURM script sets it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    if deepspeed:
-        env.update(ACCELERATE_USE_DEEPSPEED="true",
-                   ACCELERATE_DEEPSPEED_CONFIG_FILE=str(ROOT / f"ds_configs/{deepspeed}.json"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-           "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", str(ROOT / "run_pretrain.py"),
-           *two_rank_overrides(images, out, **extra), "--resume", "auto", *args]
-    return subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # every launch here starts a session of its own
-        output, _ = proc.communicate()
-        raise AssertionError(f"still running after {timeout} s:\n{output[-6000:]}") from None
-    return proc.returncode, output
-
-
-def wait_for(condition, what: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended before {what}:\n{proc.stdout.read()[-4000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def logged_step(out: Path) -> int:
-    path = out / "log.jsonl"
-    if not path.is_file():
-        return 0
-    return max((json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()),
-               default=0)
-
-
-def rank_pids(marker: str) -> dict[int, int]:
-    """Training processes (not their launcher, not loader workers) whose command line holds ``marker``."""
-    found: dict[int, int] = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
-        except (OSError, ValueError):
-            continue
-        text = [a.decode(errors="replace") for a in argv]
-        if any(marker in a for a in text) and any(a.endswith("run_pretrain.py") for a in text) and \
-                "torch.distributed.run" not in text and b"RANK" in env:
-            rank, pid = int(env[b"RANK"]), int(proc.name)
-            found[rank] = min(pid, found.get(rank, pid))  # a loader worker is forked later: larger pid
-    return found
-
-
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory) -> tuple[Path, Path]:
-    """The uninterrupted 2-rank run every interrupted one must end equal to: (images, run dir)."""
-    root = tmp_path_factory.mktemp("two_ranks")
-    images = make_image_folder(root / "img", n_per_class=32)
-    out = root / "uninterrupted"
-    rc, output = finish(torchrun(images, out))
-    assert rc == 0, output[-4000:]
-    assert logged_step(out) == STEPS
-    return images, out
-
-
-@pytest.mark.slow
-def test_slurm_preemption_checkpoints_requeues_and_resumes_exactly(two_rank_run, tmp_path):
-    """SLURM's early warning (--signal=B:USR1) reaches the batch script; the script passes it through
-    srun and torchrun; the ranks finish their step, checkpoint and exit 75; the script requeues; the
-    requeued job resumes and ends exactly where the uninterrupted run ends."""
-    images, uninterrupted = two_rank_run
-    slurm, out = Slurm(tmp_path), tmp_path / "preempted"
-    args = slurm.training(images, out)
-    job = slurm.start(args)
-    wait_for(lambda: logged_step(out) >= 2, "step 2", job)
-    t0 = time.monotonic()
-    job.send_signal(signal.SIGUSR1)
-    rc, output = finish(job)
-    seconds = time.monotonic() - t0
-    assert rc == 0, output[-4000:]
-    assert (slurm.log / "srun.signals").read_text().split() == ["USR1"]
-    assert "requeue 4242" in slurm.scontrol(), output[-4000:]
-    event = rows(out)[-1]
-    assert event["event"] == "preempted" and event["signal"] == "SIGUSR1", event
-    assert 2 <= event["step"] < STEPS and ckpt.latest_checkpoint(out) == ckpt.checkpoint_dir(out, event["step"])
-    print(f"signal to exit of the whole job: {seconds:.1f} s; checkpoint {event['checkpoint_seconds_after_signal']}"
-          f" s after the signal, at step {event['step']}")
-
-    job = slurm.start(args)  # the requeued job: --resume auto
-    rc, output = finish(job)
-    assert rc == 0, output[-4000:]
-    assert_same_run(uninterrupted, out)
-    launches = json.loads((out / "provenance.json").read_text())
-    assert [r["step"] for r in launches] == [0, event["step"]]
-    assert launches[0]["world_size"] == 2 and launches[0]["env"]["SLURM_JOB_ID"] == "4242"
-    assert launches[0]["launcher"][1:3] == ["-m", "torch.distributed.run"]
-
-
 @pytest.mark.slow
 def test_sigterm_to_every_process_of_the_job(two_rank_run, tmp_path):
     """SIGTERM to the launcher, the ranks and their loader workers at once (what slurmstepd does):
@@ -351,26 +196,6 @@ def test_a_failing_rank_exits_at_once_with_its_loader_workers():
     for them at exit (torchrun would kill it only after its shutdown timeout, and restart late)."""
     done = subprocess.run([sys.executable, "-c", EXITS_WITH_LOADER_OPEN], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "a peer rank died" in done.stderr
-
-
-@pytest.mark.slow
-def test_killed_rank_restarts_every_rank_from_the_last_checkpoint(two_rank_run, tmp_path):
-    """kill -9 of one rank under the SLURM script (torchrun --max-restarts): the job restarts by
-    itself, resumes from the last checkpoint and ends exactly where the uninterrupted run ends."""
-    images, uninterrupted = two_rank_run
-    slurm, out = Slurm(tmp_path), tmp_path / "killed"
-    args = slurm.training(images, out, "--max-restarts", "1", **{"train.checkpoint_every": 3})
-    job = slurm.start(args)
-    wait_for(lambda: ckpt.latest_checkpoint(out) is not None and logged_step(out) >= 4, "a checkpoint", job)
-    killed_at = logged_step(out)
-    os.kill(rank_pids(str(out))[1], signal.SIGKILL)
-    rc, output = finish(job)
-    assert rc == 0, output[-4000:]
-    assert not any(line.startswith("requeue") for line in slurm.scontrol())  # torchrun restarted it in place
-    resumed = [r for r in rows(out) if r.get("event") == "resumed"]
-    assert len(resumed) == 1 and resumed[0]["step"] % 3 == 0 and resumed[0]["step"] <= killed_at
-    assert resumed[0]["dropped_log_rows"] >= killed_at - resumed[0]["step"]  # the steps lost, trained again
-    assert_same_run(uninterrupted, out)
 
 
 # -- resuming on another batch layout --------------------------------------------------------------
@@ -412,16 +237,6 @@ def test_resume_with_another_global_batch_is_refused_unless_elastic(images, tmp_
     resumed = [r for r in rows(out) if r.get("event") == "resumed"]
     assert resumed[-1]["step"] == 1 and "--resume-elastic" in resumed[-1]["layout_change"]  # 24 images = 1 x 16
     assert [r["step"] for r in rows(out) if "loss" in r][-3:] == [2, 3, 4]  # 2 epochs of 2 steps of 16
-
-
-def max_difference(a: Path, b: Path) -> tuple[float, float]:
-    """Largest difference of the logged losses (step by step) and of the final teachers."""
-    la, lb = logged_losses(a), logged_losses(b)
-    assert len(la) == len(lb) == STEPS
-    teacher_a, teacher_b = final_state(a)[1]["teacher"], final_state(b)[1]["teacher"]
-    loss_diff = max(abs(x - y) for x, y in zip(la, lb))
-    teacher_diff = max((teacher_a[k].float() - teacher_b[k].float()).abs().max().item() for k in teacher_a)
-    return loss_diff, teacher_diff
 
 
 def summary_indices(out: Path, rank: int) -> list[int]:
@@ -473,3 +288,37 @@ def test_deepspeed_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path, stage)
     loss_diff, teacher_diff = max_difference(uninterrupted, out)
     print(f"ZeRO-{stage} 2 -> 1 ranks: largest loss difference {loss_diff:.2e}, teacher {teacher_diff:.2e}")
     assert loss_diff < 1e-5 and teacher_diff < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, launcher_exit", [(signal.SIGUSR1, -signal.SIGUSR1), (signal.SIGTERM, 143)])
+def test_a_signal_to_accelerate_launch_leaves_no_rank_running(two_rank_run, tmp_path, signum, launcher_exit):
+    """The README's `accelerate launch` line in a user's own batch script, signalled as a scheduler
+    signals a step (the launcher's process group). Accelerate's launcher does not handle SIGUSR1 (it
+    dies, 138) and exits 143 on SIGTERM; torchrun starts the ranks in sessions of their own, so the
+    signal never reaches them. They must still checkpoint and stop, not train on as orphans, and the
+    run goes on with --resume auto to the uninterrupted run's end."""
+    images, uninterrupted = two_rank_run
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    job = subprocess.Popen([accelerate, "launch", "--num_processes", "2", str(ROOT / "run_pretrain.py"),
+                            *two_rank_overrides(images, out), "--resume", "auto"], env=env, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(lambda: logged_step(out) >= 2, "step 2", job)
+    os.killpg(job.pid, signum)
+    job.wait(timeout=60)
+    assert job.returncode == launcher_exit  # killed by SIGUSR1 (a shell says 138) / sys.exit(143)
+    wait_for(lambda: not rank_pids(str(out)), "the ranks to stop", timeout=60)
+    rc, output = finish(job, timeout=60)
+    event = rows(out)[-1]
+    # SIGTERM: the kernel's, when the ranks' torchrun died with the launcher (or torchrun's, forwarded)
+    assert event["event"] == "preempted" and event["signal"] == "SIGTERM" and 2 <= event["step"] < STEPS, \
+        output[-4000:]
+    assert ckpt.latest_checkpoint(out) == ckpt.checkpoint_dir(out, event["step"])
+    if signum == signal.SIGTERM:
+        return  # resuming a preemption checkpoint exactly is tested above; USR1's is the new path
+    rc, output = finish(torchrun(images, out))
+    assert rc == 0, output[-4000:]
+    assert_same_run(uninterrupted, out)

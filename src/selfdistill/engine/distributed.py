@@ -64,13 +64,42 @@ def _parent_accelerate_num_processes() -> int:
     return int(n or 0)
 
 
+def _started_by_a_launcher() -> bool:
+    if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    argv = process_argv(os.getppid())
+    return "launch" in argv and any("accelerate" in a for a in argv[: argv.index("launch") + 1])
+
+
+def stop_with_launcher() -> None:
+    """Have the kernel send this process SIGTERM when the launcher that started it dies.
+
+    A launcher killed by a signal it does not handle (``accelerate launch`` on SIGUSR1: exit 138)
+    would otherwise leave its ranks training as orphans (torchrun starts each rank in a session of
+    its own, so a signal to the launcher's process group never reaches them). SIGTERM is a
+    preemption signal (``train.preempt_signals``): the ranks finish the step, checkpoint and stop;
+    without it they simply end. Kept across ``exec``, so the re-launched torchrun below has it too."""
+    if not sys.platform.startswith("linux") or not _started_by_a_launcher():
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not glibc / no prctl: nothing to arm
+        return
+
+
 def relaunch_if_needed(argv: list[str] | None = None) -> None:
     """Re-launch N CPU ranks when ``accelerate launch --num_processes N`` (N > 1) started only one.
 
     Accelerate's launcher falls back to a single process when it finds no GPU; the user asked for
     N ranks, so we start them with ``torch.distributed.run --standalone`` (gloo) instead of
-    silently training on one.
+    silently training on one. Every process started by a launcher first arms
+    :func:`stop_with_launcher`.
     """
+    stop_with_launcher()
     if "WORLD_SIZE" in os.environ or os.environ.get(RELAUNCH_FLAG) or torch.cuda.is_available():
         return
     n = _parent_accelerate_num_processes()
@@ -90,13 +119,19 @@ def join_torchelastic_attempt(backend: str) -> None:
     torchrun restarts every rank when one dies (``--max_restarts``). The restarted ranks meet in the
     agent's store, which still holds the previous attempt's keys (this torch no longer prefixes them
     per attempt), so a rank could read the address of a rank that died and fail to connect or hang
-    (seen on 2 gloo ranks). Accelerate and DeepSpeed then use this process group as it is."""
+    (seen on 2 gloo ranks). Accelerate and DeepSpeed then use this process group as it is.
+
+    The attempt is counted in the store (how often this rank has joined; every rank joins once per
+    attempt), not read from ``TORCHELASTIC_RESTART_COUNT``: that count is per node, and only the node
+    whose rank died counts a restart (the others see a membership change), so on two nodes the ranks
+    of one attempt disagreed on it and waited for each other forever (seen on the test cluster)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or torch.distributed.is_initialized():
         return
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    rank = int(os.environ["RANK"])
     agent = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    attempt = agent.add(f"/selfdistill/joins/rank_{rank}", 1)
     store = torch.distributed.PrefixStore(f"/selfdistill/attempt_{attempt}", agent)
-    torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+    torch.distributed.init_process_group(backend, store=store, rank=rank,
                                          world_size=world_size_from_env())
 
 
