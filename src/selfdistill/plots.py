@@ -8,6 +8,20 @@ from pathlib import Path
 from selfdistill.atomic import atomic_path
 
 
+def save_png(fig, out_path: str | Path, dpi: int, **savefig) -> Path:
+    """Lay out, write atomically (a reader never sees half a picture) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out_path = Path(out_path)
+    try:
+        with atomic_path(out_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, **savefig)
+    finally:
+        plt.close(fig)
+    return out_path
+
+
 def read_log(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -49,14 +63,7 @@ def plot_training_curves(log_path: str | Path, out_path: str | Path) -> Path | N
         ax.plot([r["step"] for r in knn], [r[knn_key] for r in knn], marker="o")
         ax.set(xlabel="optimizer step", ylabel="top-1 (%)", title=f"online kNN (k={knn_key[10:]})")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    try:
-        with atomic_path(out_path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return out_path
+    return save_png(fig, out_path, dpi=110)
 
 
 def plot_all_curves(log_path: str | Path, out_path: str | Path, columns: int = 4) -> Path | None:
@@ -85,14 +92,7 @@ def plot_all_curves(log_path: str | Path, out_path: str | Path, columns: int = 4
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.supxlabel("optimizer step", fontsize=9)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    try:
-        with atomic_path(out_path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return out_path
+    return save_png(fig, out_path, dpi=100)
 
 
 def plot_knn_bars(rows: dict[str, dict[str, float]], out_path: str | Path, title: str = "",
@@ -120,11 +120,4 @@ def plot_knn_bars(rows: dict[str, dict[str, float]], out_path: str | Path, title
     if len(ks) > 1:
         ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    try:
-        with atomic_path(out_path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return out_path
+    return save_png(fig, out_path, dpi=110, bbox_inches="tight")
