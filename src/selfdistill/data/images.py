@@ -61,6 +61,8 @@ class SourceConfig:
         non_negative(self, prefix, "num_workers", "decode_size", "samples_per_epoch", "shuffle_buffer",
                      "shard_retries", "bad_check_after")
         fraction(self, prefix, "max_missing_shards", "max_bad_fraction")
+        if self.path and self.format != "auto":  # at load time: refused before a run directory exists
+            _checked_format(_split_suffix(self.path, self.hf_split)[0], self.format, f"{prefix}.path")
 
 
 def detect_format(path: str) -> str:
