@@ -145,6 +145,30 @@ def _teachers(root: Path) -> None:
                root / "simsiam" / "checkpoint_0099.pth.tar")
 
 
+def _retrieval_sets(data: Path) -> None:
+    """Revisited-Oxford/Paris-shaped sets (``gnd_*.pkl`` beside ``jpg/``) and Copydays with YFCC
+    distractor / whitening folders, a few random images each."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+    from test_copydetect import _copydays
+
+    rng = np.random.default_rng(0)
+    for name in ("roxford5k", "rparis6k"):
+        jpg = data / name / "jpg"
+        jpg.mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray((rng.random((36, 44, 3)) * 255).astype(np.uint8)).save(jpg / f"db{i}.jpg")
+        shutil.copy(jpg / "db1.jpg", jpg / "q0.jpg")
+        gnd = {"imlist": [f"db{i}" for i in range(5)], "qimlist": ["q0"],
+               "gnd": [{"bbx": [0, 0, 44, 36], "easy": [1], "hard": [], "junk": []}]}
+        (data / name / f"gnd_{name}.pkl").write_bytes(pickle.dumps(gnd))
+    root = _copydays(data / "copydays", rng)
+    shutil.move(str(root / "whitening"), data / "yfcc_20k")
+    shutil.move(str(root / "distractors"), data / "yfcc_10k")
+
+
 @dataclass
 class Workspace:
     root: Path
@@ -165,6 +189,7 @@ def workspace(tmp_path_factory, s3_server) -> Workspace:  # noqa: F811
     assert len(list(shards["train"].glob("*.tar"))) == N_SHARDS
     shutil.copytree(shards["train"], root / "shards" / "train")  # what data.md's s5cmd line uploads
     _teachers(data / "weights")
+    _retrieval_sets(data)
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1",
                S3_ENDPOINT_URL=s3_server, AWS_ENDPOINT_URL=s3_server, AWS_ACCESS_KEY_ID="testing",
@@ -200,7 +225,7 @@ RUN = {"train.epochs": "2", "train.batch_size_per_device": "8", "train.precision
 HEADS = {"dino": {"method.out_dim": "64", "method.head_hidden_dim": "32", "method.head_bottleneck_dim": "16",
                   "method.warmup_teacher_temp_epochs": "1"},
          "simsiam": {"method.proj_dim": "32", "method.pred_dim": "8"},
-         "smd": {"method.teacher_kwargs": yaml.safe_dump(TINY_RESNET, default_flow_style=True).strip()}}
+         "smd": {"method.teacher_kwargs": "{layers: [1, 1, 1, 1], channels: [8, 16, 16, 32], stem_width: 8}"}}
 HEADS["glsd"] = HEADS["patchwise_dino"] = HEADS["dino"]
 FD_TEACHER = {"vit": "{img_size: 16, patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2}",
               "swin": "{img_size: 64, depths: [2, 1, 1, 1], embed_dim: 16, num_heads: [1, 1, 1, 1], window_size: 2}"}
@@ -231,6 +256,10 @@ def _recipe(path: Path) -> dict:
     return tree
 
 
+def _flow(tree: dict) -> str:
+    return yaml.safe_dump(tree, default_flow_style=True, width=1000).strip()
+
+
 def _tiny(doc: dict[str, str], recipe: dict) -> dict[str, str]:
     """The model-size overrides for the network a command trains (the documented model name kept)."""
     method = doc.get("method.name", recipe.get("method", {}).get("name", "dino"))
@@ -239,7 +268,10 @@ def _tiny(doc: dict[str, str], recipe: dict) -> dict[str, str]:
              else TINY_CNN)
     tiny = {**RUN, **sizes, **HEADS.get(method, {})}
     if model.startswith("resnet"):
-        tiny["model.kwargs"] = yaml.safe_dump(TINY_RESNET, default_flow_style=True).strip()
+        tiny["model.kwargs"] = _flow(TINY_RESNET)
+    if "model.kwargs" in tiny:  # the recipe's own kwargs (FD's BEiT flags) stay; only the size shrinks
+        tiny["model.kwargs"] = _flow({**(recipe.get("model", {}).get("kwargs") or {}),
+                                      **yaml.safe_load(tiny["model.kwargs"])})
     if method == "fd":
         teacher = recipe["method"].get("teacher_model", "")
         tiny["method.teacher_kwargs"] = FD_TEACHER["swin" if teacher.startswith("swin") else "vit"]
@@ -275,7 +307,8 @@ def localise(cmd: Command, ws: Workspace) -> tuple[list[str], dict[str, str], st
         name, value = tokens.pop(0).split("=", 1)
         if name not in ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):  # the moto server's stays
             env[name] = value
-    tokens = [_paths(t, ws.root) for t in tokens]
+    fd_student = "--config" in tokens and "finetune" in tokens
+    tokens = [_paths(_placeholder(t, fd_student), ws.root) for t in tokens]
     program, args = tokens[0], tokens[1:]
     if program == "sbatch":
         return [], env, "sbatch"
@@ -296,7 +329,15 @@ def localise(cmd: Command, ws: Workspace) -> tuple[list[str], dict[str, str], st
                 launcher += [flag, value]
             i += 2
         script, rest = args[i], args[i + 1:]
+        if script == "run_eval.py":
+            return [program, "launch", *launcher, script, *_eval_overrides(rest, ws.root)], env, "eval"
         return [program, "launch", *launcher, script, *_with_overrides(rest, ws.root, "train")], env, _what(script)
+    if "run_eval.py" in args:
+        at = args.index("run_eval.py")
+        args = [*args[:at + 1], *_eval_overrides(args[at + 1:], ws.root)]
+        if tokens[0] == "accelerate":
+            return [program, *args], env, "eval"
+        return [program, *args], env, "eval"
     if program == sys.executable and args and args[0] == "run_pretrain.py":
         return [program, args[0], *_with_overrides(args[1:], ws.root, "train")], env, "train"
     if tokens[0] == "selfdistill-plan":
@@ -309,6 +350,53 @@ def localise(cmd: Command, ws: Workspace) -> tuple[list[str], dict[str, str], st
     if program.endswith("launch.sh"):
         return ["bash", program, *args], env, "train"
     return [program, *args], env, _what(args[0] if args else program)
+
+
+PLACEHOLDERS = {"W": "runs/vits16", "TRAIN": "/data/imagenet/train", "VAL": "/data/imagenet/val",
+                "IMG_OR_DIR": "/data/imagenet/val/a"}
+FD_STUDENT = "runs/fd_clip_vit_base16/export/student_backbone.safetensors"  # W of fine-tuning: an FD student
+EVAL_SIZES = {"--image-size": "16", "--n-last-blocks": "2", "--epochs": "2", "--batch-size": "8", "--num-workers": "0"}
+EVAL_FLAGS = {"knn": ["--image-size", "--num-workers"], "retrieval": ["--image-size"],
+              "linear": ["--image-size", "--epochs", "--batch-size", "--num-workers", "--n-last-blocks"],
+              "copydetect": ["--image-size", "--batch-size", "--num-workers"]}
+SUMMARY = {"linear.epochs": "2", "linear.batch_size": "8", "linear.image_size": "16", "linear.n_last_blocks": "2",
+           "linear.num_workers": "0", "knn.image_size": "16", "knn.num_workers": "0"}
+FINETUNE = {"data.input_size": "16", "model.patch_size": "4", "train.epochs": "1", "train.batch_size_per_device": "8",
+            "train.progress_bar": "false", "train.log_every": "1", "eval.batch_size": "8", "data.num_workers": "0",
+            "optim.warmup_epochs": "0", "train.precision": "fp32",
+            "model.kwargs": "{depth: 2, embed_dim: 32, num_heads: 2}"}
+
+
+def _placeholder(token: str, fd_student: bool = False) -> str:
+    """A placeholder of docs/evaluation.md, alone or as an override's value (``data.path=TRAIN``)."""
+    if token == "W" and fd_student:
+        return FD_STUDENT
+    key, eq, value = token.partition("=")
+    if eq and value in PLACEHOLDERS:
+        return f"{key}={PLACEHOLDERS[value]}"
+    return PLACEHOLDERS.get(token, token)
+
+
+def _eval_overrides(args: list[str], ws: Path) -> list[str]:
+    """A ``run_eval.py`` sub-command's arguments at the tiny model's size: 16 px, 2 epochs of batch 8,
+    no loader workers (documented values of those options replaced)."""
+    command, rest = args[0], list(args[1:])
+    for flag in EVAL_FLAGS.get(command, []):
+        if flag in rest:
+            rest[rest.index(flag) + 1] = EVAL_SIZES[flag]
+        else:
+            rest += [flag, EVAL_SIZES[flag]]
+    if command == "summary":
+        rest = [a for a in rest if a.split("=", 1)[0] not in SUMMARY] + [f"{k}={v}" for k, v in SUMMARY.items()]
+    if command == "finetune":
+        recipe = _recipe(ws / rest[rest.index("--config") + 1])
+        tiny = {**FINETUNE, "model.kwargs": _flow({**(recipe["model"].get("kwargs") or {}),
+                                                   **yaml.safe_load(FINETUNE["model.kwargs"])})}
+        dotted = [i for i, a in enumerate(rest) if "=" in a and not a.startswith("-")]
+        at = dotted[-1] + 1 if dotted else len(rest)
+        rest = ([a for a in rest[:at] if a.split("=", 1)[0] not in tiny] + [f"{k}={v}" for k, v in tiny.items()]
+                + rest[at:])
+    return [command, *rest]
 
 
 def _what(script: str) -> str:
@@ -337,11 +425,13 @@ def _writes(cmd: Command) -> set[str]:
 
 def _reads(cmd: Command) -> set[str]:
     """The ``runs/`` and ``plans/`` directories a documented line reads."""
+    tokens = shlex.split(cmd.text, comments=True)
+    fd_student = "--config" in tokens and "finetune" in tokens
     found = set()
-    for token in shlex.split(cmd.text, comments=True):
+    for token in (_placeholder(t, fd_student) for t in tokens):
         path = token.split("=", 1)[-1]
         if path.startswith(("runs/", "plans/")) and not token.startswith("train.output_dir="):
-            found.add(str(Path(path).parent) if path.endswith(".sh") else path)
+            found.add("/".join(Path(path).parts[:2]))
     return found - _writes(cmd)
 
 
@@ -382,16 +472,26 @@ def written(argv: list[str], kind: str, ws: Path, result: subprocess.CompletedPr
         return [plan / "launch.sh", plan / "accelerate.yaml", plan / "overrides.txt"]
     if "selfdistill-shards" in argv[0] and argv[1] == "write":
         return [Path(_argument(argv, "--out")) / "_info.json"]
-    if kind == "eval" and argv[argv.index("run_eval.py") + 1] == "knn":
-        return [ws / _argument(argv, "--weights") / "knn_results.json"]
+    if kind == "eval":
+        command = argv[argv.index("run_eval.py") + 1]
+        weights = ws / _argument(argv, "--weights")
+        beside = weights if weights.is_dir() else weights.parent
+        if command in ("knn", "linear", "retrieval", "copydetect"):
+            return [beside / f"{command}_results.json"]
+        if command == "summary":
+            return [beside / "summary.json", beside / "summary.md"]
+        if command == "pictures":
+            return [beside / "pictures" / "index.html"]
+        if command == "finetune":
+            return [ws / _recipe(ws / _argument(argv, "--config"))["train"]["output_dir"] / "log.jsonl"]
     return []
 
 
 def run(cmd: Command, ws: Workspace) -> subprocess.CompletedProcess:
     """Run ``cmd`` (after the earlier commands of its page) and check its exit status and outputs."""
     for needed in _reads(cmd):  # the earlier line of the page that writes it, when it has not run yet
-        writer = next((c for c in COMMANDS if c.page == cmd.page and c.line < cmd.line and not c.skip
-                       and needed in _writes(c)), None)
+        writers = [c for c in COMMANDS if not c.skip and c.id != cmd.id and needed in _writes(c)]
+        writer = next((c for c in writers if c.page == cmd.page and c.line < cmd.line), writers[0] if writers else None)
         if writer is not None and writer.id not in ws.done:
             run(writer, ws)
     same = next((c for c in COMMANDS if c.id in ws.done and " ".join(c.text.split()) == " ".join(cmd.text.split())
@@ -434,7 +534,7 @@ def test_every_page_is_collected():
 
 
 def _slow(cmd: Command) -> list:
-    multi = cmd.text.startswith(("accelerate", "plans/")) or "launch.sh" in cmd.text
+    multi = cmd.text.startswith(("accelerate", "plans/", "selfdistill-plan"))  # 2 ranks, or probe processes
     return [pytest.mark.slow] if multi else []
 
 
@@ -446,13 +546,14 @@ def test_documented_command(cmd: Command, workspace: Workspace):
 
 
 def test_a_changed_flag_or_path_fails(workspace: Workspace):
-    """The runner is not blind: the documented knn line with a misspelt flag, and with a path that
-    does not exist, each fail with the command named."""
-    knn = next(c for c in COMMANDS if c.page == "README.md" and "run_eval.py knn" in c.text)
-    shards = next(c for c in COMMANDS if c.text.startswith("selfdistill-shards verify"))
-    for broken in (Command(knn.page, knn.line, knn.text.replace("--data.val_path", "--data.val-path")),
-                   Command(shards.page, shards.line, shards.text.replace("imagenet-shards", "imagenet-shard"))):
-        workspace.done.update({c.id: subprocess.CompletedProcess([], 0) for c in COMMANDS if c.page == broken.page
-                               and c.line < broken.line})  # only the broken line itself
-        with pytest.raises(AssertionError, match=re.escape(broken.id)):
-            run(broken, workspace)
+    """The runner is not blind: a documented line with one flag misspelt, and one with a path that
+    does not exist, each fail, naming the page and line (cheap lines: no training before them)."""
+    config = next(c for c in COMMANDS if "--print-config" in c.text)
+    verify = next(c for c in COMMANDS if c.text.startswith("selfdistill-shards verify"))
+    for cmd, old, new, complaint in ((config, "--print-config", "--print-configs", "unrecognized arguments"),
+                                     (verify, "imagenet-shards", "imagenet-shard", "imagenet-shard/train")):
+        broken = Command(cmd.page, cmd.line, cmd.text.replace(old, new))
+        apart = Workspace(workspace.root, workspace.env, dict(workspace.done))  # the real results stay
+        with pytest.raises(AssertionError, match=re.escape(f"{cmd.id}: {broken.text}")) as failed:
+            run(broken, apart)
+        assert complaint in str(failed.value).split("\nexit ", 1)[1]  # in the command's own output
