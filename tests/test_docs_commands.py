@@ -26,9 +26,16 @@ documented                                         run here as
                                                    ds_configs/zeroN.json --num_processes 2`` (CPU)
 ``--num_processes 4`` / ``8``                      ``--num_processes 2`` with ``cpu_2proc.yaml``
 ``selfdistill-plan --gpus 8 --global-batch 1024``  ``--cpu --gpus 2 --global-batch 16``
-``--workers 16``                                   ``--workers 2``
-``train.trackers=[wandb,mlflow]``                  offline (``WANDB_MODE=offline``, a file MLflow store)
+``--workers 16``, ``--samples-per-shard 1000``      ``--workers 2``, ``--samples-per-shard 4``
+``train.trackers=[wandb,mlflow]``                  offline (``WANDB_MODE=offline``, MLflow to SQLite)
 ``sbatch ...``                                     skipped until the SLURM cluster fixture lands
+``W``, ``TRAIN``, ``VAL``, ``IMG_OR_DIR``            ``runs/vits16`` (README's run), the image folders, a
+(docs/evaluation.md)                               class folder; fine-tuning's ``W``: the FD CLIP run's
+                                                   student export
+``/data/roxford5k``, ``rparis6k``, ``copydays``,    toy sets of that layout (a ``gnd_*.pkl`` beside
+``yfcc_20k``, ``yfcc_10k``                         ``jpg/``; Copydays' blocks), a few random images each
+``run_eval.py`` sub-commands                       ``--image-size 16``, linear: 2 epochs of batch 8 and
+                                                   ``--n-last-blocks`` at most 2 (the tiny ViT has 2)
 every training / planning command                  + model-size overrides for its network (a 2-block
                                                    ViT, Swin or ResNet at 16-64 px, small heads), 2
                                                    epochs of 16 images, fp32, no loader workers
@@ -41,7 +48,6 @@ reason. ``make ...`` lines are not collected (``make demo`` and ``make test`` ha
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -113,10 +119,11 @@ COMMANDS = collect()
 # -- the workspace: tiny data, teachers, an S3 server ---------------------------------------------------
 
 
-def _write_shards(images: Path, out: Path) -> Path:
+def _write_shards(images: Path, out: Path, *options: str) -> Path:
+    """Shards as docs/data.md's lines write them (so that re-running those lines finds them done)."""
     from selfdistill.cli.shards import main as shards
 
-    assert shards(["write", "--folder", str(images), "--out", str(out), "--samples-per-shard", "4",
+    assert shards(["write", "--folder", str(images), "--out", str(out), "--resize-shorter", "256", *options,
                    "--no-progress"]) == 0
     return out
 
@@ -184,8 +191,8 @@ def workspace(tmp_path_factory, s3_server) -> Workspace:  # noqa: F811
     data = root / "data"
     train = make_image_folder(data / "imagenet" / "train", n_per_class=N_TRAIN // 2)
     val = make_image_folder(data / "imagenet" / "val", n_per_class=4, seed=1)
-    shards = {split: _write_shards(images, data / "imagenet-shards" / split) for split, images in
-              (("train", train), ("val", val))}
+    shards = {"train": _write_shards(train, data / "imagenet-shards" / "train", "--samples-per-shard", "4"),
+              "val": _write_shards(val, data / "imagenet-shards" / "val", "--no-shuffle")}
     assert len(list(shards["train"].glob("*.tar"))) == N_SHARDS
     shutil.copytree(shards["train"], root / "shards" / "train")  # what data.md's s5cmd line uploads
     _teachers(data / "weights")
@@ -196,7 +203,7 @@ def workspace(tmp_path_factory, s3_server) -> Workspace:  # noqa: F811
                AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                AWS_CONFIG_FILE=str(root / "no-aws-config"), AWS_SHARED_CREDENTIALS_FILE=str(root / "no-aws-creds"),
                AWS_EC2_METADATA_DISABLED="true", WANDB_MODE="offline", WANDB_SILENT="true",
-               WANDB_DIR=str(root / "wandb"), MLFLOW_TRACKING_URI=f"file://{root / 'mlruns'}",
+               WANDB_DIR=str(root / "wandb"), MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
                HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     env.pop("WORLD_SIZE", None)
     s5 = [str(VENV_BIN / "s5cmd"), "--endpoint-url", s3_server]
@@ -225,7 +232,8 @@ RUN = {"train.epochs": "2", "train.batch_size_per_device": "8", "train.precision
 HEADS = {"dino": {"method.out_dim": "64", "method.head_hidden_dim": "32", "method.head_bottleneck_dim": "16",
                   "method.warmup_teacher_temp_epochs": "1"},
          "simsiam": {"method.proj_dim": "32", "method.pred_dim": "8"},
-         "smd": {"method.teacher_kwargs": "{layers: [1, 1, 1, 1], channels: [8, 16, 16, 32], stem_width: 8}"}}
+         "smd": {"method.teacher_kwargs": "{layers: [1, 1, 1, 1], channels: [8, 16, 16, 32], stem_width: 8}",
+                 "method.teacher_dim": "0"}}
 HEADS["glsd"] = HEADS["patchwise_dino"] = HEADS["dino"]
 FD_TEACHER = {"vit": "{img_size: 16, patch_size: 4, depth: 2, embed_dim: 48, num_heads: 2}",
               "swin": "{img_size: 64, depths: [2, 1, 1, 1], embed_dim: 16, num_heads: [1, 1, 1, 1], window_size: 2}"}
@@ -291,6 +299,8 @@ def _with_overrides(args: list[str], ws: Path, entry: str) -> list[str]:
         recipe = next(a for a in args if a.endswith(".yaml"))
     doc = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
     tiny = _tiny(doc, _recipe(ws / recipe))
+    if entry == "train" and "data.path" not in doc:  # the recipe's /data/imagenet/train, substituted too
+        tiny["data.path"] = _paths(_recipe(ws / recipe)["data"]["path"], ws)
     if entry == "plan":
         tiny = {k: v for k, v in tiny.items() if k.startswith(("model.", "method.", "data.global", "data.local"))}
     dotted = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
@@ -303,7 +313,7 @@ def localise(cmd: Command, ws: Workspace) -> tuple[list[str], dict[str, str], st
     """The command as it runs here: (argv, environment, what it is)."""
     tokens = shlex.split(cmd.text, comments=True)
     env = dict(ws.env)
-    while tokens and re.match(r"^[A-Z_]+=", tokens[0]):  # VAR=value before the program
+    while tokens and re.match(r"^[A-Z][A-Z0-9_]*=", tokens[0]):  # VAR=value before the program
         name, value = tokens.pop(0).split("=", 1)
         if name not in ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):  # the moto server's stays
             env[name] = value
@@ -345,8 +355,9 @@ def localise(cmd: Command, ws: Workspace) -> tuple[list[str], dict[str, str], st
         for flag, value in (("--gpus", "2"), ("--global-batch", "16")):
             args[args.index(flag) + 1] = value
         return [program, "--cpu", *_with_overrides(args, ws.root, "plan")], env, "plan"
-    if tokens[0] == "selfdistill-shards" and "--workers" in args:
-        args[args.index("--workers") + 1] = "2"
+    for flag, value in (("--workers", "2"), ("--samples-per-shard", "4")):
+        if tokens[0] == "selfdistill-shards" and flag in args:
+            args[args.index(flag) + 1] = value
     if program.endswith("launch.sh"):
         return ["bash", program, *args], env, "train"
     return [program, *args], env, _what(args[0] if args else program)
@@ -448,9 +459,10 @@ def _run_dir(argv: list[str], ws: Path) -> Path:
     return ws / out
 
 
-def _set_aside(run_dir: Path, ws: Workspace) -> None:
-    """Launch lines that are alternatives (1 GPU, 8 GPUs, ZeRO-2, 2 nodes) name one run directory;
-    each starts fresh here (``--resume auto`` would otherwise continue another line's run)."""
+def _set_aside(run_dir: Path) -> None:
+    """Lines that are alternatives (1 GPU, 8 GPUs, ZeRO-2, 2 nodes; linear heads for ViT-S, ViT-B,
+    SMD) name one directory; each starts fresh here (``--resume auto``, or the linear head's own
+    resume, would otherwise continue or refuse another line's run)."""
     if run_dir.exists():
         n = sum(1 for _ in run_dir.parent.glob(f"{run_dir.name}.earlier-*"))
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.earlier-{n}"))
@@ -479,7 +491,7 @@ def written(argv: list[str], kind: str, ws: Path, result: subprocess.CompletedPr
         if command in ("knn", "linear", "retrieval", "copydetect"):
             return [beside / f"{command}_results.json"]
         if command == "summary":
-            return [beside / "summary.json", beside / "summary.md"]
+            return [beside / "eval_summary" / "summary.json", beside / "eval_summary" / "summary.md"]
         if command == "pictures":
             return [beside / "pictures" / "index.html"]
         if command == "finetune":
@@ -502,7 +514,10 @@ def run(cmd: Command, ws: Workspace) -> subprocess.CompletedProcess:
         return ws.done[cmd.id]
     argv, env, kind = localise(cmd, ws)
     if kind == "train" and "--print-config" not in argv:
-        _set_aside(_run_dir(argv, ws.root), ws)
+        _set_aside(_run_dir(argv, ws.root))
+    if kind == "eval" and argv[argv.index("run_eval.py") + 1] == "linear":  # ViT-S, ViT-B, SMD: alternatives
+        weights = ws.root / _argument(argv, "--weights")
+        _set_aside((weights if weights.is_dir() else weights.parent) / "linear")
     if kind == "sbatch":
         ws.done[cmd.id] = subprocess.CompletedProcess([], 0)
         pytest.skip("sbatch: until the SLURM cluster fixture lands, tests/test_cluster.py runs the script "
