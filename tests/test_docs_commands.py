@@ -301,8 +301,8 @@ def _with_overrides(args: list[str], ws: Path, entry: str) -> list[str]:
     tiny = _tiny(doc, _recipe(ws / recipe))
     if entry == "train" and "data.path" not in doc:  # the recipe's /data/imagenet/train, substituted too
         tiny["data.path"] = _paths(_recipe(ws / recipe)["data"]["path"], ws)
-    if entry == "plan":
-        tiny = {k: v for k, v in tiny.items() if k.startswith(("model.", "method.", "data.global", "data.local"))}
+    if entry == "plan":  # they reach the plan's overrides.txt, so launch.sh trains the tiny run too
+        tiny = {k: v for k, v in tiny.items() if k != "train.batch_size_per_device"}  # the plan's to choose
     dotted = [i for i, a in enumerate(args) if "=" in a and not a.startswith("-")]
     at = dotted[-1] + 1 if dotted else len(args)  # argparse takes the overrides as one run of positionals
     kept = [a for a in args[:at] if not ("=" in a and not a.startswith("-") and a.split("=", 1)[0] in tiny)]
