@@ -64,6 +64,7 @@ import yaml
 from conftest import make_image_folder
 from s3_server import VENV_BIN, s3_server  # noqa: F401 - fixture
 
+pytestmark = pytest.mark.docs
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARK = "# not run in tests:"
