@@ -462,7 +462,7 @@ def _run_dir(argv: list[str], ws: Path) -> Path:
 
 def _set_aside(run_dir: Path) -> None:
     """Lines that are alternatives (1 GPU, 8 GPUs, ZeRO-2, 2 nodes; linear heads for ViT-S, ViT-B,
-    SMD) name one directory; each starts fresh here (``--resume auto``, or the linear head's own
+    SMD; fine-tuning on 1 process or 8 GPUs) name one directory; each starts fresh here (``--resume auto``, or the linear head's own
     resume, would otherwise continue or refuse another line's run)."""
     if run_dir.exists():
         n = sum(1 for _ in run_dir.parent.glob(f"{run_dir.name}.earlier-*"))
@@ -519,6 +519,8 @@ def run(cmd: Command, ws: Workspace) -> subprocess.CompletedProcess:
     if kind == "eval" and argv[argv.index("run_eval.py") + 1] == "linear":  # ViT-S, ViT-B, SMD: alternatives
         weights = ws.root / _argument(argv, "--weights")
         _set_aside((weights if weights.is_dir() else weights.parent) / "linear")
+    if kind == "eval" and argv[argv.index("run_eval.py") + 1] == "finetune":  # 1 process, or 8 GPUs
+        _set_aside(ws.root / _recipe(ws.root / _argument(argv, "--config"))["train"]["output_dir"])
     if kind == "sbatch":
         ws.done[cmd.id] = subprocess.CompletedProcess([], 0)
         pytest.skip("sbatch: until the SLURM cluster fixture lands, tests/test_cluster.py runs the script "
