@@ -61,6 +61,8 @@ class SourceConfig:
         non_negative(self, prefix, "num_workers", "decode_size", "samples_per_epoch", "shuffle_buffer",
                      "shard_retries", "bad_check_after")
         fraction(self, prefix, "max_missing_shards", "max_bad_fraction")
+        if self.path and self.format != "auto":  # at load time: refused before a run directory exists
+            _checked_format(_split_suffix(self.path, self.hf_split)[0], self.format, f"{prefix}.path")
 
 
 def detect_format(path: str) -> str:
@@ -79,6 +81,20 @@ def detect_format(path: str) -> str:
         if any(root.glob("*.tar")) and not any(p.is_dir() for p in root.iterdir()):
             return "wds"
     return "folder"
+
+
+def _checked_format(path: str, given: str, role: str) -> str:
+    """``given`` unless it is ``auto`` (then the detected format); an explicit format that contradicts
+    what the path surely is (a URL, a pattern, a shard or HF directory) is refused in one line, since
+    reading a URL as a folder mangles it and reading shards as a folder finds no images."""
+    detected = detect_format(path)
+    if given == "auto":
+        return detected
+    if detected != "folder" and given != detected:  # "folder" is the fallback: an explicit format may know better
+        key = role.rpartition(".")[0] + ".format" if "." in role else "format"
+        fail(key, f"{given!r} but {role} {path!r} is {detected!r} by detection; leave {key} at 'auto' "
+                  f"(the default) or set it to {detected!r}")
+    return given
 
 
 def _split_suffix(path: str, split: str) -> tuple[str, str]:
@@ -184,7 +200,7 @@ def open_images(source: SourceConfig | str, transform: Callable[[Any], Any] | No
     path, split = _split_suffix(s.path, s.hf_split)
     if not path:
         fail(role, "no images given (an image folder, HF dataset directory or shard directory / pattern)")
-    fmt = detect_format(path) if s.format == "auto" else s.format
+    fmt = _checked_format(path, s.format, role)
     s = dataclasses.replace(s, path=path, format=fmt, hf_split=split)
     if fmt == "wds":
         info = shard_info(path) or {}

@@ -354,7 +354,7 @@ def _draw(weights: Weights, options: Any, ctx: EvalContext, kinds: tuple[str, ..
 
 
 @register_protocol("attention", AttentionOptions, output="directory",
-                   help="DINO attention pictures: last-block CLS attention per head, 60% masks")
+                   help="DINO attention pictures: last-block CLS attention per head, masks keeping 0.6 of its mass")
 def attention_protocol(weights: Weights, options: AttentionOptions, ctx: EvalContext) -> dict[str, Any]:
     return _draw(weights, options, ctx, ("attention",))
 
