@@ -99,11 +99,17 @@ def test_float64_agrees_with_loop_computation(n, d, tau):
 
 
 def test_matches_reference_code_output():
-    """Values of liuhao-lh/SMD's ``SMD(tau)(t, s)`` (fp32, CPU), recorded in the method spec."""
+    """Values of liuhao-lh/SMD's ``SMD(tau)(t, s)`` (fp32, CPU), recorded in the method spec.
+
+    In fp32 this loss moves by ~2e-4 relative with the summation order (measured here: 3.52821 on 2
+    threads, 3.52859 on 1; the recorded 3.52786 came from another CPU), so both the recorded value and
+    ours are held to the loss computed in float64, within 5e-4: a wrong formula is off by far more."""
     torch.manual_seed(123)
     t, s = torch.randn(32, 2048), torch.randn(32, 2048)
-    assert smd_loss(t, s, 0.04).item() == pytest.approx(3.527864694595337, rel=1e-7)
-    assert smd_loss(t, s, 0.004).item() == pytest.approx(30.61835479736328, rel=1e-6)
+    for tau, recorded in ((0.04, 3.527864694595337), (0.004, 30.61835479736328)):
+        exact = smd_loss(t.double(), s.double(), tau).item()
+        assert recorded == pytest.approx(exact, rel=5e-4)
+        assert smd_loss(t, s, tau).item() == pytest.approx(exact, rel=5e-4)
 
 
 def test_bad_inputs_are_refused():
