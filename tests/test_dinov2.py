@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import accelerate_launch, logged_losses, make_image_folder, run_training, zero_launcher
+from conftest import DDP_2PROC, accelerate_launch, logged_losses, make_image_folder, run_training, zero_launcher
 
 from selfdistill.configkit import ConfigError
 from selfdistill.data.masking import BlockMasking
@@ -231,6 +231,36 @@ def test_distillation_from_a_wider_frozen_teacher_trains_and_resumes_exactly(ima
     assert load_file(str(teacher))["cls_token"].shape[-1] == 48
     log = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines() if '"ibot_loss"' in line]
     assert all(r["ibot_loss"] >= 0 and math.isfinite(r["koleo_loss"]) for r in log)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_dinov2_from_scratch_trains_and_resumes_exactly(image_folder, tmp_path):
+    """The EMA teacher (DINOv2's own training, Sinkhorn-Knopp centering): interrupted after 3 steps and
+    resumed, the losses, the EMA teacher and the centres equal an uninterrupted run's."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_training(image_folder, full, *V2)
+    run_training(image_folder, part, *V2, **{"train.max_steps": 3})
+    run_training(image_folder, part, *V2, resume="auto")
+    got = logged_losses(full)
+    assert len(got) == 8 and all(math.isfinite(x) for x in got)
+    assert logged_losses(part) == got
+    a, b = (ckpt.load_task_state(ckpt.latest_checkpoint(d)) for d in (full, part))
+    assert all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a["teacher"])  # the EMA, mask token included
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "teacher")  # the centres
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_dinov2_on_two_ddp_ranks_gives_the_losses_of_one_rank(tmp_path):
+    """DINOv2 from scratch: Sinkhorn-Knopp's all-reduced sums and counts make two DDP ranks of batch 8
+    log one rank of batch 16's losses (KoLeo, per rank by design, left out as above)."""
+    data = make_image_folder(tmp_path / "img")
+    common = [*V2, "train.epochs=1", "model.drop_path_rate=0.0", "method.koleo_loss_weight=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_training(data, one, *common, "train.batch_size_per_device=16")
+    accelerate_launch(DDP_2PROC, data, two, *common, "train.batch_size_per_device=8")
+    a, b = logged_losses(one), logged_losses(two)
+    assert len(a) == len(b) == 2 and all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
 
 
 @pytest.fixture
