@@ -276,3 +276,18 @@ def test_train_and_eval_normalisation_that_differ_are_said():
                                 eval_std=(0.26862954, 0.26130258, 0.27577711)).normalisation_notice()
     assert "\n" not in notice and "data.eval_mean [0.48145466" in notice and "data.mean [0.5, 0.5, 0.5]" in notice
     assert "data.eval_std" in notice and "data.eval_mean=null data.eval_std=null" in notice
+
+
+def test_launch_check_reads_paths_as_the_data_door_does(tmp_path: Path) -> None:
+    """Only a path that must exist here is refused: an HF directory's `DIR@SPLIT` names DIR, and URLs
+    and shard patterns are left to their readers."""
+    from selfdistill.cli.pretrain import check_launch
+    from selfdistill.configkit import ConfigError
+    from selfdistill.recipe import load_config
+
+    (tmp_path / "hf").mkdir()
+    for path in (f"{tmp_path / 'hf'}@validation", "s3://bucket/train/", "shards/shard-{000000..000003}.tar"):
+        check_launch(load_config(None, merged(tiny_overrides(path, tmp_path / "run"), "knn.val_path=")))
+    with pytest.raises(ConfigError, match=r"data.path: .*missing@validation' does not exist"):
+        check_launch(load_config(None, merged(tiny_overrides(f"{tmp_path / 'missing'}@validation", tmp_path / "run"),
+                                              "knn.val_path=")))

@@ -148,15 +148,16 @@ def check_launch(config, demo: bool = False) -> None:
     ConfigError naming the key): local data paths that do not exist (``--demo`` writes its own)."""
     if demo:
         return
+    from selfdistill.data.images import local_root
+
     fixes = {"data.path": "point it at the training images",
              "knn.train_path": "point it at labelled images, or leave it empty to use data.path",
              "knn.val_path": "point it at labelled images, or set knn.val_path='' to train without the online kNN"}
     for key, fix in fixes.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        local = isinstance(value, str) and value and "://" not in value and not value.startswith("pipe:") \
-            and "::" not in value and not any(c in value for c in "{}*?[")
-        if local and not Path(value).exists():
+        root = local_root(value) if isinstance(value, str) else None
+        if root is not None and not root.exists():
             raise ConfigError(f"config error: {key}: {value!r} does not exist; {fix}")
 
 

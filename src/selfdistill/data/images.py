@@ -32,7 +32,7 @@ from selfdistill.data.sampler import ShardedEvalSampler
 from selfdistill.data.shard_format import has_info
 from selfdistill.data.sources import MapSource, ShardSource, ShardStream, expand_urls, loader_worker_init, shard_info
 
-__all__ = ["FORMATS", "ImageSet", "SourceConfig", "detect_format", "finish_on_device", "open_images"]
+__all__ = ["FORMATS", "ImageSet", "SourceConfig", "detect_format", "finish_on_device", "local_root", "open_images"]
 
 FORMATS = ("auto", "folder", "hf", "wds")
 STREAM_PREFIXES = ("pipe:", "s3://", "http://", "https://", "gs://")
@@ -102,6 +102,15 @@ def _split_suffix(path: str, split: str) -> tuple[str, str]:
     if "@" in path and not os.path.exists(path):
         path, _, split = path.rpartition("@")
     return path, split
+
+
+def local_root(path: str) -> Path | None:
+    """The file or directory ``path`` must name on this machine, or None where it names none (a URL or
+    ``pipe:`` stream, a brace or glob pattern, ``::``-joined patterns); ``DIR@SPLIT`` names ``DIR``."""
+    if not path or "://" in path or path.startswith(STREAM_PREFIXES) or "::" in path \
+            or any(c in path for c in "{}*?["):
+        return None
+    return Path(_split_suffix(path, "")[0])
 
 
 @dataclass
