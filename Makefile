@@ -64,11 +64,16 @@ slurm:
 	  else echo "note: not root or no apt-get; the SLURM cluster tests will skip"; fi; \
 	fi
 
+# Two pytest-xdist workers, each taking whole test files (a module's fixtures are built once; the real SLURM
+# cluster of tests/test_slurm_cluster.py has one owner); TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install slurm
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # The lightly baseline of benchmarks/train_throughput.py, beside (not in) the venv, without dependencies:
 # torch stays the pinned one. The benchmark scripts put .bench-env/ on their path.

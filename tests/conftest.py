@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Under pytest-xdist (`make test`: two workers on two cores, whole files per worker, so a module's
+# fixtures are built once and the SLURM cluster of test_slurm_cluster.py has one owner) each worker
+# takes one core's threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 
 def make_image_folder(root: Path, n_per_class: int = 16, classes=("a", "b"), size: int = 24, seed: int = 0) -> Path:

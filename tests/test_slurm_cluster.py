@@ -5,11 +5,14 @@ same recipe on 2 local ranks (conftest ``two_rank_run``)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -25,14 +28,15 @@ SCRIPT = ROOT / "accelerate_configs" / "slurm_multinode.sh"
 
 
 def submit(cluster: Cluster, images: Path, out: Path, *options: str, script: Path = SCRIPT, nodes: int = 2,
-           **overrides) -> int:
-    """``sbatch --nodes=2 slurm_multinode.sh [options] recipe overrides`` from the repository root, one
-    rank per node (this cluster has no GPUs: ``--gpus-per-node=0`` overrides the script's 8)."""
+           ranks: int = 1, sbatch: tuple[str, ...] = (), **overrides) -> int:
+    """``sbatch --nodes=2 [sbatch] slurm_multinode.sh [options] recipe overrides`` from the repository
+    root, ``ranks`` per node (this cluster has no GPUs: ``--gpus-per-node=0`` overrides the script's 8)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     recipe = out.parent / "recipe.yaml"
     recipe.write_text("train: {epochs: 3}\n")
-    return cluster.sbatch(f"--nodes={nodes}", "--cpus-per-task=1", "--gpus-per-node=0",
-                          f"--output={out.parent}/job-%j.out", str(script), "--gpus-per-node", "1", *options, str(recipe),
+    return cluster.sbatch(f"--nodes={nodes}", "--cpus-per-task=1", "--gpus-per-node=0", *sbatch,
+                          f"--output={out.parent}/job-%j.out", str(script), "--gpus-per-node", str(ranks), *options,
+                          str(recipe),
                           *two_rank_overrides(images, out, **overrides), cwd=ROOT, PYTHON=sys.executable,
                           OMP_NUM_THREADS="1")
 
@@ -60,6 +64,10 @@ def test_two_nodes_train_as_two_local_ranks(slurm_cluster, two_rank_run, tmp_pat
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
+def scancel_usr1(cluster: Cluster, job: int, out: Path) -> None:
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+
+
 def check_preemption(cluster: Cluster, images: Path, uninterrupted: Path, out: Path, script: Path = SCRIPT) -> float:
     """SLURM's early warning by hand (``scancel --signal=USR1 --batch``: the batch shell only, as
     ``--signal=B:USR1@N`` does): the script passes USR1 through srun and torchrun, both nodes' ranks
@@ -78,17 +86,25 @@ def launches(out: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def _preempt(cluster: Cluster, job: int, uninterrupted: Path, out: Path) -> float:
-    deadline = time.monotonic() + 120
-    while logged_step(out) < 2:
+def wait_for_step(cluster: Cluster, job: int, out: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while logged_step(out) < step:
         assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), job_output(out, job)[-4000:]
-        assert time.monotonic() < deadline, "no step 2 after 120 s: " + job_output(out, job)[-4000:]
+        assert time.monotonic() < deadline, f"no step {step} after {timeout} s: " + job_output(out, job)[-4000:]
         time.sleep(0.05)
-    cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+
+
+def _preempt(cluster: Cluster, job: int, uninterrupted: Path, out: Path, send_usr1=scancel_usr1,
+             on_requeue=lambda: None, ranks: int = 2) -> float:
+    """``send_usr1(cluster, job, out)`` once the run is at step 2; ``on_requeue()`` while the
+    requeued job is pending."""
+    wait_for_step(cluster, job, out, 2)
+    send_usr1(cluster, job, out)
     signalled = time.monotonic()
     requeued = cluster.wait_job(job, ("PENDING",) + FINAL, start_now=False)
     seconds = time.monotonic() - signalled
     assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", (requeued, job_output(out, job)[-4000:])
+    on_requeue()
     stops = [r for r in rows(out) if r.get("event") == "preempted"]
     assert len(stops) == 1 and stops[0]["signal"] == "SIGUSR1", stops
     step = stops[0]["step"]
@@ -106,7 +122,7 @@ def _preempt(cluster: Cluster, job: int, uninterrupted: Path, out: Path) -> floa
     assert info["JobState"] == "COMPLETED", output[-4000:]
     # both nodes' ranks stopped (exit 75); torchrun itself exits 1 after a signal it forwarded, and srun
     # reports the other node's launcher as terminated: the script requeues because it was signalled
-    assert output.count(f"SIGUSR1: stopped after step {step}") == 2, output[-4000:]
+    assert output.count(f"SIGUSR1: stopped after step {step}") == ranks, output[-4000:]
     assert f"requeueing job {job} (exit code" in output, output[-4000:]
     resumed = [r for r in rows(out) if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [step], resumed
@@ -251,3 +267,154 @@ def test_accelerate_launch_across_the_two_nodes(slurm_cluster, two_rank_run, tmp
     assert "deepspeed" in launch["distributed"].lower(), launch["distributed"]
     loss_diff, teacher_diff = max_difference(uninterrupted, out)
     assert loss_diff < 1e-5 and teacher_diff < 1e-5
+
+
+# -- SLURM's clock: the --signal warning and the time limit ------------------------------------------
+# Both need a job of a minute or more (SLURM checks limits every 30 s). They run beside the tests above
+# (each on one node of its own, 2 ranks, one core of the node's two), submitted when this module starts
+# and checked at its end. Each run is frozen (SIGSTOP to its ranks) once it is where the test wants it,
+# and its limit then shortened to a minute or two (`scontrol update TimeLimit`): SLURM's own clock then
+# fires mid-run however long the start took on a loaded machine.
+WARNING_LEAD = 60  # --signal=B:USR1@60
+
+
+def freeze(out: Path, ranks: int = 2) -> dict[int, int]:
+    pids = rank_pids(str(out))
+    assert len(pids) == ranks, pids
+    for pid in pids.values():
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+def thaw(pids: dict[int, int]) -> None:
+    for pid in pids.values():
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def shorten_limit(cluster: Cluster, job: int, minutes_left: int) -> float:
+    """Set the job's limit to ``minutes_left`` whole minutes after the current one of its run time;
+    returns the limit as a wall-clock time (SLURM's EndTime)."""
+    run_time = cluster.job(job)["RunTime"]  # [D-]HH:MM:SS
+    h, m, sec = (int(x) for x in run_time.split("-")[-1].split(":"))
+    elapsed = 3600 * h + 60 * m + sec
+    cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={math.floor(elapsed / 60) + minutes_left}")
+    return datetime.fromisoformat(cluster.job(job)["EndTime"]).timestamp()
+
+
+def warning_before_the_limit(cluster: Cluster, images: Path, uninterrupted: Path, out: Path,
+                             started: list[int]) -> dict:
+    """``#SBATCH --signal=B:USR1@60`` with a 2-minute limit: SLURM's own USR1 to the batch script,
+    then the same checkpoint, exit 75, requeue and bit-for-bit end as ``scancel --signal=USR1 --batch``."""
+    job = submit(cluster, images, out, nodes=1, ranks=2, sbatch=("--nodelist=n1", "--time=10",
+                                                                  f"--signal=B:USR1@{WARNING_LEAD}"))
+    started.append(job)
+    seen: dict = {}
+
+    def by_the_clock(cluster: Cluster, job: int, out: Path) -> None:
+        pids = freeze(out)
+        try:
+            seen["limit"] = shorten_limit(cluster, job, 2)
+            deadline = time.monotonic() + 150
+            while "USR1: every rank finishes its step" not in job_output(out, job):
+                assert time.monotonic() < deadline, "no USR1 from SLURM 150 s after the limit was set"
+                time.sleep(0.1)
+            seen["lead"] = seen["limit"] - time.time()
+        finally:
+            thaw(pids)
+
+    def no_second_warning() -> None:  # the requeued job keeps the 2-minute limit: give it room
+        cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+
+    try:
+        seen["requeue_seconds"] = _preempt(cluster, job, uninterrupted, out, send_usr1=by_the_clock,
+                                           on_requeue=no_second_warning)
+    finally:
+        cluster.run("scancel", str(job), check=False)
+    return seen
+
+
+def a_limit_without_warning(cluster: Cluster, images: Path, out: Path, script: Path, started: list[int]) -> dict:
+    """A script without ``--signal`` (no warning) reaches its limit at step 4 or later, with a periodic
+    checkpoint at step 3. At the limit SLURM sends SIGTERM to the batch script and to every task: the
+    ranks finish their step and checkpoint (as on any SIGTERM) and the script, signalled, requeues the
+    job before SLURM's KillWait ends it (else it would end TIMEOUT, not requeued: the same sbatch line
+    then goes on, docs/cluster.md). The job resumes from that checkpoint and ends bit-for-bit."""
+    job = submit(cluster, images, out, script=script, nodes=1, ranks=2, sbatch=("--nodelist=n2", "--time=10"),
+                 **{"train.checkpoint_every": 3})
+    started.append(job)
+    try:
+        wait_for_step(cluster, job, out, 4)
+        pids = freeze(out)
+        limit = shorten_limit(cluster, job, 1)
+        requeued = cluster.wait_job(job, ("PENDING",) + FINAL, start_now=False, timeout=200)
+        seen = {"state": requeued["JobState"], "restarts": requeued["Restarts"], "after_limit": time.time() - limit,
+                "stopped_at": logged_step(out), "checkpoint": ckpt.checkpoint_step(ckpt.latest_checkpoint(out))}
+        thaw(pids)
+        if requeued["JobState"] == "PENDING":  # the requeued job keeps the 1-minute limit: give it room
+            cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+            seen["final"] = cluster.wait_job(job, FINAL)["JobState"]
+    finally:
+        cluster.run("scancel", str(job), check=False)
+    seen.update(output=job_output(out, job), out=out)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def clock(slurm_cluster, two_rank_run, tmp_path_factory):
+    """The two clock jobs, started in the background when the module's first test starts; cancelled at
+    the module's end if no test asked for their result (a run of a few selected tests)."""
+    images, uninterrupted = two_rank_run
+    root = tmp_path_factory.mktemp("clock")
+    no_warning = root / "no_signal.sh"
+    text = SCRIPT.read_text()
+    assert "#SBATCH --signal=B:USR1@180\n" in text
+    no_warning.write_text(text.replace("#SBATCH --signal=B:USR1@180\n", ""))
+    pool, started, t0 = ThreadPoolExecutor(2), [], time.monotonic()
+
+    def timed(fn, *args):
+        result = fn(*args, started)
+        result["seconds"] = time.monotonic() - t0
+        return result
+
+    jobs = {"warning": pool.submit(timed, warning_before_the_limit, slurm_cluster, images, uninterrupted,
+                                   root / "warning" / "run"),
+            "limit": pool.submit(timed, a_limit_without_warning, slurm_cluster, images, root / "limit" / "run",
+                                 no_warning)}
+    yield {name: (lambda f=f: f.result(timeout=400)) for name, f in jobs.items()}
+    if not all(f.done() for f in jobs.values()):
+        for job in started:
+            slurm_cluster.run("scancel", str(job), check=False)
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture(autouse=True)
+def _start_the_clock_jobs(request):
+    """Every real-cluster test of this module starts them first (their minutes then overlap the rest)."""
+    if "slurm_cluster" in request.fixturenames:
+        request.getfixturevalue("clock")
+
+
+def test_the_warning_signal_arrives_before_the_time_limit(clock, two_rank_run):
+    """SLURM's USR1 lands between 60 and 90 s before the limit (its 30-s check); the run checkpoints,
+    exits 75, is requeued, and ends bit-for-bit as the uninterrupted run (checked in the job's thread)."""
+    seen = clock["warning"]()
+    print(f"--signal=B:USR1@{WARNING_LEAD}: USR1 {seen['lead']:.1f} s before the limit; requeued "
+          f"{seen['requeue_seconds']:.1f} s after it; done {seen['seconds']:.0f} s after the module started")
+    assert WARNING_LEAD - 2 <= seen["lead"] <= WARNING_LEAD + 32, seen
+
+
+def test_a_time_limit_without_warning_checkpoints_requeues_and_resumes_exactly(clock, two_rank_run):
+    seen = clock["limit"]()
+    print(f"time limit without warning: requeued {seen['after_limit']:.1f} s after the limit, stopped at step "
+          f"{seen['stopped_at']}, checkpoint step {seen['checkpoint']}; done {seen['seconds']:.0f} s after the module "
+          "started")
+    assert seen["state"] == "PENDING" and seen["restarts"] == "1", (seen["state"], seen["output"][-4000:])
+    assert f"SIGTERM: stopped after step {seen['checkpoint']}" in seen["output"], seen["output"][-4000:]
+    assert 3 <= seen["checkpoint"] <= seen["stopped_at"] < STEPS, seen
+    assert seen["final"] == "COMPLETED", seen["output"][-4000:]
+    resumed = [r["step"] for r in rows(seen["out"]) if r.get("event") == "resumed"]
+    assert resumed == [seen["checkpoint"]], resumed
+    assert_same_run(two_rank_run[1], seen["out"])
