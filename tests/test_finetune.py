@@ -17,15 +17,13 @@ from safetensors.torch import load_file
 
 from conftest import make_image_folder, merged, run_training
 from selfdistill.configkit import ConfigError
-from selfdistill.eval.finetune import (
+from selfdistill.training.finetune import finetuning
+from selfdistill.training.finetune_config import FinetuneModelConfig, FinetuneOptimConfig, load_finetune_config
+from selfdistill.training.finetune_model import (
     SHARED_RPB,
-    FinetuneModelConfig,
-    FinetuneOptimConfig,
-    finetuning,
     build_model,
     build_optimizer,
     build_scheduler,
-    load_finetune_config,
     param_groups,
     unshare_rel_pos_bias,
 )

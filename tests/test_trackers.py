@@ -44,7 +44,7 @@ def test_bad_trackers_are_one_line_errors_naming_the_key(override, message):
 
 def test_fine_tuning_checks_the_same_keys():
     from selfdistill.configkit import build_dataclass
-    from selfdistill.eval.finetune import FinetuneTrainConfig
+    from selfdistill.training.finetune_config import FinetuneTrainConfig
 
     with pytest.raises(ConfigError, match=r"train\.tracker_kwargs\.tags: expected a list"):
         build_dataclass(FinetuneTrainConfig, {"tracker_kwargs": {"tags": 1}}, "train").validate("train")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,9 @@ from typing import Any
 import torch
 
 from selfdistill.atomic import write_text_atomic
+from selfdistill.console import interactive
 
 log = logging.getLogger("selfdistill")
-
-
-def interactive() -> bool:
-    """A terminal is watching: a redrawn bar suits it; a file (a SLURM log, ``> log``) gets lines."""
-    return sys.stderr.isatty()
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "it",

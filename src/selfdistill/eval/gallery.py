@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from selfdistill.configkit import read_recipe
 from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.engine.checkpoint import CONFIG, checkpoint_step, list_checkpoints
-from selfdistill.engine.logger import interactive
+from selfdistill.console import interactive
 from selfdistill.eval.knn_eval import KnnSetup
 from selfdistill.eval.pictures import (
     attention_picture,

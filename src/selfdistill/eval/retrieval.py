@@ -266,7 +266,7 @@ def embed_images(feature_fn: Callable, dataset: Dataset, ctx: EvalContext, num_w
     """Features of every image of ``dataset`` in order, each process embedding its share."""
     from selfdistill.data import collate_eval
     from selfdistill.data.sampler import ShardedEvalSampler
-    from selfdistill.engine.inference import extract_features
+    from selfdistill.eval.inference import extract_features
 
     acc = ctx.accelerator
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval,
