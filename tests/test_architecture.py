@@ -141,6 +141,21 @@ def test_whatever_trains_is_a_method_or_in_the_training_wing():
     assert all(t.startswith(("selfdistill.methods.", "selfdistill.training.")) for t in tasks), tasks
 
 
+# The shard writer's modules, lowest first: each may import only those before it; readers none of them.
+SHARD_WRITER = ["selfdistill.data.shard_inputs", "selfdistill.data.shard_encode", "selfdistill.data.shard_workers",
+                "selfdistill.data.shard_output", "selfdistill.data.shard_writer"]
+
+
+def test_the_shard_writer_is_layered_and_readers_never_import_it():
+    edges = _edges()
+    writer_side = set(SHARD_WRITER) | {"selfdistill.data.shard_verify"}
+    upward = [(m, t) for i, m in enumerate(SHARD_WRITER) for t in edges[m] if t in SHARD_WRITER[i + 1:]]
+    verify = [t for t in edges["selfdistill.data.shard_verify"]
+              if t in ("selfdistill.data.shard_output", "selfdistill.data.shard_writer")]
+    readers = [(m, t) for m in _under("selfdistill.data") if m not in writer_side for t in edges[m] if t in writer_side]
+    assert (upward, verify, readers) == ([], [], [])
+
+
 def test_losses_import_only_torch_and_numpy():
     outside = {m.split(".")[0] for m, _ in _imports("selfdistill.losses")} - set(sys.stdlib_module_names)
     assert outside <= {"torch", "numpy"}

@@ -217,7 +217,8 @@ def test_linear_protocol_reads_folders_shards_and_hf(tmp_path, fresh_accelerate_
     import datasets
     from accelerate import Accelerator
 
-    from selfdistill.data.shards import folder_input, write_shards
+    from selfdistill.data.shard_inputs import folder_input
+    from selfdistill.data.shard_writer import write_shards
     from selfdistill.training.linear import LinearOptions
     from selfdistill.eval.protocols import EvalContext, Weights, run_protocol
 
