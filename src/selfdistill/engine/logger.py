@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from selfdistill.atomic import write_text_atomic
+from selfdistill.rundir import LOG
 
 log = logging.getLogger("selfdistill")
 
@@ -74,7 +75,7 @@ class LineProgress:
 class RunLogger:
     def __init__(self, accelerator: Any, run_dir: Path) -> None:
         self.acc = accelerator
-        self.path = run_dir / "log.jsonl"
+        self.path = run_dir / LOG
         self._reset()
 
     def _reset(self) -> None:

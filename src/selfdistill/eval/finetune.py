@@ -36,6 +36,7 @@ from selfdistill.config import TrainConfig
 from selfdistill.configkit import (Root, check_kwargs_have_values, fail, fraction, interval, non_negative, one_of,
                                    positive, read_recipe, root_from_tree)
 from selfdistill.data import SourceConfig, collate_eval, detect_format, open_images, sample_seed
+from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.engine.inference import sum_over_batches
 from selfdistill.engine.optim import create_optimizer
 from selfdistill.engine.task import Export, Hook, Progress, StepOutput, Task
@@ -51,8 +52,6 @@ __all__ = [
     "load_finetune_config", "param_groups", "unshare_rel_pos_bias",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SHARED_RPB = "rel_pos_bias.relative_position_bias_table"
 WEIGHTS_FILE = "finetuned.safetensors"
 EMA_WEIGHTS_FILE = "finetuned_ema.safetensors"
