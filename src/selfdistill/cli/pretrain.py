@@ -15,6 +15,7 @@ from pathlib import Path
 from selfdistill.atomic import write_json_atomic
 from selfdistill.configkit import ConfigError
 from selfdistill.recipe import load_config
+from selfdistill.rundir import CHECKPOINTS, LOG
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +168,7 @@ def remove_unused_run_dir(run_dir: Path) -> None:
     a run that never started."""
     import shutil
 
-    if run_dir.is_dir() and not (run_dir / "log.jsonl").exists() and not any((run_dir / "checkpoints").glob("*")):
+    if run_dir.is_dir() and not (run_dir / LOG).exists() and not any((run_dir / CHECKPOINTS).glob("*")):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -32,8 +32,8 @@ from torchvision.transforms.v2 import functional as F
 
 from selfdistill.data.device_augment import finish_views
 
-__all__ = ["AUGMENT_ON", "CropDraw", "EvalTransform", "MultiCropAugmentation", "augment_on_device", "crop_pixel_centres",
-           "sample_crop_box", "to_normalized_tensor", "token_centres"]
+__all__ = ["AUGMENT_ON", "CropDraw", "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD", "MultiCropAugmentation",
+           "augment_on_device", "crop_pixel_centres", "sample_crop_box", "to_normalized_tensor", "token_centres"]
 
 AUGMENT_ON = ("auto", "workers", "device")
 
@@ -45,6 +45,8 @@ def augment_on_device(setting: str, cpu: bool = False) -> bool:
         return torch.cuda.is_available() and not cpu
     return setting == "device"
 
+# ImageNet's per-channel mean and std: every default input normalisation of the project (recipes,
+# evaluations, pictures) is these two, defined here only.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -13,6 +13,7 @@ import torch
 
 from selfdistill.atomic import write_text_atomic
 from selfdistill.console import interactive
+from selfdistill.rundir import LOG
 
 log = logging.getLogger("selfdistill")
 
@@ -69,7 +70,7 @@ class LineProgress:
 class RunLogger:
     def __init__(self, accelerator: Any, run_dir: Path) -> None:
         self.acc = accelerator
-        self.path = run_dir / "log.jsonl"
+        self.path = run_dir / LOG
         self._reset()
 
     def _reset(self) -> None:

@@ -34,6 +34,7 @@ from selfdistill.engine.preemption import Preempted, StopFlag, watch_signals
 from selfdistill.engine.prefetch import DeviceBatches
 from selfdistill.engine.task import Hook, Progress, Task
 from selfdistill.engine.trackers import start_trackers
+from selfdistill.rundir import CONFIG, LOOP_STATE, SUMMARY
 
 log = logging.getLogger("selfdistill")
 
@@ -159,7 +160,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.config
         resume_from = self.resume_from
         if acc.is_main_process:
-            write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
+            write_text_atomic(self.run_dir / CONFIG, cfg.to_yaml())
         acc.wait_for_everyone()
         if self.check_data:
             self._check_images()
@@ -179,7 +180,7 @@ class Trainer:
         self.run_until(self.last_step)
         self._emit("on_train_end")
         final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
-        if not all((final / name).is_file() for name in [ckpt.LOOP_STATE, *self.task.exports()]):
+        if not all((final / name).is_file() for name in [LOOP_STATE, *self.task.exports()]):
             self.save()  # (also a checkpoint written before checkpoints held their exports)
         self._bad_images().check(cfg.data.max_bad_fraction, cfg.data.bad_check_after,
                                  whole=self.state.batch_in_epoch == 0)
@@ -213,7 +214,7 @@ class Trainer:
                    "last_eval": ({"step": evals[-1]["step"], "epoch": evals[-1].get("epoch"), **top1}
                                  if evals else None),
                    "exports": exports, "wall_time_s": round(seconds, 3)}
-        write_json_atomic(self.run_dir / "summary.json", summary, indent=1)
+        write_json_atomic(self.run_dir / SUMMARY, summary, indent=1)
         parts = [f"{self.task.name} done: {self.state.step} steps ({summary['epochs']:g} epochs)"]
         if summary["final_loss"] is not None:
             parts.append(f"final loss {summary['final_loss']:.4f}")
@@ -222,7 +223,7 @@ class Trainer:
         if exports:
             parts.append(f"export {exports[0]}")
         parts.append(f"wall time {time.strftime('%H:%M:%S', time.gmtime(seconds))}")
-        print(", ".join(parts) + f" (summary: {self.run_dir / 'summary.json'})", flush=True)
+        print(", ".join(parts) + f" (summary: {self.run_dir / SUMMARY})", flush=True)
         return summary
 
     def run_until(self, last_step: int) -> None:

@@ -14,14 +14,12 @@ from typing import Any, Callable
 import torch
 
 from selfdistill.data import EvalTransform, ImageSet, open_images
+from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.eval.inference import extract_features
 from selfdistill.eval.knn import KNN_METHOD, knn_classify
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol, settings_from_run
 
 __all__ = ["KnnOptions", "KnnSetup", "flatten_results", "knn_protocol", "pixel_features"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

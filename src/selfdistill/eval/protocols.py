@@ -50,6 +50,7 @@ import torch
 
 from selfdistill.configkit import build_dataclass
 from selfdistill.registry import Registry
+from selfdistill.rundir import CONFIG, EXPORT_DIR
 
 __all__ = [
     "EvalContext", "OUTPUTS", "Protocol", "Weights", "add_options_arguments", "add_weights_arguments",
@@ -181,8 +182,7 @@ class Weights:
         if not self.spec or not Path(self.spec).exists():
             return None, {}
         p = Path(self.spec)
-        candidates = [p / "config.yaml"] if p.is_dir() else [p.parent.parent / "config.yaml"] \
-            if p.parent.name == "export" else []
+        candidates = [p / CONFIG] if p.is_dir() else [p.parent.parent / CONFIG] if p.parent.name == EXPORT_DIR else []
         for path in candidates:
             if path.is_file():
                 tree = yaml.safe_load(path.read_text()) or {}

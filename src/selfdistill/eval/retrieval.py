@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
 
 SETTINGS = ("easy", "medium", "hard")
@@ -202,7 +203,7 @@ class ThumbnailImages(Dataset):
     to a box first; samples look like the project's eval samples (label -1)."""
 
     def __init__(self, paths: Sequence[str | Path], size: int, boxes: Sequence[Sequence[float] | None] | None = None,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> None:
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         from selfdistill.data import to_normalized_tensor
 
         missing = [str(p) for p in paths if not Path(p).is_file()]

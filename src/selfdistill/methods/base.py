@@ -26,8 +26,9 @@ from selfdistill.engine.task import Export, ParamGroup, Progress, StepOutput, Ta
 from selfdistill.models import Backbone
 from selfdistill.models.frozen import FrozenTeacher
 from selfdistill.models.networks import check_timm_name, is_convnet
-from selfdistill.models.weights import EXPORTS, load_teacher, weight_formats
+from selfdistill.models.weights import load_teacher, weight_formats
 from selfdistill.registry import Registry
+from selfdistill.rundir import EXPORTS
 from selfdistill.schedules import GroupCosineScheduler
 
 __all__ = ["Method", "ParamGroup", "Progress", "StepOutput", "TeacherConfig", "build_method",

@@ -24,6 +24,7 @@ from selfdistill.config import Config
 from selfdistill.configkit import fail, positive
 from selfdistill.data import collate_eval, to_normalized_tensor
 from selfdistill.data.device_augment import normalize
+from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.losses import fd_loss
 from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, TeacherConfig, load_frozen_teacher, register_method
 from selfdistill.models import Backbone, create_timm_model
@@ -63,8 +64,8 @@ class FDTransform:
     flip + normalise. Teacher and student see this same tensor."""
 
     def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225)) -> None:
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD) -> None:
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.cut = v2.Compose([
             v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),

@@ -14,15 +14,14 @@ from selfdistill.config import TrainConfig
 from selfdistill.configkit import (Root, check_kwargs_have_values, fail, fraction, interval, non_negative, one_of,
                                    positive, read_recipe, root_from_tree)
 from selfdistill.data import SourceConfig, detect_format
+from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "EmaConfig", "FinetuneConfig", "FinetuneDataConfig", "FinetuneEvalConfig", "FinetuneModelConfig",
-    "FinetuneOptimConfig", "FinetuneTrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "MixupConfig",
+    "FinetuneOptimConfig", "FinetuneTrainConfig", "MixupConfig",
     "load_finetune_config",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------------------------
