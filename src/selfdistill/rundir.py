@@ -4,6 +4,7 @@ or path of what a run keeps, so a file is renamed in one place and readers never
     <run>/config.yaml  log.jsonl  provenance.json  summary.json  loss_curve.png  trackers.json
     <run>/tensorboard/  pictures/  eval_summary/summary.json  <protocol>_results.json  <protocol>/
     <run>/export/{teacher,student}_backbone.safetensors      (the run's final exports)
+    <finetune run>/finetuned.safetensors  finetuned_ema.safetensors  finetune_results.json
     <run>/checkpoints/step_000001000/  (Accelerate's state, task_state.pt, loop_state.json,
                                         config.yaml, export/...; universal/ for DeepSpeed)
 
@@ -36,6 +37,8 @@ EVAL_SUMMARY = "eval_summary"  # the summary protocol's default output directory
 EXPORT_DIR = "export"
 EXPORTS = {"eval": f"{EXPORT_DIR}/teacher_backbone.safetensors",  # the evaluated backbone (DINO's teacher)
            "student": f"{EXPORT_DIR}/student_backbone.safetensors"}
+FINETUNED = "finetuned.safetensors"  # a fine-tuning run's network (its results: eval_results(run, "finetune"))
+FINETUNED_EMA = "finetuned_ema.safetensors"  # ... and its EMA, where the recipe keeps one
 
 # Checkpoints: one directory per optimizer step
 CHECKPOINTS = "checkpoints"

@@ -33,6 +33,7 @@ from selfdistill.data import collate_eval, open_images, sample_seed
 from selfdistill.engine.task import Export, Hook, Progress, StepOutput, Task
 from selfdistill.engine.trainer import Trainer
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
+from selfdistill.rundir import FINETUNED, FINETUNED_EMA, eval_results
 from selfdistill.training.finetune_config import FinetuneConfig, load_finetune_config
 from selfdistill.training.finetune_model import (build_model, build_optimizer, build_scheduler, eval_transform,
                                                  evaluate, numpy_seeded, open_training_images)
@@ -40,10 +41,6 @@ from selfdistill.training.finetune_model import (build_model, build_optimizer, b
 log = logging.getLogger("selfdistill")
 
 __all__ = ["FinetuneOptions", "FinetuneTask", "FinetuneValidation", "finetune_protocol", "finetuning"]
-
-WEIGHTS_FILE = "finetuned.safetensors"
-EMA_WEIGHTS_FILE = "finetuned_ema.safetensors"
-RESULTS_FILE = "finetune_results.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,9 +186,9 @@ class FinetuneTask(Task):
 
     def exports(self) -> dict[str, Export]:
         meta = {**self.model_info, "num_classes": self.num_classes, "classes": self.classes}
-        out = {WEIGHTS_FILE: Export(self.student, meta)}
+        out = {FINETUNED: Export(self.student, meta)}
         if self.ema is not None:
-            out[EMA_WEIGHTS_FILE] = Export(self.ema.module, meta)
+            out[FINETUNED_EMA] = Export(self.ema.module, meta)
         return out
 
 
@@ -245,16 +242,16 @@ class FinetuneValidation(Hook):
             "final": {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("val/")},
             "best": {"epoch": best["epoch"], "step": best["step"], "top1": best["val/top1"], "top5": best["val/top5"]},
             "history": task.history, "load": task.load_report, "skipped_steps": loop.state.skipped_steps,
-            "weights_file": str(loop.run_dir / WEIGHTS_FILE),
+            "weights_file": str(loop.run_dir / FINETUNED),
         }
         if task.ema is not None:
             results["final_ema"] = {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("val_ema/")}
-            results["weights_file_ema"] = str(loop.run_dir / EMA_WEIGHTS_FILE)
+            results["weights_file_ema"] = str(loop.run_dir / FINETUNED_EMA)
         if acc.is_main_process:
-            write_json_atomic(loop.run_dir / RESULTS_FILE, results, indent=1)
+            write_json_atomic(eval_results(loop.run_dir, "finetune"), results, indent=1)
             log.info("final val top-1 %.2f top-5 %.2f (best top-1 %.2f at epoch %d); wrote %s and %s",
                      results["final"]["top1"], results["final"]["top5"], results["best"]["top1"],
-                     results["best"]["epoch"], loop.run_dir / WEIGHTS_FILE, loop.run_dir / RESULTS_FILE)
+                     results["best"]["epoch"], loop.run_dir / FINETUNED, eval_results(loop.run_dir, "finetune"))
         loop.results.update(results)
 
 
