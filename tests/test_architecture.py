@@ -112,7 +112,11 @@ def _under(room: str) -> list[str]:
     ("selfdistill.engine", ("selfdistill.methods", "selfdistill.eval", "selfdistill.recipe", "selfdistill.pretrain",
                             "selfdistill.training")),
     ("selfdistill.methods", ("selfdistill.eval", "selfdistill.cli", "selfdistill.training")),
-    ("selfdistill.planner", ("selfdistill.eval", "selfdistill.cli", "selfdistill.pretrain", "selfdistill.training")),
+    # the planner counts: no model, no loop, no process; the probe measures without an entry point
+    ("selfdistill.planner", ("selfdistill.eval", "selfdistill.cli", "selfdistill.pretrain", "selfdistill.engine",
+                             "selfdistill.methods", "selfdistill.plan_probe", "selfdistill.training")),
+    ("selfdistill.strategy_memory", ("selfdistill",)),
+    ("selfdistill.plan_probe", ("selfdistill.eval", "selfdistill.cli", "selfdistill.pretrain", "selfdistill.training")),
     # evaluation reads frozen weights; tasks train: no loop, no task, no optimizer in eval/
     ("selfdistill.eval", ("selfdistill.engine", "selfdistill.training", "selfdistill.methods", "selfdistill.cli",
                           "selfdistill.pretrain")),

@@ -81,12 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark:
         return _benchmark(config, args)
     if args.measure_memory:
-        from selfdistill.engine.distributed import relaunch_if_needed
-        from selfdistill.planner import measure_run
+        from selfdistill.plan_probe import measure
 
-        relaunch_if_needed()
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        measure_run(config, args.measure_memory, args.measure_steps, args.measure_flops)
+        measure(config, args.measure_memory, args.measure_steps, args.measure_flops)
         return 0
 
     try:  # (a benchmark or memory measurement above reads synthetic images: no data paths needed)
