@@ -34,7 +34,8 @@ from torchvision.transforms.v2 import functional as F
 from selfdistill.data.device_augment import finish_views, normalize
 
 __all__ = ["AUGMENT_ON", "CropDraw", "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD", "MultiCropAugmentation",
-           "SingleViewAugmentation", "augment_on_device", "crop_pixel_centres", "sample_crop_box", "to_normalized_tensor", "token_centres"]
+           "SingleViewAugmentation", "augment_on_device", "crop_pixel_centres", "sample_crop_box",
+           "to_normalized_tensor", "token_centres"]
 
 AUGMENT_ON = ("auto", "workers", "device")
 
