@@ -53,7 +53,8 @@ def make_images(root: Path, n: int, seed: int = 0) -> Path:
 
 def make_shards(folder: Path, out: Path, per_shard: int) -> Path:
     """The project's preprocessor, as a user would run it (original JPEG bytes kept)."""
-    from selfdistill.data.shards import folder_input, write_shards
+    from selfdistill.data.shard_inputs import folder_input
+    from selfdistill.data.shard_writer import write_shards
 
     if not (out / "_info.json").is_file():
         write_shards(out, folder_input(folder), samples_per_shard=per_shard, progress=False)

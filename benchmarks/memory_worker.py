@@ -17,9 +17,9 @@ import torch
 
 from selfdistill.atomic import write_json_atomic
 from selfdistill.engine.memory import MemoryMeter, StepMemory
+from selfdistill.engine.rank_memory import count_state
 from selfdistill.engine.trainer import Trainer
 from selfdistill.methods import build_method
-from selfdistill.planner import count_state
 from selfdistill.recipe import load_config
 
 

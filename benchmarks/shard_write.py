@@ -8,7 +8,7 @@ writing path from the decoding.
 The images are ImageNet-sized (500x375) JPEG crops of scikit-learn's sample photos
 (``data_throughput.make_images``). ``ShardWriter`` is run as its users run it: read each file, write
 its bytes (or, for the resize, decode, resize bicubic and encode as JPEG 95 with PIL). selfdistill
-also decodes every image to refuse broken ones (:func:`selfdistill.data.shards.decode_all`), work a
+also decodes every image to refuse broken ones (:func:`selfdistill.data.shard_encode.decode_all`), work a
 plain ``ShardWriter`` loop does not do, so a third baseline adds that same check to it. Every
 configuration runs ``--repeats`` times round-robin (a busy machine slows all of them alike); the
 median is reported, with images/s and MB/s of shard bytes written.
@@ -55,7 +55,7 @@ def shard_writer(files: list[Path], out: Path, per_shard: int, mode: str) -> Non
     or ``resize``."""
     import webdataset as wds
 
-    from selfdistill.data.shards import decode_all
+    from selfdistill.data.shard_encode import decode_all
 
     out.mkdir(parents=True)
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
@@ -73,11 +73,12 @@ def shard_writer(files: list[Path], out: Path, per_shard: int, mode: str) -> Non
 def selfdistill_writer(folder: Path, out: Path, per_shard: int, mode: str, workers: int) -> None:
     """``mode`` ``headers`` is ``--check headers`` (PIL's header check instead of a whole decode): what
     the writing path itself costs against ``ShardWriter``'s copy."""
-    from selfdistill.data import shards
+    from selfdistill.data.shard_inputs import folder_input
+    from selfdistill.data.shard_writer import write_shards
 
-    shards.write_shards(out, shards.folder_input(folder), samples_per_shard=per_shard, workers=workers,
-                        progress=False, resize_shorter=SHORTER if mode == "resize" else None,
-                        check="headers" if mode == "headers" else "decode")
+    write_shards(out, folder_input(folder), samples_per_shard=per_shard, workers=workers,
+                 progress=False, resize_shorter=SHORTER if mode == "resize" else None,
+                 check="headers" if mode == "headers" else "decode")
 
 
 def timed(run, out: Path) -> tuple[float, int]:

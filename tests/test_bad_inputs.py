@@ -267,7 +267,7 @@ def test_nothing_fits_names_the_smallest_memory_that_does():
 
 # -- normalisation ---------------------------------------------------------------------------------
 def test_train_and_eval_normalisation_that_differ_are_said():
-    from selfdistill.eval.finetune import FinetuneDataConfig
+    from selfdistill.training.finetune_config import FinetuneDataConfig
 
     clip = (0.48145466, 0.4578275, 0.40821073)
     assert FinetuneDataConfig().normalisation_notice() == ""

@@ -12,7 +12,8 @@ from conftest import make_image_folder, tiny_overrides
 
 def test_one_rule_tells_the_format(tmp_path):
     from selfdistill.data import detect_format
-    from selfdistill.data.shards import folder_input, write_shards
+    from selfdistill.data.shard_inputs import folder_input
+    from selfdistill.data.shard_writer import write_shards
 
     folder = make_image_folder(tmp_path / "img", n_per_class=2)
     write_shards(tmp_path / "shards", folder_input(folder), samples_per_shard=2, progress=False)
@@ -44,7 +45,8 @@ def _parquet(folder: Path, out: Path, image_column: str = "image") -> Path:
 def test_a_parquet_directory_is_accepted_and_refused_alike_by_training_evaluation_and_the_writer(tmp_path):
     pytest.importorskip("datasets")
     from selfdistill.data import open_images
-    from selfdistill.data.shards import hf_input, write_shards
+    from selfdistill.data.shard_inputs import hf_input
+    from selfdistill.data.shard_writer import write_shards
     from selfdistill.pretrain import pretraining
     from selfdistill.recipe import load_config
 

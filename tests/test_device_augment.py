@@ -182,7 +182,7 @@ def photo_folder(tmp_path):
 
 
 def test_fd_view_is_normalised_on_the_device_as_in_the_workers(photos):
-    from selfdistill.methods.fd import FDTransform
+    from selfdistill.data import SingleViewAugmentation as FDTransform
 
     workers, device = FDTransform(32), FDTransform(32)
     device.on_device = True

@@ -109,7 +109,8 @@ def test_two_machines_on_one_host_train_together(tmp_path):
 
 def test_two_ranks_stream_shards_with_two_workers_each(tmp_path):
     """Resampled shards, 2 ranks x 2 workers: equal batches per rank, so no rank waits at an epoch end."""
-    from selfdistill.data.shards import folder_input, write_shards
+    from selfdistill.data.shard_inputs import folder_input
+    from selfdistill.data.shard_writer import write_shards
 
     data = make_image_folder(tmp_path / "img")
     write_shards(tmp_path / "shards", folder_input(data), samples_per_shard=6, progress=False)  # 6 shards

@@ -458,7 +458,8 @@ def test_two_ranks_ddp_and_zero3_with_a_partitioned_teacher(setup_files):
 def test_fd_run_fine_tunes_through_run_eval(setup_files, tmp_path):
     """The seed's two stages end to end: an FD pretraining run, then `run_eval.py finetune` on its
     run directory (shared relative position bias copied into every block, mean pooling + new fc_norm)."""
-    from selfdistill.eval.finetune import finetuning, load_finetune_config
+    from selfdistill.training.finetune import finetuning
+    from selfdistill.training.finetune_config import load_finetune_config
 
     pre = tmp_path / "fd"
     train(setup_files, pre, "train.max_steps=2")

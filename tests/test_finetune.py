@@ -17,15 +17,13 @@ from safetensors.torch import load_file
 
 from conftest import make_image_folder, merged, run_training
 from selfdistill.configkit import ConfigError
-from selfdistill.eval.finetune import (
+from selfdistill.training.finetune import finetuning
+from selfdistill.training.finetune_config import FinetuneModelConfig, FinetuneOptimConfig, load_finetune_config
+from selfdistill.training.finetune_model import (
     SHARED_RPB,
-    FinetuneModelConfig,
-    FinetuneOptimConfig,
-    finetuning,
     build_model,
     build_optimizer,
     build_scheduler,
-    load_finetune_config,
     param_groups,
     unshare_rel_pos_bias,
 )
@@ -233,7 +231,8 @@ def test_resume_after_one_epoch_matches_uninterrupted_run(folders, tmp_path):
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_labelled_shards_train_and_validate(folders, tmp_path):
-    from selfdistill.data.shards import folder_input, write_shards
+    from selfdistill.data.shard_inputs import folder_input
+    from selfdistill.data.shard_writer import write_shards
 
     train, val = folders
     write_shards(tmp_path / "train", folder_input(train), samples_per_shard=8, progress=False)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from selfdistill.data.sampler import ShardedEvalSampler
-from selfdistill.engine.inference import extract_features
+from selfdistill.eval.inference import extract_features
 from selfdistill.eval.knn import (
     format_knn_results,
     knn_classify,

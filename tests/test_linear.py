@@ -53,7 +53,7 @@ class FeatureImages:
 
 def _train(tmp: Path, recipe: str, epochs: int, lr: float, resume: bool = True, hooks=(), checkpoint_every=1000):
     from selfdistill.data import collate_eval
-    from selfdistill.eval.linear import train_linear_classifier
+    from selfdistill.training.linear_probe import train_linear_classifier
 
     train, val = Features(24, seed=0), Features(10, seed=1)
     return train_linear_classifier(
@@ -83,7 +83,7 @@ def test_separable_features_reach_full_accuracy(tmp_path, fresh_accelerate_state
 def test_lars_step_is_larc_without_clipping():
     """SMD's LARC(trust 0.001, clip=False), wd 0: g <- g * 0.001 |p| / |g|, then SGD with momentum;
     a parameter with zero norm (the zero-initialised bias) takes the plain SGD step."""
-    from selfdistill.eval.linear import RECIPES, build_optimizer
+    from selfdistill.training.linear_probe import RECIPES, build_optimizer
 
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
     b = torch.nn.Parameter(torch.zeros(2))
@@ -104,7 +104,7 @@ def test_lars_step_is_larc_without_clipping():
 
 
 def test_vit_features_are_cls_tokens_of_the_last_blocks():
-    from selfdistill.eval.linear import LinearFeatures
+    from selfdistill.training.linear import LinearFeatures
     from selfdistill.models import Backbone
 
     torch.manual_seed(0)
@@ -217,8 +217,9 @@ def test_linear_protocol_reads_folders_shards_and_hf(tmp_path, fresh_accelerate_
     import datasets
     from accelerate import Accelerator
 
-    from selfdistill.data.shards import folder_input, write_shards
-    from selfdistill.eval.linear import LinearOptions
+    from selfdistill.data.shard_inputs import folder_input
+    from selfdistill.data.shard_writer import write_shards
+    from selfdistill.training.linear import LinearOptions
     from selfdistill.eval.protocols import EvalContext, Weights, run_protocol
 
     train = make_image_folder(tmp_path / "train", n_per_class=8, size=20)

@@ -208,7 +208,7 @@ def test_shards_written_to_s3_equal_the_local_write_and_train(s3_bucket, tmp_pat
 
 
 def test_s3_write_resumes_after_a_kill_without_uploading_again(s3_bucket, tmp_path, monkeypatch):  # noqa: F811
-    from selfdistill.data import shards
+    from selfdistill.data import shard_output
 
     images = make_image_folder(tmp_path / "img", n_per_class=8)
     local = write_shard_dir(images, tmp_path / "local" / "train")
@@ -216,7 +216,7 @@ def test_s3_write_resumes_after_a_kill_without_uploading_again(s3_bucket, tmp_pa
     argv = ["write", "--folder", str(images), "--out", url, "--staging", str(tmp_path / "stage"),
             "--samples-per-shard", "4", "--no-progress", "--workers", "1"]
 
-    real_open, opened = shards.open_shard, []
+    real_open, opened = shard_output.open_shard, []
 
     def killed_at_shard_2(out_dir, name, index, start):
         if index == 2:
@@ -224,7 +224,7 @@ def test_s3_write_resumes_after_a_kill_without_uploading_again(s3_bucket, tmp_pa
         opened.append(name)
         return real_open(out_dir, name, index, start)
 
-    monkeypatch.setattr(shards, "open_shard", killed_at_shard_2)
+    monkeypatch.setattr(shard_output, "open_shard", killed_at_shard_2)
     with pytest.raises(KeyboardInterrupt):
         shards_main(argv)
     progress = json.loads((tmp_path / "stage" / "_progress.json").read_text())
@@ -232,7 +232,7 @@ def test_s3_write_resumes_after_a_kill_without_uploading_again(s3_bucket, tmp_pa
     with pytest.raises(object_store.ObjectStoreError):  # readers see no data set yet
         object_store.read_remote_info(url)
 
-    monkeypatch.setattr(shards, "open_shard", real_open)
+    monkeypatch.setattr(shard_output, "open_shard", real_open)
     real_upload, uploaded = object_store.upload_file, []
     monkeypatch.setattr(object_store, "upload_file", lambda path, u, **kw: uploaded.append(u.rsplit("/", 1)[1])
                         or real_upload(path, u, **kw))

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, make_image_folder, tiny_overrides
-from selfdistill import planner as P
+from selfdistill import plan_probe, planner as P
+from selfdistill import strategy_memory as S
 
 
 def test_deepspeed_configs_are_the_repository_files():
-    for name, strategy in P.STRATEGIES.items():
+    for name, strategy in S.STRATEGIES.items():
         if strategy.deepspeed:
-            assert P.deepspeed_config(strategy) == json.loads((ROOT / f"ds_configs/{name}.json").read_text()), name
+            assert S.deepspeed_config(strategy) == json.loads((ROOT / f"ds_configs/{name}.json").read_text()), name
 
 
 @pytest.mark.parametrize("global_batch,ranks,max_micro", [(1024, 16, 40), (1024, 8, 128), (96, 2, 7), (60, 4, 1),
@@ -45,6 +46,16 @@ def test_parse_bytes():
         P.parse_bytes("lots")
 
 
+def test_the_probe_child_is_no_entry_point(tmp_path):
+    """The planner's probe starts its own module, which imports no CLI (the CLI calls the planner,
+    never the other way round)."""
+    cmd = plan_probe.probe_command(tmp_path / "r.yaml", tmp_path / "out", 1, False)
+    assert cmd[1:3] == ["-m", "selfdistill.plan_probe"]
+    code = "import sys, selfdistill.plan_probe; print([m for m in sys.modules if m.startswith('selfdistill.cli')])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
+
+
 def fake_profile(**kw) -> P.Profile:
     """A ViT-B-sized student (86 M + a 65536-prototype head) with measured-looking activations."""
     groups = [[768 * 768] * 100 + [768 * 65536 // 4], [768] * 200, [65536 * 256]]
@@ -62,14 +73,14 @@ def test_plan_recommends_a_row_that_fits_and_reaches_the_global_batch():
     profile = fake_profile()
     target = P.Target(memory=40 * 2**30, gpus=8, nodes=1, global_batch=1024)
     rows, best = P.plan(profile, target)
-    assert len(rows) == 2 * len(P.STRATEGIES) and best is not None
+    assert len(rows) == 2 * len(S.STRATEGIES) and best is not None
     for r in rows:
         if r.fits:
             assert r.micro_batch * target.ranks * r.accumulation == target.global_batch
             assert r.peak <= target.budget
             # one more sample would not fit, or the split did not need it
             assert r.micro_batch <= r.max_micro_batch
-        assert P.predict_peak(profile, P.STRATEGIES[r.strategy], r.ckpt, 8, r.max_micro_batch + 1) > target.budget
+        assert P.predict_peak(profile, S.STRATEGIES[r.strategy], r.ckpt, 8, r.max_micro_batch + 1) > target.budget
     # ZeRO-3 holds less state per rank than DDP; checkpointing lets a larger micro-batch fit
     by = {(r.strategy, r.ckpt): r for r in rows}
     assert by[("zero3", False)].state < by[("ddp", False)].state
@@ -120,8 +131,7 @@ def recipes(tmp_path_factory):
             extra = SWIN_GLSD if name == "glsd_swin" else {}
             recipe = root / f"{name}.yaml"
             recipe.write_text(load_config(None, tiny_overrides(data, root / "run", **extra)).to_yaml())
-            _measure([sys.executable, "-m", "selfdistill.cli.pretrain", "--config", str(recipe), "--measure-memory",
-                      str(root / f"probe_{name}"), "--measure-steps", "1"])
+            _measure(plan_probe.probe_command(recipe, root / f"probe_{name}", 1, False))
             probe = json.loads((root / f"probe_{name}" / "rank0.json").read_text())
             made[name] = {"root": root, "recipe": recipe, "groups": probe["groups"], "frozen": probe["frozen"],
                           "buffers": probe["buffers"]}
@@ -153,7 +163,7 @@ def test_state_accounting_equals_the_tensors_of_a_real_two_rank_run(recipes, rec
                            precision, 3.0, cpu=True)
     env = dict(os.environ, ACCELERATE=str(Path(sys.executable).with_name("accelerate")))
     _measure(["bash", str(files["launch"]), "--measure-memory", str(out / "m"), "--measure-steps", "1"], env)
-    predicted = P.state_bytes(tiny["groups"], tiny["frozen"], 2, precision, "adamw", P.STRATEGIES[strategy],
+    predicted = S.state_bytes(tiny["groups"], tiny["frozen"], 2, precision, "adamw", S.STRATEGIES[strategy],
                               buffers=tiny["buffers"])
     for rank in (0, 1):
         measured = json.loads((out / "m" / f"rank{rank}.json").read_text())

@@ -14,7 +14,10 @@ import webdataset as wds
 from PIL import Image
 
 from selfdistill.cli.shards import main
-from selfdistill.data import shard_format, shards
+from selfdistill.data import shard_encode, shard_format, shard_output
+from selfdistill.data.shard_inputs import folder_input
+from selfdistill.data.shard_verify import verify_shards
+from selfdistill.data.shard_writer import write_shards
 
 
 def make_mixed_folder(root: Path, counts=(8, 8, 7), size=(40, 30), seed: int = 0) -> Path:
@@ -125,7 +128,7 @@ def test_verify_reports_missing_shard_and_bad_label(folder: Path, tmp_path: Path
     info["class_names"] = ["only_one"]
     (out / "_info.json").write_text(json.dumps(info))
 
-    report = shards.verify_shards(out, progress=False)
+    report = verify_shards(out, progress=False)
     assert not report.ok
     assert report.failures["shard-000004.tar"] == ["missing"]
     assert any("outside 0..0" in p for p in report.failures["shard-000000.tar"])
@@ -137,7 +140,7 @@ class Interrupted(RuntimeError):
 
 def interrupt_after(monkeypatch: pytest.MonkeyPatch, n_shards: int) -> None:
     """Make the writer die (like a killed job) when it starts shard number ``n_shards``."""
-    real = shards.open_shard
+    real = shard_output.open_shard
     calls = []
 
     def flaky(out_dir, name, index, start):
@@ -147,7 +150,7 @@ def interrupt_after(monkeypatch: pytest.MonkeyPatch, n_shards: int) -> None:
         calls.append(name)
         return real(out_dir, name, index, start)
 
-    monkeypatch.setattr(shards, "open_shard", flaky)
+    monkeypatch.setattr(shard_output, "open_shard", flaky)
 
 
 def identity(path: Path) -> tuple[int, int]:
@@ -347,12 +350,12 @@ def test_unreadable_image_is_skipped_and_recorded(folder: Path, tmp_path: Path) 
     bad = folder / "class_b" / "zz_broken.jpg"
     bad.write_bytes(b"not an image at all")
     out = tmp_path / "shards"
-    info = shards.write_shards(out, shards.folder_input(folder), samples_per_shard=5, progress=False,
+    info = write_shards(out, folder_input(folder), samples_per_shard=5, progress=False,
                                max_bad_fraction=0.05)  # 1 of 24
     assert info["total_samples"] == 23
     assert [src for s in info["shards"] for src in s["skipped"]] == [str(bad)]
     assert str(bad) not in {json.loads(s["json"])["source"] for s in read_back(out)}
-    assert shards.verify_shards(out, progress=False).ok
+    assert verify_shards(out, progress=False).ok
 
 
 def test_timm_and_wids_read_a_written_directory(folder: Path, tmp_path: Path) -> None:
@@ -499,7 +502,7 @@ def test_kill_9_leaves_no_worker_and_resume_is_identical(tmp_path: Path) -> None
     clean, out = tmp_path / "clean" / "train", tmp_path / "killed" / "train"
     assert write(*args, "--out", str(clean), "--workers", "1") == 0
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(shards.__file__).parents[2]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(shard_format.__file__).parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "selfdistill.cli.shards", "write", *args, "--out", str(out),
                              "--workers", "2", "--no-progress"], env=env)
@@ -531,8 +534,8 @@ def test_size_cut_encodes_each_image_once_and_resume_trusts_size(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     folder = make_mixed_folder(tmp_path / "images", counts=(6, 6), size=(64, 64))
     calls = []
-    real = shards.prepare_image
-    monkeypatch.setattr(shards, "prepare_image", lambda raw, options: calls.append(1) or real(raw, options))
+    real = shard_encode.prepare_image
+    monkeypatch.setattr(shard_encode, "prepare_image", lambda raw, options: calls.append(1) or real(raw, options))
     out = tmp_path / "shards"
     args = ["--folder", str(folder), "--out", str(out), "--max-shard-bytes", "4e4", "--samples-per-shard", "0",
             "--quality", "90", "--workers", "1"]
@@ -549,12 +552,12 @@ def test_size_cut_encodes_each_image_once_and_resume_trusts_size(tmp_path: Path,
     calls.clear()
     assert write(*args) == 0 and calls == [] and victim.read_bytes() == bytes(data)
     assert write(*args, "--rehash") == 0
-    assert 0 < len(calls) < 12 and shards.verify_shards(out, progress=False).ok
+    assert 0 < len(calls) < 12 and verify_shards(out, progress=False).ok
     assert len(shard_format.read_info(out)["shards"]) == n_shards
 
     # Progress: per image, with images/s; a plain line (no carriage return) when stderr is not a terminal.
     capsys.readouterr()
-    shards.write_shards(tmp_path / "p", shards.folder_input(folder), samples_per_shard=5, workers=1)
+    write_shards(tmp_path / "p", folder_input(folder), samples_per_shard=5, workers=1)
     err = capsys.readouterr().err
     assert "writing: 12/12 images, " in err and " images/s" in err and "\r" not in err
 
@@ -575,7 +578,7 @@ def test_three_nodes_and_finalize_equal_a_single_write(folder: Path, tmp_path: P
     assert "_progress-node0-of-3.json is missing" in capsys.readouterr().err
     assert not (split / "_info.json").exists()
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(shards.__file__).parents[2]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(shard_format.__file__).parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
     nodes = [subprocess.Popen([sys.executable, "-m", "selfdistill.cli.shards", "write", *args, "--out", str(split),
                                "--num-nodes", "3", "--node-rank", str(rank), "--no-progress", "--workers", "1"],

@@ -173,7 +173,8 @@ def test_reduced_size_jpeg_decoding(tmp_path):
 
 
 def test_preprocessed_folder_streams_every_image_once(tmp_path):
-    from selfdistill.data.shards import folder_input, write_shards as preprocess
+    from selfdistill.data.shard_inputs import folder_input
+    from selfdistill.data.shard_writer import write_shards as preprocess
 
     data = make_image_folder(tmp_path / "img", n_per_class=9)
     preprocess(tmp_path / "shards", folder_input(data), samples_per_shard=4, progress=False)
@@ -186,7 +187,8 @@ def test_preprocessed_folder_streams_every_image_once(tmp_path):
 
 def test_knn_from_shards_equals_knn_from_folders(tmp_path):
     from selfdistill.recipe import load_config
-    from selfdistill.data.shards import folder_input, write_shards as preprocess
+    from selfdistill.data.shard_inputs import folder_input
+    from selfdistill.data.shard_writer import write_shards as preprocess
     from selfdistill.eval.knn_eval import KnnSetup, pixel_features
 
     train = make_image_folder(tmp_path / "train", n_per_class=6)

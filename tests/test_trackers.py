@@ -10,8 +10,10 @@ import pytest
 
 from conftest import run_training
 from selfdistill.configkit import ConfigError
-from selfdistill.engine.trackers import RUN_IDS_FILE, check_installed, init_kwargs, tracker_names
+from selfdistill.engine.trackers import check_installed, init_kwargs
 from selfdistill.recipe import load_config
+from selfdistill.rundir import TRACKER_IDS
+from selfdistill.tracker_schema import tracker_names
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -44,7 +46,7 @@ def test_bad_trackers_are_one_line_errors_naming_the_key(override, message):
 
 def test_fine_tuning_checks_the_same_keys():
     from selfdistill.configkit import build_dataclass
-    from selfdistill.eval.finetune import FinetuneTrainConfig
+    from selfdistill.training.finetune_config import FinetuneTrainConfig
 
     with pytest.raises(ConfigError, match=r"train\.tracker_kwargs\.tags: expected a list"):
         build_dataclass(FinetuneTrainConfig, {"tracker_kwargs": {"tags": 1}}, "train").validate("train")
@@ -105,7 +107,7 @@ def test_wandb_resume_continues_the_same_run(image_folder, tmp_path, monkeypatch
     _stop_then_resume(image_folder, out, "train.trackers=[wandb]",
                       "train.tracker_kwargs={project: tiny, name: first, tags: [a, b]}")
 
-    run_id = json.loads((out / RUN_IDS_FILE).read_text())["wandb"]
+    run_id = json.loads((out / TRACKER_IDS).read_text())["wandb"]
     assert [c.get("id") for c in calls] == [None, run_id] and calls[1]["resume"] == "allow"
     assert all(c["project"] == "tiny" and c["name"] == "first" and c["tags"] == ["a", "b"] for c in calls)
     runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
@@ -127,7 +129,7 @@ def test_mlflow_logs_losses_name_and_tags_and_resume_continues_the_run(image_fol
     runs = client.search_runs([client.get_experiment_by_name("tiny-exp").experiment_id])
     assert len(runs) == 1  # the resume reopened the run
     run = runs[0]
-    assert run.info.run_id == json.loads((out / RUN_IDS_FILE).read_text())["mlflow"]
+    assert run.info.run_id == json.loads((out / TRACKER_IDS).read_text())["mlflow"]
     assert run.data.tags["mlflow.runName"] == "first" and run.data.tags["a"] == ""
     assert run.data.params["train.max_steps"] == "3"  # write-once: the first launch's value stays
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -142,4 +144,4 @@ def test_tensorboard_writes_to_run_tensorboard_whatever_the_project_name(image_f
     run_training(image_folder, out, "train.trackers=tensorboard", "train.tracker_kwargs={project: mine}",
                  "train.max_steps=2")
     assert list((out / "tensorboard").glob("events.out.tfevents*")) and not (out / "mine").exists()
-    assert not (out / RUN_IDS_FILE).exists()  # tensorboard has no run id to keep
+    assert not (out / TRACKER_IDS).exists()  # tensorboard has no run id to keep

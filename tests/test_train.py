@@ -264,11 +264,11 @@ def test_sgd_is_one_optimizer_for_pretraining_finetuning_and_the_linear_probe(im
     probe's dino recipe; one step from the same gradient moves a weight the same way in all three."""
     import timm
 
-    from selfdistill.eval.finetune import FinetuneOptimConfig
-    from selfdistill.eval.finetune import build_optimizer as finetune_optimizer
-    from selfdistill.eval.linear import RECIPES
-    from selfdistill.eval.linear import build_optimizer as linear_optimizer
     from selfdistill.methods import build_method
+    from selfdistill.training.finetune_config import FinetuneOptimConfig
+    from selfdistill.training.finetune_model import build_optimizer as finetune_optimizer
+    from selfdistill.training.linear_probe import RECIPES
+    from selfdistill.training.linear_probe import build_optimizer as linear_optimizer
 
     config = load_config(None, tiny_overrides(image_folder, tmp_path / "x") + ["optim.name=sgd"])
     pretraining = build_method(config).build_optimizer(256, torch.device("cpu"))

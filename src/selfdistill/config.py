@@ -15,9 +15,9 @@ from typing import Any
 from selfdistill.configkit import (Root, check_kwargs_have_values, closest_names, fail, interval, non_negative, one_of,
                                    positive)
 from selfdistill.data.images import SourceConfig
-from selfdistill.data.multicrop import AUGMENT_ON
-from selfdistill.engine.trackers import check_tracker_kwargs, check_trackers
+from selfdistill.data.multicrop import AUGMENT_ON, IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.models.backbone import ModelConfig
+from selfdistill.tracker_schema import check_tracker_kwargs, check_trackers
 
 
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
@@ -32,8 +32,8 @@ class DataConfig(SourceConfig):
     n_local_crops: int = 10
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian blur radius range (px), DINO's for 224 px
     augment_on: str = "auto"  # workers | device (workers cut, the training device finishes) | auto: device on a GPU
 
@@ -100,7 +100,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     overfit_batches: int = 0  # >0: train on epoch 0's first N global batches, same augmentation, again and again
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of Accelerate's trackers
-    # project, name, entity, tags, and per-tracker init keywords ({wandb: {mode: offline}}); see engine/trackers.py
+    # project, name, entity, tags, and per-tracker init keywords ({wandb: {mode: offline}}); see tracker_schema.py
     tracker_kwargs: dict[str, Any] = field(default_factory=dict)
     progress_bar: bool = True
     compile: bool = False  # torch.compile the backbones (student and teacher) in place; slow first steps

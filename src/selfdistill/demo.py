@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from selfdistill.atomic import write_json_atomic
+from selfdistill.rundir import EXPORTS, LOG
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 OPENCLIPART_DIR = Path("/usr/share/openclipart/png")
@@ -183,7 +184,7 @@ def compare_representations(config: Any, run_dir: Path) -> dict[str, Any]:
     setup = KnnSetup.from_config(config)
     torch.manual_seed(config.train.seed)
     rows = {}
-    pretrained, _ = load_backbone(str(run_dir / "export" / "teacher_backbone.safetensors"))
+    pretrained, _ = load_backbone(str(run_dir / EXPORTS["eval"]))
     random_init, _ = load_backbone("random", config.model)
     rows["pretrained (DINO teacher)"] = setup.evaluate(pretrained)
     rows["random init"] = setup.evaluate(random_init)
@@ -230,7 +231,7 @@ def _train(recipe: str, train: str, test: str, out: Path, ks: tuple[int, ...]) -
            f"knn.val_path={test}", f"knn.k=[{','.join(map(str, ks))}]", f"train.output_dir={out}", "--resume", "auto"]
     print("+ python " + " ".join(cmd[1:]), flush=True)
     if subprocess.run(cmd).returncode != 0:
-        raise RuntimeError(f"the demo run {out} failed (its log: {out / 'log.jsonl'}); run the line above to see why")
+        raise RuntimeError(f"the demo run {out} failed (its log: {out / LOG}); run the line above to see why")
 
 
 def compare_demo(plan: DemoPlan, data: dict[str, Any], out: Path

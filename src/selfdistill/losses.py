@@ -16,14 +16,8 @@ import torch
 import torch.nn.functional as F
 
 
-def dino_loss(
-    student_out: torch.Tensor,
-    teacher_out: torch.Tensor,
-    center: torch.Tensor,
-    n_global_crops: int,
-    student_temp: float,
-    teacher_temp: float,
-) -> torch.Tensor:
+def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, n_global_crops: int,
+              student_temp: float, teacher_temp: float) -> torch.Tensor:
     """DINO's cross-entropy between teacher and student crops (facebookresearch/dino ``DINOLoss``).
 
     Args:
@@ -83,9 +77,7 @@ def ema_center(center: torch.Tensor, batch_mean: torch.Tensor, momentum: float) 
     return center * momentum + batch_mean.to(center.dtype) * (1.0 - momentum)
 
 
-# ---------------------------------------------------------------------------------------------
-# Dense (token-level) matching: EsViT / GLSD region loss and Patch-Wise DINO correspondences.
-# ---------------------------------------------------------------------------------------------
+# -- Dense (token-level) matching: EsViT / GLSD region loss and Patch-Wise DINO correspondences.
 
 
 @torch.no_grad()
@@ -157,15 +149,8 @@ def match_by_distance(
     return idx, nearest < threshold[:, None]
 
 
-def region_loss(
-    s_region: torch.Tensor,
-    t_region: torch.Tensor,
-    center_grid: torch.Tensor,
-    idx: torch.Tensor,
-    keep: torch.Tensor | None,
-    student_temp: float,
-    teacher_temp: float,
-) -> torch.Tensor:
+def region_loss(s_region: torch.Tensor, t_region: torch.Tensor, center_grid: torch.Tensor, idx: torch.Tensor,
+                keep: torch.Tensor | None, student_temp: float, teacher_temp: float) -> torch.Tensor:
     """EsViT / GLSD region-level cross-entropy of one (teacher crop, student crop) pair.
 
     Each student token is taught by the teacher token ``idx`` points at. Dropped tokens
@@ -292,9 +277,7 @@ def patch_correspondences(
     return idx1, idx2
 
 
-# ---------------------------------------------------------------------------------------------
-# Feature Distillation (FD, Wei et al. 2022): regress the teacher's whitened feature map.
-# ---------------------------------------------------------------------------------------------
+# -- Feature Distillation (FD, Wei et al. 2022): regress the teacher's whitened feature map.
 
 
 def fd_loss(student_tokens_projected: torch.Tensor, teacher_tokens: torch.Tensor, beta: float = 2.0,
@@ -320,9 +303,7 @@ def fd_loss(student_tokens_projected: torch.Tensor, teacher_tokens: torch.Tensor
     return F.smooth_l1_loss(student_tokens_projected.to(dtype), target, beta=beta)
 
 
-# ---------------------------------------------------------------------------------------------
-# SimSiam and SMD (hard-aware metric distillation): embedding losses of two-view methods.
-# ---------------------------------------------------------------------------------------------
+# -- SimSiam and SMD (hard-aware metric distillation): embedding losses of two-view methods.
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -382,9 +363,7 @@ def smd_loss(teacher_emb: torch.Tensor, student_emb: torch.Tensor, tau: float = 
     return F.softplus((w_ap * d_ap - w_an * d_an) / tau).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# DINOv2 (Oquab et al., 2023): KoLeo regulariser, Sinkhorn-Knopp centering, iBOT masked patches.
-# ---------------------------------------------------------------------------------------------
+# -- DINOv2 (Oquab et al., 2023): KoLeo regulariser, Sinkhorn-Knopp centering, iBOT masked patches.
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

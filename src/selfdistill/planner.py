@@ -6,213 +6,44 @@ The planner predicts the peak memory of one rank as
 
 * **state** (student weights, gradients kept between steps, fp32 masters, optimizer moments, the
   strategy's persistent buffers) is *counted*, from the student's parameter tensors and DeepSpeed's
-  own buffer rules (:func:`state_bytes`; the ZeRO paper's bytes per parameter where DeepSpeed
-  follows it, its real buffers where it does not);
+  own buffer rules (:mod:`selfdistill.strategy_memory`; the ZeRO paper's bytes per parameter where
+  DeepSpeed follows it, its real buffers where it does not);
 * **the rise** of forward + backward (activations, and the gradients as backward writes them) is
   *measured*: the recipe's real training step at two micro-batch sizes on the device at hand
-  (:func:`profile_recipe`), so it holds for every method and crop set, EMA and frozen teachers
-  included; what a strategy adds during a step is counted (:func:`step_transient_bytes`);
+  (:func:`selfdistill.plan_probe.profile_recipe`), so it holds for every method and crop set, EMA
+  and frozen teachers included; what a strategy adds during a step is counted
+  (:func:`~selfdistill.strategy_memory.step_transient_bytes`);
 * **runtime** is what the process holds before the model exists (measured; on a GPU the allocator
   does not count the CUDA context, which the ``reserve`` covers).
 
 :func:`plan` turns that into one row per strategy x activation checkpointing: the largest
 micro-batch under the memory budget, the accumulation that reaches the global batch, and a step
 time relative to pure compute (recomputation, communication volume per step from the ZeRO paper's
-accounting, offload traffic). :func:`write_launch` writes the recommended row as ready-to-run files;
-:func:`measure_run` runs real steps and measures them (``--verify``).
+accounting, offload traffic). :func:`write_launch` writes the recommended row as ready-to-run files.
+Pure accounting: measuring and starting processes are :mod:`selfdistill.plan_probe`'s.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import json
 import math
 import os
 import shlex
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 from selfdistill.atomic import write_json_atomic, write_text_atomic
-from selfdistill.engine.distributed import uses_deepspeed
+from selfdistill.strategy_memory import STRATEGIES, Strategy, deepspeed_config, state_bytes, step_transient_bytes
 
 GIB = 2**30
 
-__all__ = ["Profile", "Row", "STRATEGIES", "Strategy", "Target", "Timing", "choose", "deepspeed_config",
-           "largest_micro_batch", "measure_run", "parse_bytes", "plan", "predict_peak", "profile_recipe", "render",
-           "split_batch", "state_bytes", "step_transient_bytes", "verify", "write_launch"]
+__all__ = ["GIB", "Profile", "Row", "Target", "Timing", "choose", "largest_micro_batch", "memory_for", "parse_bytes",
+           "plan", "predict_peak", "render", "smallest_fitting_memory", "split_batch", "state_floor", "state_total",
+           "teacher_bytes_per_rank", "write_launch"]
 
 
-# -- strategies and their DeepSpeed configs ---------------------------------------------------------
-@dataclass(frozen=True)
-class Strategy:
-    name: str
-    stage: int  # 0: DDP
-    offload: bool = False
-
-    @property
-    def deepspeed(self) -> bool:
-        return self.stage > 0
-
-
-STRATEGIES = {s.name: s for s in (Strategy("ddp", 0), Strategy("zero1", 1), Strategy("zero2", 2), Strategy("zero3", 3),
-                                  Strategy("zero2_offload", 2, True), Strategy("zero3_offload", 3, True))}
-
-
-def deepspeed_config(strategy: Strategy, clip_grad: float = 3.0) -> dict[str, Any]:
-    """The DeepSpeed JSON of ``strategy`` (the files in ``ds_configs/`` are these for DINO's
-    clipping, ``tests/test_planner.py`` checks it). Precision and batch sizes stay ``auto``: the
-    recipe sets them."""
-    zero: dict[str, Any] = {"stage": strategy.stage}
-    if strategy.stage == 1:
-        zero.update(reduce_bucket_size=50_000_000, allgather_bucket_size=50_000_000)
-    elif strategy.stage == 2:
-        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_scatter=True,
-                    reduce_bucket_size=50_000_000, allgather_bucket_size=50_000_000)
-    else:
-        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=10_000_000,
-                    stage3_prefetch_bucket_size=5_000_000, stage3_param_persistence_threshold=100_000,
-                    stage3_max_live_parameters=100_000_000, stage3_max_reuse_distance=100_000_000,
-                    stage3_gather_16bit_weights_on_model_save=True)
-    if strategy.offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if strategy.stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, "zero_optimization": zero,
-            "gradient_clipping": clip_grad, "gradient_accumulation_steps": "auto",
-            "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-            "steps_per_print": 1_000_000_000, "wall_clock_breakdown": False}
-
-
-# -- model + optimizer state ----------------------------------------------------------------------
-# DeepSpeed 0.19.8's buffers, read from its source and checked byte for byte against the tensors of
-# real 2-rank runs (tests/test_planner.py). Where they differ from the ZeRO paper's 2 + 2 + 12 bytes
-# per parameter: ZeRO-1/2 keep the whole 16-bit (or fp32) flat model on every rank; the fp32 master
-# partition is a separate copy even in fp32 training; ZeRO-3 keeps a 16-bit gradient partition and
-# a reduce bucket between steps; offload adds fp32 gradient partitions and staging buffers.
-ALIGNMENT = 2  # stage_1_and_2.py: nccl_start_alignment_factor (also for fp32)
-DEFAULT_REDUCE_BUCKET = 500_000_000  # deepspeed.runtime.zero.config defaults
-DEFAULT_SUB_GROUP = 1_000_000_000
-
-
-def _zero(ds_config: dict[str, Any] | None) -> dict[str, Any]:
-    return dict((ds_config or {}).get("zero_optimization", {}))
-
-
-def _z12_partition(group: list[int], ranks: int) -> int:
-    """Elements of one rank's partition of a flattened ZeRO-1/2 group (padded to alignment x ranks)."""
-    align = ALIGNMENT * ranks
-    return math.ceil(sum(group) / align) * align // ranks
-
-
-def _z3_subgroups(group: list[int], ranks: int, sub_group_size: int) -> list[int]:
-    """ZeRO-3 partition elements (ceil(numel / ranks) per tensor) summed per optimizer sub-group."""
-    parts = [math.ceil(n / ranks) for n in group]
-    if sub_group_size >= sum(parts):
-        return [sum(parts)]
-    out, current = [], 0
-    for i, n in enumerate(parts):
-        current += n
-        if current >= sub_group_size or i == len(parts) - 1:
-            out.append(current)
-            current = 0
-    return out
-
-
-def state_bytes(groups: list[list[int]], frozen: list[int], ranks: int, precision: str, optimizer: str,
-                strategy: Strategy, ds_config: dict[str, Any] | None = None,
-                buffers: list[list[int]] | None = None) -> dict[str, int]:
-    """Bytes per rank the student's training state holds between optimizer steps, by kind.
-
-    ``groups``: the trainable parameters' element counts per optimizer group, in order (DeepSpeed
-    flattens and pads per group; lr = 0 groups are ordinary ones for memory); ``frozen``: the
-    student's ``requires_grad=False`` tensors; ``buffers``: its buffers as ``[elements, bytes per
-    element, floating point]`` (whole on every rank; DeepSpeed casts floating ones to 16 bits). DDP
-    keeps fp32 weights in every precision (autocast)."""
-    groups = [g for g in groups if g]
-    ds_config = ds_config if ds_config is not None else deepspeed_config(strategy)
-    trainable = sum(map(sum, groups))
-    adam = optimizer == "adamw" or strategy.offload  # Accelerate maps any optimizer to CPU Adam when offloading
-    step_scalars = optimizer == "adamw" and not strategy.offload  # torch keeps a 0-d fp32 step per tensor/group
-    out = dict.fromkeys(("weights", "frozen_weights", "grads", "master", "optimizer", "buffers", "scalars"), 0)
-    lp = 4 if precision == "fp32" else 2  # the engine casts the module (frozen tensors too) to 16 bits
-    out["module_buffers"] = sum(n * (lp if floating and strategy.deepspeed else size) for n, size, floating in buffers or [])
-    if strategy.stage == 0:
-        out["weights"], out["frozen_weights"] = 4 * trainable, 4 * sum(frozen)
-        out["buffers"] = 4 * trainable  # the reducer's gradient buckets (the .grad are freed after the step)
-        out["optimizer"] = (8 * trainable + 4 * sum(map(len, groups))) if optimizer == "adamw" else 4 * trainable
-        return out
-    z = _zero(ds_config)
-    if strategy.stage in (1, 2):
-        parts = [_z12_partition(g, ranks) for g in groups]
-        p = sum(parts)
-        out["weights"] = lp * p * ranks  # bit16_groups_flat: the whole padded model on every rank
-        out["frozen_weights"] = lp * sum(frozen)
-        out["master"] = 4 * p  # single_partition_of_fp32_groups, a copy even in fp32
-        out["optimizer"] = (8 if adam else 4) * p + (4 * len(groups) if step_scalars else 0)
-        out["scalars"] = 4  # the global gradient norm
-        if strategy.offload:
-            out["grads"] = 4 * p  # the fp32 partition's .grad, kept for the CPU optimizer
-            biggest = max((n for g in groups for n in g), default=0)
-            out["buffers"] = lp * p + 2 * lp * biggest  # bit16 staging partition + temporary gradient buffers
-        return out
-    subgroups = [n for g in groups for n in _z3_subgroups(g, ranks, int(z.get("sub_group_size", DEFAULT_SUB_GROUP)))]
-    p = sum(subgroups)
-    out["weights"] = lp * p  # this rank's partition of every parameter
-    out["frozen_weights"] = lp * sum(math.ceil(n / ranks) for n in frozen)
-    out["grads"] = lp * p + (4 * p if strategy.offload else 0)  # 16-bit gradient partition (+ fp32 for offload)
-    out["master"] = 4 * p
-    out["optimizer"] = (8 if adam else 4) * p + (4 * len(subgroups) if step_scalars else 0)
-    out["buffers"] = lp * int(float(z.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)))  # the reduce bucket, kept
-    out["scalars"] = (4 if strategy.offload else 8) + 1  # gradient norm, inf/nan flag
-    return out
-
-
-def step_transient_bytes(groups: list[list[int]], frozen: list[int], ranks: int, precision: str,
-                         strategy: Strategy, ds_config: dict[str, Any] | None = None,
-                         host: bool = False) -> dict[str, int]:
-    """What a step adds to the state besides activations: ``early`` (from backward's start, beside
-    the most activations), ``late`` (by backward's end) and ``step`` (the optimizer step, after them). DDP's are the full fp32 gradients; ZeRO-1/2 allocate
-    (1 + overlap_comm) reduce buckets whole at the first gradient hook and keep one bucket of
-    gradients pending; ZeRO-3 gathers the small persistent parameters for the whole step and the
-    others module by module (bounded by max_live_parameters + prefetch: an upper bound). ``host``:
-    on CPU ranks the resident set holds only the pages of a bucket that gradients were written to."""
-    groups = [g for g in groups if g]
-    ds_config = ds_config if ds_config is not None else deepspeed_config(strategy)
-    trainable = sum(map(sum, groups))
-    if strategy.stage == 0:
-        return {"early": 0, "late": 4 * trainable, "step": 4 * trainable}
-    z = _zero(ds_config)
-    lp = 4 if precision == "fp32" else 2
-    biggest = max((n for g in groups for n in g), default=0)
-    bucket = int(float(z.get("reduce_bucket_size", DEFAULT_REDUCE_BUCKET)))
-    pending = lp * min(trainable, max(bucket, biggest))
-    if strategy.stage in (1, 2):
-        parts = [_z12_partition(g, ranks) for g in groups]
-        overlap = bool(z.get("overlap_comm", False))
-        n_buckets = (2 if overlap else 1) if (z.get("contiguous_gradients", True) or strategy.offload) else 0
-        buckets = lp * (min(trainable, n_buckets * bucket) if host else n_buckets * bucket)
-        partition = 0 if strategy.offload else lp * sum(parts)  # the reduced gradients, filled during backward
-        step = 0 if strategy.offload else partition + 4 * max(parts, default=0)
-        return {"early": buckets, "late": buckets + pending + partition, "step": step}
-    subgroups = [n for g in groups for n in _z3_subgroups(g, ranks, int(z.get("sub_group_size", DEFAULT_SUB_GROUP)))]
-    persist = int(float(z.get("stage3_param_persistence_threshold", 100_000)))
-    every = [n for g in groups for n in g] + list(frozen)
-    persistent = sum(n for n in every if n <= persist)
-    live = int(float(z.get("stage3_max_live_parameters", 1_000_000_000))) + \
-        int(float(z.get("stage3_prefetch_bucket_size", 50_000_000)))
-    gathered = lp * persistent + lp * min(sum(every) - persistent, live)
-    step = 0 if strategy.offload else 4 * max(subgroups, default=0)
-    return {"early": gathered, "late": gathered + pending, "step": max(lp * persistent, step)}
-
-
-# -- what the planner is given and what it measures ----------------------------------------------
+# -- what the planner is given ----------------------------------------------
 def parse_bytes(text: str | int | float, option: str = "") -> int:
     """``80GiB``, ``40 GB``, ``512MiB`` or a number of bytes; given ``option`` (a command-line
     flag), a bare number other than 0 is refused: ``--gpu-memory 40`` means 40 GiB to a person."""
@@ -271,7 +102,7 @@ class Timing:
 
 @dataclass
 class Profile:
-    """The recipe, measured on the device at hand by :func:`profile_recipe`."""
+    """The recipe, measured on the device at hand (:func:`selfdistill.plan_probe.profile_recipe`)."""
 
     recipe: str
     precision: str
@@ -491,178 +322,6 @@ def render(rows: list[Row], best: int | None, profile: Profile, target: Target) 
         lines.append("\nno strategy fits: use more ranks, a smaller model or crops, or a device with more memory")
     return "\n".join(lines)
 
-
-# -- measuring: the probe of one recipe, and real steps of a launch ----------------------------------
-def measure_run(config: Any, out_dir: str | os.PathLike, steps: int = 3, flops: bool = False) -> dict[str, Any]:
-    """Run ``steps`` optimizer steps of ``config`` on one synthetic batch through the real loop (its
-    strategy as launched) and write this rank's memory to ``out_dir/rank{N}.json``: the runtime before
-    the model, the peak, forward + backward per step, and the state counted tensor by tensor."""
-    from selfdistill.engine.memory import MemoryMeter, StepMemory, tune_cpu_allocator
-    from selfdistill.engine.throughput import SyntheticImages, benchmark_config, count_flops
-    from selfdistill.engine.trainer import Trainer
-    from selfdistill.methods import build_method
-    from selfdistill.models.frozen import FrozenTeacher
-
-    if uses_deepspeed() or importlib.util.find_spec("deepspeed") is not None:
-        import deepspeed  # noqa: F401  (part of a ZeRO rank's runtime: the probe counts it too)
-    with tempfile.TemporaryDirectory(prefix="selfdistill-measure-") as tmp:
-        bench = benchmark_config(config, tmp)
-        bench.train.keep_freed_memory = False
-        cuda = torch.cuda.is_available() and not bench.train.cpu
-        if not cuda:
-            tune_cpu_allocator()
-        meter = MemoryMeter(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-        runtime = meter.current()
-        trainer = Trainer(bench, lambda: build_method(bench),
-                          data=lambda task: SyntheticImages(task.train_transform(), bench.train.seed))
-        trainer.build()
-        step_memory = StepMemory(meter)
-        trainer.hooks.append(step_memory)
-        trainer.run_until(steps)
-        trainer.hooks.remove(step_memory)
-        acc, task = trainer.accelerator, trainer.task
-        counted = count_state(trainer)
-        result = {
-            "rank": acc.process_index, "world_size": acc.num_processes, "device": str(meter.device),
-            "runtime_bytes": runtime, "peak_bytes": step_memory.overall_peak(),
-            "fwd_bwd_bytes": step_memory.steps[-1], "fwd_bwd_steps": step_memory.steps,
-            "forward_bytes": step_memory.forward_steps[-1],
-            "state": counted, "state_bytes": counted["student"],
-            "teacher_bytes": teacher_bytes(task),
-            # partitioned under ZeRO-3 only when every teacher is frozen (DINOv2's distillation also keeps an EMA copy)
-            "teacher_frozen": all(isinstance(t, FrozenTeacher) for t in teacher_modules(task)) and bool(teacher_modules(task)),
-            "groups": None if trainer.deepspeed else [[p.numel() for p in g["params"]] for g in trainer.optimizer.param_groups],
-            "frozen": [p.numel() for p in acc.unwrap_model(trainer.student).parameters() if not p.requires_grad],
-            "buffers": [[b.numel(), b.element_size(), int(b.is_floating_point())]
-                        for b in acc.unwrap_model(trainer.student).buffers()],
-            "task_bytes": sum(held_tensors(task).values()),
-            "micro_batch": bench.train.batch_size_per_device,
-        }
-        if flops:
-            _, n = count_flops(lambda: trainer.run_until(steps + 1))
-            result["flops_per_sample"] = n / bench.train.batch_size_per_device
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(out_dir) / f"rank{acc.process_index}.json", result, indent=1)
-        acc.wait_for_everyone()
-        acc.end_training()
-    return result
-
-
-def storages(tensors: Any) -> dict[int, int]:
-    """``{storage pointer: bytes}`` of the tensors in a (nested) dict / list / tuple."""
-    out: dict[int, int] = {}
-    if isinstance(tensors, torch.Tensor):
-        part = getattr(tensors, "ds_tensor", None)  # a ZeRO-3 parameter's own partition
-        for t in (tensors, part) if part is not None else (tensors,):
-            out[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    elif isinstance(tensors, dict):
-        for v in tensors.values():
-            out.update(storages(v))
-    elif isinstance(tensors, (list, tuple)):
-        for v in tensors:
-            out.update(storages(v))
-    return out
-
-
-def held_tensors(task: Any, depth: int = 3) -> dict[int, int]:
-    """The tensors a task holds outside its networks (DINO's centers): its attributes, and those of
-    the project's own objects it holds, followed ``depth`` levels; modules are not entered."""
-    out: dict[int, int] = {}
-
-    def visit(obj: Any, level: int) -> None:
-        if isinstance(obj, torch.nn.Module) or level > depth:
-            return
-        if isinstance(obj, torch.Tensor):
-            out.update(storages(obj))
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                visit(v, level + 1)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                visit(v, level + 1)
-        elif type(obj).__module__.startswith("selfdistill") and hasattr(obj, "__dict__"):
-            for v in vars(obj).values():
-                visit(v, level + 1)
-
-    visit(task, 0)
-    return out
-
-
-def count_state(trainer: Any) -> dict[str, int]:
-    """This rank's live tensors after the steps, by owner: the teacher, the task's own tensors, and
-    the rest, which is the student's training state (weights, gradients, optimizer, the strategy's
-    buffers; DDP's C++ buckets added). The synthetic batch is left out."""
-    from selfdistill.engine.memory import ddp_bucket_bytes, live_tensor_bytes
-
-    teacher = storages({f"{i}.{k}": v for i, t in enumerate(teacher_modules(trainer.task))
-                        for k, v in module_tensors(t).items()})
-    task = {k: v for k, v in held_tensors(trainer.task).items() if k not in teacher}
-    batch = storages(getattr(trainer.source, "batch", None))
-    student = live_tensor_bytes(set(teacher) | set(task) | set(batch)) + ddp_bucket_bytes(trainer.student)
-    return {"student": student, "teacher": sum(teacher.values()), "task": sum(task.values())}
-
-
-def module_tensors(module: Any) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of ``module``, non-persistent buffers (Swin's position index) included."""
-    if module is None:
-        return {}
-    return {**dict(module.named_parameters()), **{f"buffer.{k}": v for k, v in module.named_buffers()}}
-
-
-def teacher_modules(task: Any) -> list[torch.nn.Module]:
-    """The task's teachers: ``teacher`` (an EMA copy or a frozen network) and any other frozen network
-    it holds (DINOv2's distillation teacher, beside the student's EMA)."""
-    from selfdistill.models.frozen import FrozenTeacher
-
-    others = [v for k, v in vars(task).items() if k != "teacher" and isinstance(v, FrozenTeacher)]
-    return [t for t in [getattr(task, "teacher", None), *others] if t is not None]
-
-
-def teacher_bytes(task: Any) -> int:
-    """Bytes of the task's teachers (EMA copy, frozen networks) as this rank holds them."""
-    return sum(storages({f"{i}.{k}": v for i, t in enumerate(teacher_modules(task))
-                         for k, v in module_tensors(t).items()}).values())
-
-
-def optimizer_kind(name: str) -> str:
-    """How the state accounting counts an optimizer: ``adamw`` (two fp32 moments per parameter: the
-    Adam family, LAMB, and, on the safe side, every optimizer with betas) or ``sgd`` (one: SGD,
-    LARS and other momentum methods)."""
-    from timm.optim import get_optimizer_info
-
-    if name in ("adamw", "sgd"):
-        return name
-    return "adamw" if get_optimizer_info(name).has_betas else "sgd"
-
-
-def unmeasured_profile(config: Any, recipe: str = "") -> Profile | None:
-    """What the accounting needs of ``config`` without running a step: the method built on the meta
-    device (no memory, no weights read) for its optimizer groups, frozen tensors, buffers, teacher
-    and task tensors; no activations. None when the method cannot be built there (a teacher read
-    from a file)."""
-    from selfdistill.methods import build_method
-
-    try:
-        with torch.device("meta"):
-            task = build_method(copy.deepcopy(config))
-            optimizer = task.build_optimizer(config.train.batch_size_per_device, torch.device("meta"))
-    except Exception:  # noqa: BLE001 - any failure only means: measure first, as before
-        return None
-    from selfdistill.models.frozen import FrozenTeacher
-
-    student = task.student
-    return Profile(recipe=recipe, precision=config.train.precision, optimizer=optimizer_kind(config.optim.name),
-                   device="meta", groups=[[p.numel() for p in g["params"]] for g in optimizer.param_groups],
-                   frozen=[p.numel() for p in student.parameters() if not p.requires_grad],
-                   buffers=[[b.numel(), b.element_size(), int(b.is_floating_point())] for b in student.buffers()],
-                   # meta tensors share one null pointer, so storages() cannot tell them apart: count each
-                   # teacher tensor once; the method's own small tensors (centers) are left out of the bound
-                   teacher_bytes=sum(t.nbytes for t in module_tensors(getattr(task, "teacher", None)).values()),
-                   task_bytes=0,
-                   teacher_partitioned=isinstance(getattr(task, "teacher", None), FrozenTeacher),
-                   runtime_bytes=0, batches=(1, 2))
-
-
 def state_floor(profile: Profile, target: Target, strategies: list[str] | None = None) -> tuple[int, str]:
     """``(bytes, strategy)``: the least any of ``strategies`` holds per rank before a single
     activation (training state, teacher, task tensors and the step's own transients); pure
@@ -693,52 +352,6 @@ def smallest_fitting_memory(profile: Profile, target: Target, strategies: list[s
             need.append((memory_for(peak, target), name + (":ckpt" if ckpt else "")))
     return min(need)
 
-
-def probe_command(config_path: Path, out_dir: Path, steps: int, flops: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "selfdistill.cli.pretrain", "--config", str(config_path),
-           "--measure-memory", str(out_dir), "--measure-steps", str(steps)]
-    return cmd + (["--measure-flops"] if flops else [])
-
-
-def profile_recipe(config: Any, recipe: str = "", batches: tuple[int, int] = (2, 4), steps: int = 3,
-                   progress: Callable[[str], None] | None = None) -> Profile:
-    """Measure ``config``'s training step on this machine: one fresh process per micro-batch size and
-    checkpointing setting (so each high-water mark is its own), single rank, no DeepSpeed."""
-    from selfdistill.engine.throughput import benchmark_config
-
-    if not 0 < batches[0] < batches[1]:
-        raise ValueError(f"the probe needs two micro-batch sizes, smaller first (got {batches})")
-    fwd_bwd: dict[str, list[int]] = {"off": [], "on": []}
-    forward: dict[str, list[int]] = {"off": [], "on": []}
-    first: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="selfdistill-plan-") as tmp:
-        for ckpt in (False, True):
-            for b in batches:
-                c = benchmark_config(config, str(Path(tmp) / "run"))
-                c.model.grad_checkpointing = ckpt
-                c.train.batch_size_per_device, c.train.grad_accum_steps = b, 1
-                path = Path(tmp) / f"probe_{int(ckpt)}_{b}.yaml"
-                write_text_atomic(path, c.to_yaml())
-                if progress:
-                    progress(f"measuring forward + backward: micro-batch {b}, checkpointing {'on' if ckpt else 'off'}")
-                out = Path(tmp) / f"probe_{int(ckpt)}_{b}"
-                env = {k: v for k, v in os.environ.items()
-                       if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_DEEPSPEED")}
-                flops = not ckpt and b == batches[0]
-                r = subprocess.run(probe_command(path, out, steps, flops), env=env, capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise RuntimeError(f"the probe at micro-batch {b} failed:\n{r.stderr[-3000:]}")
-                result = json.loads((out / "rank0.json").read_text())
-                fwd_bwd["on" if ckpt else "off"].append(result["fwd_bwd_bytes"])
-                forward["on" if ckpt else "off"].append(result["forward_bytes"])
-                if flops:
-                    first = result
-    return Profile(recipe=recipe, precision=config.train.precision, optimizer=optimizer_kind(config.optim.name),
-                   device=first["device"], groups=first["groups"], frozen=first["frozen"], buffers=first["buffers"],
-                   teacher_bytes=first["teacher_bytes"], task_bytes=first["task_bytes"],
-                   teacher_partitioned=first["teacher_frozen"],
-                   runtime_bytes=first["runtime_bytes"], batches=tuple(batches), fwd_bwd=fwd_bwd, forward=forward,
-                   flops_per_sample=first.get("flops_per_sample", 0.0))
 
 # -- ready-to-run files, and checking them -------------------------------------------------------------
 def accelerate_yaml(strategy: Strategy, ranks: int, nodes: int, cpu: bool, precision: str,
@@ -798,33 +411,3 @@ def write_launch(out: str | os.PathLike, row: Row, target: Target, recipe: str |
     write_text_atomic(files["launch"], script)
     files["launch"].chmod(0o755)
     return files
-
-
-def verify(profile: Profile, row: Row, target: Target, recipe: str | list[str] | None, overrides: list[str],
-           precision: str, clip_grad: float, out: Path, micro_cap: int = 0, steps: int = 3) -> dict[str, Any]:
-    """One real run of ``row``'s setting scaled to this machine (its GPUs, or 2 gloo ranks on a CPU;
-    the micro-batch at most ``micro_cap`` when given): the launch files written, started with
-    ``--measure-memory``, and the measured peak per rank against the prediction."""
-    cuda = torch.cuda.device_count()
-    ranks = min(target.ranks, cuda) if cuda else 2
-    micro = row.micro_batch if not micro_cap else min(row.micro_batch, micro_cap)
-    strategy = STRATEGIES[row.strategy]
-    local = Target(memory=target.memory, gpus=ranks, nodes=1, global_batch=micro * ranks, margin=target.margin,
-                   reserve=target.reserve, cpu=not cuda)
-    local_row = copy.copy(row)
-    local_row.micro_batch, local_row.accumulation = micro, 1
-    local_row.peak = predict_peak(profile, strategy, row.ckpt, ranks, micro, host=local.cpu)
-    files = write_launch(out / "launch", local_row, local, recipe, overrides, precision, clip_grad, cpu=not cuda)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["ACCELERATE"] = str(Path(sys.executable).with_name("accelerate"))  # this environment's launcher
-    cmd = ["bash", str(files["launch"]), "--measure-memory", str(out / "measured"), "--measure-steps", str(steps)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"the verification run failed ({shlex.join(cmd)}):\n{r.stderr[-3000:]}")
-    measured = [json.loads((out / "measured" / f"rank{i}.json").read_text()) for i in range(ranks)]
-    worst = max(m["peak_bytes"] for m in measured)
-    predicted_state = state_total(profile, strategy, ranks)
-    return {"strategy": row.strategy, "ckpt": row.ckpt, "ranks": ranks, "micro_batch": micro,
-            "predicted_peak": local_row.peak, "measured_peak": worst, "error": local_row.peak / worst - 1,
-            "predicted_state": predicted_state, "measured_state": max(m["state_bytes"] for m in measured),
-            "ranks_measured": measured}

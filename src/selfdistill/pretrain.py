@@ -15,8 +15,8 @@ from selfdistill.config import Config
 from selfdistill.engine.hooks import RankSummary, TrainingCurves
 from selfdistill.engine.task import Hook
 from selfdistill.engine.trainer import Trainer
-from selfdistill.eval.knn_eval import OnlineKnn
 from selfdistill.methods import build_method
+from selfdistill.training.knn_hook import OnlineKnn
 
 __all__ = ["pretraining"]
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.cli import dispatch, setup_logging
+from selfdistill.rundir import eval_dir, eval_results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +57,8 @@ def _context(args: argparse.Namespace, proto: Any, weights: Any) -> Any:
 
     out = Path(args.out) if args.out else None
     if proto.output == "results":
-        out = out or weights.directory() / f"{proto.name}_results.json"
-        out_dir = Path(args.output_dir) if args.output_dir else out.parent / proto.name
+        out = out or eval_results(weights.directory(), proto.name)
+        out_dir = Path(args.output_dir) if args.output_dir else eval_dir(out.parent, proto.name)
     elif proto.output == "summary":  # the defaults follow the weights, which the summary YAML may name
         out_dir = Path(args.output_dir) if args.output_dir else None
     elif proto.output == "file":

@@ -23,7 +23,7 @@ from selfdistill.recipe import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from selfdistill.planner import STRATEGIES
+    from selfdistill.strategy_memory import STRATEGIES
 
     p = argparse.ArgumentParser(prog="selfdistill-plan", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from selfdistill import planner as P
+    from selfdistill import plan_probe, planner as P
 
     from selfdistill.configkit import option_overrides
 
@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile = P.Profile.from_dict(json.loads(Path(args.profile).read_text())["profile"])
         else:
-            refuse_impossible_budget(P, config, target, args.strategies)
-            profile = P.profile_recipe(config, " + ".join(args.config or ["(defaults)"]), tuple(args.probe_batches),
-                                       progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+            refuse_impossible_budget(config, target, args.strategies)
+            profile = plan_probe.profile_recipe(config, " + ".join(args.config or ["(defaults)"]),
+                                                tuple(args.probe_batches),
+                                                progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         rows, best = P.plan(profile, target, args.strategies, timing)
         chosen = P.choose(rows, args.choose) if args.choose else best
     except ImpossibleBudget as e:
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nverifying {row.strategy} (checkpointing {'on' if row.ckpt else 'off'}) on this machine ...",
               file=sys.stderr, flush=True)
         try:
-            v = P.verify(profile, row, target, recipe, overrides, config.train.precision, config.optim.clip_grad,
+            v = plan_probe.verify(profile, row, target, recipe, overrides, config.train.precision, config.optim.clip_grad,
                          work, micro_cap=cap)
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -162,10 +163,12 @@ class ImpossibleBudget(ValueError):
     """The target's memory cannot hold the recipe whatever the strategy."""
 
 
-def refuse_impossible_budget(P, config, target, strategies: list[str]) -> None:
+def refuse_impossible_budget(config, target, strategies: list[str]) -> None:
     """Before the minute of measuring: refuse a memory per rank that not even the training state
     of the leanest strategy fits, naming the least memory that might (activations come on top)."""
-    profile = P.unmeasured_profile(config)
+    from selfdistill import plan_probe, planner as P
+
+    profile = plan_probe.unmeasured_profile(config)
     if profile is None:
         return
     floor, strategy = P.state_floor(profile, target, strategies)

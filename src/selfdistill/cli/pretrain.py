@@ -15,6 +15,7 @@ from pathlib import Path
 from selfdistill.atomic import write_json_atomic
 from selfdistill.configkit import ConfigError
 from selfdistill.recipe import load_config
+from selfdistill.rundir import CHECKPOINTS, LOG
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,12 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark:
         return _benchmark(config, args)
     if args.measure_memory:
-        from selfdistill.engine.distributed import relaunch_if_needed
-        from selfdistill.planner import measure_run
+        from selfdistill.plan_probe import measure
 
-        relaunch_if_needed()
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        measure_run(config, args.measure_memory, args.measure_steps, args.measure_flops)
+        measure(config, args.measure_memory, args.measure_steps, args.measure_flops)
         return 0
 
     try:  # (a benchmark or memory measurement above reads synthetic images: no data paths needed)
@@ -167,7 +165,7 @@ def remove_unused_run_dir(run_dir: Path) -> None:
     a run that never started."""
     import shutil
 
-    if run_dir.is_dir() and not (run_dir / "log.jsonl").exists() and not any((run_dir / "checkpoints").glob("*")):
+    if run_dir.is_dir() and not (run_dir / LOG).exists() and not any((run_dir / CHECKPOINTS).glob("*")):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -95,24 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _source(args: argparse.Namespace) -> Any:
-    from selfdistill.data import shards
+    from selfdistill.data import shard_inputs
 
     if args.class_names and not args.file_list:
         raise ValueError("--class-names only applies to --file-list")
     if args.folder:
-        return shards.folder_input(args.folder)
+        return shard_inputs.folder_input(args.folder)
     if args.file_list:
         names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
-        return shards.file_list_input(args.file_list, names)
-    return shards.hf_input(args.hf_dataset, args.image_column, args.label_column, args.hf_split)
+        return shard_inputs.file_list_input(args.file_list, names)
+    return shard_inputs.hf_input(args.hf_dataset, args.image_column, args.label_column, args.hf_split)
 
 
 def run_write(args: argparse.Namespace) -> int:
-    from selfdistill.data import shards
+    from selfdistill.data import shard_writer
 
     source = _source(args)
-    bad = shards.DEFAULT_MAX_BAD_FRACTION if args.max_bad_fraction is None else args.max_bad_fraction
-    info = shards.write_shards(
+    bad = shard_writer.DEFAULT_MAX_BAD_FRACTION if args.max_bad_fraction is None else args.max_bad_fraction
+    info = shard_writer.write_shards(
         args.out, source, prefix=args.prefix, samples_per_shard=args.samples_per_shard or None,
         max_shard_bytes=args.max_shard_bytes, resize_shorter=args.resize_shorter, quality=args.quality, check=args.check,
         shuffle_seed=None if args.no_shuffle else args.shuffle_seed, workers=args.workers,
@@ -134,17 +134,18 @@ def _summary(info: dict[str, Any], out: str) -> None:
 
 
 def run_finalize(args: argparse.Namespace) -> int:
-    from selfdistill.data import shards
+    from selfdistill.data.shard_writer import finalize_shards
 
-    _summary(shards.finalize_shards(args.out, args.num_nodes), args.out)
+    _summary(finalize_shards(args.out, args.num_nodes), args.out)
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from selfdistill.data import shards
+    from selfdistill.data.shard_verify import verify_shards
+    from selfdistill.data.shard_workers import default_workers
 
-    workers = shards.default_workers() if args.workers is None else args.workers
-    report = shards.verify_shards(args.dir, workers=workers, progress=not args.no_progress)
+    workers = default_workers() if args.workers is None else args.workers
+    report = verify_shards(args.dir, workers=workers, progress=not args.no_progress)
     if report.ok:
         print(f"OK: {report.n_shards} shards, {report.n_samples} samples in {args.dir}")
         return 0

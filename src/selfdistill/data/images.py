@@ -28,6 +28,7 @@ from selfdistill.configkit import fail, fraction, non_negative, one_of
 from selfdistill.data.collate import collate_eval
 from selfdistill.data.folder import ImageFolderDataset
 from selfdistill.data.hf import HFImageDataset, is_hf_directory
+from selfdistill.data.multicrop import augment_on_device
 from selfdistill.data.sampler import ShardedEvalSampler
 from selfdistill.data.shard_format import has_info
 from selfdistill.data.sources import MapSource, ShardSource, ShardStream, expand_urls, loader_worker_init, shard_info
@@ -199,13 +200,18 @@ def _draws_only(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def open_images(source: SourceConfig | str, transform: Callable[[Any], Any] | None = None, *,
-                labelled: bool = False, seed: int = 0, role: str = "data.path") -> ImageSet:
+                labelled: bool = False, seed: int = 0, role: str = "data.path", cpu: bool = False) -> ImageSet:
     """Open ``source`` (a recipe's source section, or a bare path with default options).
 
     ``labelled=True`` refuses images without labels (no class sub-folders, no label column,
-    shards without class names), naming ``role`` (the option the path came from).
+    shards without class names), naming ``role`` (the option the path came from). Where the
+    augmentation runs is decided here: a source with ``augment_on`` (a recipe's data section) splits
+    a transform that has a device half (``on_device``) into what the loader workers do and what
+    :meth:`ImageSet.finish` does on the training device (``cpu``: the run is forced onto the CPU).
     """
     s = SourceConfig(path=source) if isinstance(source, str) else source
+    if hasattr(transform, "on_device") and hasattr(s, "augment_on"):
+        transform.on_device = augment_on_device(s.augment_on, cpu)
     path, split = _split_suffix(s.path, s.hf_split)
     if not path:
         fail(role, "no images given (an image folder, HF dataset directory or shard directory / pattern)")

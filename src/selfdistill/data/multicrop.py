@@ -13,6 +13,7 @@ sample) makes the augmentation reproducible. Every choice of a crop is drawn fir
 (:meth:`MultiCropAugmentation.draw`, a :class:`CropDraw`), then applied: on PIL crops in the loader
 worker (``data.augment_on: workers``), or, with ``on_device``, the workers only cut and the
 training process applies the same draws to the whole batch (:mod:`selfdistill.data.device_augment`).
+:class:`SingleViewAugmentation` is the one-view transform (FD's), split the same way.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from selfdistill.data.device_augment import finish_views
+from selfdistill.data.device_augment import finish_views, normalize
 
-__all__ = ["AUGMENT_ON", "CropDraw", "EvalTransform", "MultiCropAugmentation", "augment_on_device", "crop_pixel_centres",
-           "sample_crop_box", "to_normalized_tensor", "token_centres"]
+__all__ = ["AUGMENT_ON", "CropDraw", "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD", "MultiCropAugmentation",
+           "SingleViewAugmentation", "augment_on_device", "crop_pixel_centres", "sample_crop_box",
+           "to_normalized_tensor", "token_centres"]
 
 AUGMENT_ON = ("auto", "workers", "device")
 
@@ -45,6 +47,9 @@ def augment_on_device(setting: str, cpu: bool = False) -> bool:
         return torch.cuda.is_available() and not cpu
     return setting == "device"
 
+
+# ImageNet's per-channel mean and std: every default input normalisation of the project (recipes,
+# evaluations, pictures) is these two, defined here only.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -383,3 +388,32 @@ class EvalTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, resize_size={self.resize_size})"
+
+
+class SingleViewAugmentation:
+    """One view (FD's, which teacher and student both see): RandomResizedCrop (bilinear,
+    torchvision's default, as FD) + horizontal flip + normalise. With ``on_device`` the workers
+    return the uint8 view and :meth:`finish` normalises the collated batch where it trains."""
+
+    def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), mean=(0.485, 0.456, 0.406),
+                 std=(0.229, 0.224, 0.225)) -> None:
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.cut = v2.Compose([
+            v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
+                                 interpolation=InterpolationMode.BILINEAR, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ])
+        self.to_tensor = to_normalized_tensor(mean, std)
+        self.on_device = False  # data.augment_on=device: uint8 views, normalised where they train
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        view = self.cut(img.convert("RGB"))
+        return v2.functional.pil_to_tensor(view) if self.on_device else self.to_tensor(view)
+
+    def finish(self, batch: dict) -> dict:
+        batch["image"] = normalize(batch["image"], self.mean, self.std)
+        return batch
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, {self.cut.transforms[0]})"

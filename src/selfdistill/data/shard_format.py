@@ -9,18 +9,19 @@
     wids-index.json        the same shards as a ``wids`` index (``wids.ShardListDataset``), relative URLs
     _progress.json         only while a write is unfinished
 
-The writer (:mod:`selfdistill.data.shards`) and the readers (training, evaluation) both use these
-names; readers never import the writer.
+The writer (:mod:`selfdistill.data.shard_writer`), the verifier (:mod:`selfdistill.data.shard_verify`)
+and the readers (training, evaluation) all use these names; readers never import the writer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
-__all__ = ["FORMAT", "IMAGE_MEMBERS", "INFO_NAME", "PROGRESS_NAME", "WIDS_INDEX_NAME", "has_info", "member_key",
-           "read_info", "shard_urls"]
+__all__ = ["FORMAT", "IMAGE_MEMBERS", "INFO_NAME", "PROGRESS_NAME", "WIDS_INDEX_NAME", "file_sha256", "has_info",
+           "member_key", "progress_name", "read_info", "shard_file_index", "shard_file_name", "shard_urls"]
 
 FORMAT = "selfdistill-shards/1"
 INFO_NAME = "_info.json"
@@ -56,3 +57,26 @@ def member_key(name: str) -> str:
     """webdataset's grouping: the key is the member's path up to the first dot of its basename."""
     folder, _, base = name.rpartition("/")
     return (folder + "/" if folder else "") + base.split(".", 1)[0]
+
+
+def shard_file_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def shard_file_index(name: str) -> int:
+    return int(name.rsplit("-", 1)[1].split(".", 1)[0])
+
+
+def progress_name(num_nodes: int, node_rank: int) -> str:
+    """``_progress.json`` for a single-node write; one file per node otherwise (nodes never share one)."""
+    return PROGRESS_NAME if num_nodes == 1 else f"_progress-node{node_rank}-of-{num_nodes}.json"
+
+
+def file_sha256(path: str) -> tuple[str, int]:
+    """Hex sha256 (as ``_info.json`` records it) and size of a file, read in 1 MiB blocks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size

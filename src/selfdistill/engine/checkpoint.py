@@ -7,6 +7,9 @@ and the loop's position as plain tensors / JSON, read back with ``weights_only=T
 publishes, full fp32 weights whatever the backend), so reading a checkpoint's weights never needs
 the method that wrote it. A DeepSpeed checkpoint resumed on another rank count is read through
 DeepSpeed's universal checkpoint, converted once into the checkpoint's ``universal/``.
+
+Where checkpoints lie and what their files are called is :mod:`selfdistill.rundir`'s; its
+finders (``checkpoint_dir``, ``latest_checkpoint``...) are offered here too, beside the readers.
 """
 
 from __future__ import annotations
@@ -25,37 +28,15 @@ from selfdistill.configkit import ConfigError
 from selfdistill.engine.elastic import Layout
 from selfdistill.models.weights import read_meta, save_weights, write_sidecar
 from selfdistill.params import full_state_dict
+from selfdistill.rundir import (CONFIG, DEEPSPEED_TAG, LOOP_STATE, OLD_TASK_STATE, TASK_STATE, UNIVERSAL,
+                                checkpoint_dir, checkpoint_step, latest_checkpoint, list_checkpoints)
+
+__all__ = ["FREE_KEYS", "RECIPE_KEYS", "RECIPE_SECTIONS", "check_same_recipe", "checkpoint_dir", "checkpoint_step",
+           "is_deepspeed_checkpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_task_state",
+           "publish_exports", "read_loop_state", "resolve_resume", "save_checkpoint", "saved_layout",
+           "saved_train_config", "student_state", "universal_checkpoint"]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-PREFIX = "step_"
-TASK_STATE = "task_state.pt"
-LOOP_STATE = "loop_state.json"
-CONFIG = "config.yaml"
-DEEPSPEED_TAG = "pytorch_model"  # the directory Accelerate's save_state gives the ZeRO files
-UNIVERSAL = "universal"  # a DeepSpeed checkpoint converted for another rank count
-
-
-def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:09d}"
-
-
-def checkpoint_step(path: str | Path) -> int:
-    return int(Path(path).name[len(PREFIX):])
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / LOOP_STATE).is_file()]
-    return sorted(done, key=checkpoint_step)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
@@ -234,8 +215,8 @@ def load_task_state(path: str | Path) -> dict[str, Any]:
     """The task state of a checkpoint (EMA teacher, centers...), loaded with ``weights_only=True``
     (``method_state.pt``: the name pretraining checkpoints had before the one-loop redesign)."""
     file = Path(path) / TASK_STATE
-    if not file.is_file() and (Path(path) / "method_state.pt").is_file():
-        file = Path(path) / "method_state.pt"
+    if not file.is_file() and (Path(path) / OLD_TASK_STATE).is_file():
+        file = Path(path) / OLD_TASK_STATE
     return torch.load(file, map_location="cpu", weights_only=True)
 
 

@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,6 +31,15 @@ def world_size_from_env() -> int:
 
 def uses_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+
+
+def gather_objects(accelerator: Any, item: Any) -> list[Any]:
+    """Collective: ``item`` (picklable) of every rank, in rank order."""
+    if accelerator.num_processes == 1:
+        return [item]
+    from accelerate.utils import gather_object
+
+    return gather_object([item])
 
 
 def process_argv(pid: int) -> list[str]:

@@ -10,6 +10,7 @@ from selfdistill.atomic import write_json_atomic
 from selfdistill.engine.task import Hook
 from selfdistill.params import full_parameters
 from selfdistill.plots import plot_training_curves
+from selfdistill.rundir import LOG, LOSS_CURVE, rank_summary
 
 __all__ = ["RankSummary", "TrainingCurves"]
 
@@ -39,7 +40,7 @@ class RankSummary(Hook):
         summary = {"rank": acc.process_index, "world_size": acc.num_processes, "step": loop.state.step,
                    "samples_seen": loop.state.samples_seen, "student_sha256": digest.hexdigest(),
                    "student_tensor_sha256": per_tensor, "indices_seen": self.indices, "bad_images": loop.bad.n_bad}
-        write_json_atomic(loop.run_dir / f"rank_summary_{acc.process_index}.json", summary, indent=None)
+        write_json_atomic(rank_summary(loop.run_dir, acc.process_index), summary, indent=None)
         loop.results.update(summary)
 
 
@@ -48,4 +49,4 @@ class TrainingCurves(Hook):
 
     def on_final_checkpoint(self, loop: Any, path: Any) -> None:
         if loop.accelerator.is_main_process:
-            plot_training_curves(loop.run_dir / "log.jsonl", loop.run_dir / "loss_curve.png")
+            plot_training_curves(loop.run_dir / LOG, loop.run_dir / LOSS_CURVE)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,10 @@ from typing import Any
 import torch
 
 from selfdistill.atomic import write_text_atomic
+from selfdistill.console import interactive
+from selfdistill.rundir import LOG
 
 log = logging.getLogger("selfdistill")
-
-
-def interactive() -> bool:
-    """A terminal is watching: a redrawn bar suits it; a file (a SLURM log, ``> log``) gets lines."""
-    return sys.stderr.isatty()
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "it",
@@ -74,7 +70,7 @@ class LineProgress:
 class RunLogger:
     def __init__(self, accelerator: Any, run_dir: Path) -> None:
         self.acc = accelerator
-        self.path = run_dir / "log.jsonl"
+        self.path = run_dir / LOG
         self._reset()
 
     def _reset(self) -> None:

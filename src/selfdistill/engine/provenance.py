@@ -18,10 +18,10 @@ from typing import Any
 
 from selfdistill.atomic import write_json_atomic
 from selfdistill.engine.distributed import process_argv
+from selfdistill.rundir import PROVENANCE
 
-__all__ = ["PACKAGES", "PROVENANCE", "code_version", "launch_record", "package_versions", "record_launch"]
+__all__ = ["PACKAGES", "code_version", "launch_record", "package_versions", "record_launch"]
 
-PROVENANCE = "provenance.json"
 PACKAGES = ("selfdistill", "torch", "torchvision", "timm", "accelerate", "deepspeed", "webdataset", "datasets",
             "safetensors", "numpy", "pillow")
 # launchers and schedulers whose variables say where and how a rank was started

@@ -1,7 +1,8 @@
-"""The experiment trackers, one door for pretraining and fine-tuning: which names ``train.trackers``
-accepts (Accelerate's own list), whether their package is installed, what each tracker's init gets
-from ``train.tracker_kwargs``, and the tracker run ids kept in ``<run>/trackers.json`` so that a
-resumed run continues the same wandb / mlflow / aim run instead of opening a new one.
+"""The experiment trackers, one door for pretraining and fine-tuning: whether their package is
+installed, what each tracker's init gets from ``train.tracker_kwargs``, and the tracker run ids
+kept in ``<run>/trackers.json`` so that a resumed run continues the same wandb / mlflow / aim run
+instead of opening a new one. Which names and keys a recipe may hold is
+:mod:`selfdistill.tracker_schema`'s (the recipe checks them without importing the engine).
 
     check_installed(["wandb"])                        # before any work: the pip command if missing
     start_trackers(acc, run_dir, train_cfg, "selfdistill", flat_config, resuming=True)
@@ -21,56 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from selfdistill.atomic import write_json_atomic
-from selfdistill.configkit import check_kwargs_have_values, closest_hint, fail
+from selfdistill.rundir import TENSORBOARD, TRACKER_IDS
 
-__all__ = ["COMMON_KEYS", "RUN_IDS_FILE", "check_installed", "check_tracker_kwargs", "check_trackers",
-           "init_kwargs", "start_trackers", "tracker_names"]
+__all__ = ["check_installed", "init_kwargs", "start_trackers"]
 
 log = logging.getLogger(__name__)
-
-COMMON_KEYS = ("project", "name", "entity", "tags")
-RUN_IDS_FILE = "trackers.json"
-
-
-def tracker_names() -> list[str]:
-    """Every tracker Accelerate starts by name (its registry, so a new Accelerate tracker or one
-    registered with ``accelerate.tracking.register_tracker_class`` is accepted without a change here)."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    return sorted(LOGGER_TYPE_TO_CLASS)
-
-
-def check_trackers(key: str, trackers: list[str]) -> None:
-    """Known names only. Accelerate's ``all`` is refused: it starts whatever happens to be installed,
-    so the same recipe would log differently on two machines."""
-    names = tracker_names()
-    for tracker in trackers:
-        if tracker == "all":
-            fail(key, f"'all' starts whichever trackers are installed; name them (any of {', '.join(names)})")
-        if tracker not in names:
-            hint = closest_hint(tracker, names)
-            hint = hint if hint.startswith(" (did you mean") else ""
-            fail(key, f"unknown tracker {tracker!r}{hint}; Accelerate's trackers: {', '.join(names)}")
-    if len(set(trackers)) != len(trackers):
-        fail(key, f"a tracker is named twice in {trackers}")
-
-
-def check_tracker_kwargs(key: str, kwargs: dict[str, Any]) -> None:
-    """``project``/``name``/``entity`` strings, ``tags`` a list of strings, a tracker's name a mapping."""
-    names = tracker_names()
-    for k, v in kwargs.items():
-        if k in ("project", "name", "entity"):
-            if not isinstance(v, str) or not v:
-                fail(f"{key}.{k}", f"expected a non-empty string, got {v!r}")
-        elif k == "tags":
-            if not isinstance(v, list) or not all(isinstance(t, str) and t for t in v):
-                fail(f"{key}.tags", f"expected a list of non-empty strings, got {v!r}")
-        elif k in names:
-            if not isinstance(v, dict):
-                fail(f"{key}.{k}", f"expected a mapping of {k}'s init keywords, got {v!r}")
-            check_kwargs_have_values(f"{key}.{k}", v, example="mode: offline")
-        else:
-            fail(f"{key}.{k}", f"unknown key{closest_hint(str(k), [*COMMON_KEYS, *names])}")
 
 
 def check_installed(trackers: Iterable[str]) -> None:
@@ -165,7 +121,7 @@ def start_trackers(acc: Any, run_dir: Path, train: Any, project: str, config: di
     if not train.trackers or not acc.is_main_process:  # Accelerate starts trackers on the main process only
         return
     kwargs = train.tracker_kwargs
-    ids_file = Path(run_dir) / RUN_IDS_FILE
+    ids_file = Path(run_dir) / TRACKER_IDS
     run_ids = json.loads(ids_file.read_text()) if resuming and ids_file.is_file() else {}
     inits = init_kwargs(train.trackers, kwargs, run_ids)
     acc.log_with = [_tensorboard(Path(run_dir), inits.get("tensorboard", {})) if str(t) == "tensorboard" else t
@@ -196,7 +152,7 @@ def _tensorboard(run_dir: Path, writer_kwargs: dict[str, Any]) -> Any:
         def start(self) -> None:
             from torch.utils import tensorboard
 
-            self.logging_dir = str(run_dir / "tensorboard")
+            self.logging_dir = str(run_dir / TENSORBOARD)
             self.writer = tensorboard.SummaryWriter(self.logging_dir, **self.init_kwargs)
 
         def store_init_configuration(self, values: dict) -> None:

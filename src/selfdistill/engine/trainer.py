@@ -24,9 +24,10 @@ import torch
 
 from selfdistill.atomic import write_json_atomic, write_text_atomic
 from selfdistill.data import BadSampleTracker
+from selfdistill.engine import bad_images
 from selfdistill.engine import checkpoint as ckpt
 from selfdistill.engine import provenance
-from selfdistill.engine.distributed import configure_deepspeed, make_accelerator, uses_deepspeed
+from selfdistill.engine.distributed import configure_deepspeed, gather_objects, make_accelerator, uses_deepspeed
 from selfdistill.engine.elastic import Layout, plan_resume
 from selfdistill.engine.logger import RunLogger, progress_bar
 from selfdistill.engine.memory import keep_freed_memory
@@ -34,6 +35,7 @@ from selfdistill.engine.preemption import Preempted, StopFlag, watch_signals
 from selfdistill.engine.prefetch import DeviceBatches
 from selfdistill.engine.task import Hook, Progress, Task
 from selfdistill.engine.trackers import start_trackers
+from selfdistill.rundir import CONFIG, LOOP_STATE, SUMMARY
 
 log = logging.getLogger("selfdistill")
 
@@ -159,10 +161,10 @@ class Trainer:
         acc, cfg = self.accelerator, self.config
         resume_from = self.resume_from
         if acc.is_main_process:
-            write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
+            write_text_atomic(self.run_dir / CONFIG, cfg.to_yaml())
         acc.wait_for_everyone()
         if self.check_data:
-            self._check_images()
+            bad_images.check_images(acc, self.images, cfg.data.max_bad_fraction, cfg.train.progress_bar)
         if resume_from is not None:
             self._restore(resume_from)
         elif self.resume == "auto" and acc.is_main_process:
@@ -179,7 +181,7 @@ class Trainer:
         self.run_until(self.last_step)
         self._emit("on_train_end")
         final = ckpt.checkpoint_dir(self.run_dir, self.state.step)
-        if not all((final / name).is_file() for name in [ckpt.LOOP_STATE, *self.task.exports()]):
+        if not all((final / name).is_file() for name in [LOOP_STATE, *self.task.exports()]):
             self.save()  # (also a checkpoint written before checkpoints held their exports)
         self._bad_images().check(cfg.data.max_bad_fraction, cfg.data.bad_check_after,
                                  whole=self.state.batch_in_epoch == 0)
@@ -213,7 +215,7 @@ class Trainer:
                    "last_eval": ({"step": evals[-1]["step"], "epoch": evals[-1].get("epoch"), **top1}
                                  if evals else None),
                    "exports": exports, "wall_time_s": round(seconds, 3)}
-        write_json_atomic(self.run_dir / "summary.json", summary, indent=1)
+        write_json_atomic(self.run_dir / SUMMARY, summary, indent=1)
         parts = [f"{self.task.name} done: {self.state.step} steps ({summary['epochs']:g} epochs)"]
         if summary["final_loss"] is not None:
             parts.append(f"final loss {summary['final_loss']:.4f}")
@@ -222,7 +224,7 @@ class Trainer:
         if exports:
             parts.append(f"export {exports[0]}")
         parts.append(f"wall time {time.strftime('%H:%M:%S', time.gmtime(seconds))}")
-        print(", ".join(parts) + f" (summary: {self.run_dir / 'summary.json'})", flush=True)
+        print(", ".join(parts) + f" (summary: {self.run_dir / SUMMARY})", flush=True)
         return summary
 
     def run_until(self, last_step: int) -> None:
@@ -374,7 +376,8 @@ class Trainer:
         """Collective: the checkpoint of this step (unless just written), then :class:`Preempted`."""
         st = self.state
         path = self.save()
-        heard = self._gather((self.stop.name, time.monotonic() - self.stop.at) if self.stop else None)
+        heard = gather_objects(self.accelerator,
+                               (self.stop.name, time.monotonic() - self.stop.at) if self.stop else None)
         name, seconds = max((h for h in heard if h), key=lambda h: h[1])  # from the first rank to hear it
         self.logger.write({"event": "preempted", "signal": name, "step": st.step, "epoch": st.epoch,
                            "checkpoint_seconds_after_signal": round(seconds, 3)}, st.step, track=False)
@@ -399,7 +402,7 @@ class Trainer:
         """Collective: this launch's code, packages, command lines and hosts, appended to the run's
         ``provenance.json`` (the run directory says what produced it)."""
         acc = self.accelerator
-        ranks = self._gather(provenance.rank_record())
+        ranks = gather_objects(self.accelerator, provenance.rank_record())
         if acc.is_main_process:
             if self.deepspeed:
                 stage = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
@@ -409,38 +412,9 @@ class Trainer:
             provenance.record_launch(self.run_dir, provenance.launch_record(
                 acc, ranks, str(resumed_from) if resumed_from else None, self.state.step, distributed))
 
-    def _check_images(self) -> None:
-        """Collective: every rank decodes its share of the images; fails before training on too many bad."""
-        acc = self.accelerator
-        loader = self.images.check_loader(acc.process_index, acc.num_processes)
-        mine = BadSampleTracker()
-        with progress_bar(len(loader.sampler), "checking images", acc.is_main_process and
-                          self.config.train.progress_bar, unit="img", min_interval=30.0) as bar:
-            for batch in loader:
-                mine.update(batch["bad"], batch["draws"], batch["bad_draws"])
-                bar.update(batch["draws"])
-                bar.set_postfix(unreadable=mine.n_bad)
-        found = self._combined(mine)
-        if acc.is_main_process:
-            log.info("checked %d images: %d unreadable (%.3f%%)%s", found.n_draws, found.n_bad, 100 * found.fraction,
-                     "".join(f"\n  {path}" for path in list(found.bad)[: found.max_shown_paths]))
-        found.check(self.config.data.max_bad_fraction, whole=True)
-
     def _bad_images(self) -> BadSampleTracker:
-        """Collective: every rank's unreadable images, each file once (one rank may meet another's)."""
-        return self._combined(self.bad)
-
-    def _combined(self, tracker: BadSampleTracker) -> BadSampleTracker:
-        """Collective: the trackers of every rank as one."""
-        return BadSampleTracker.combined(self._gather(tracker.state_dict()))
-
-    def _gather(self, item: Any) -> list[Any]:
-        """Collective: ``item`` (picklable) of every rank, in rank order."""
-        if self.accelerator.num_processes == 1:
-            return [item]
-        from accelerate.utils import gather_object
-
-        return gather_object([item])
+        """Collective: every rank's unreadable images, each file once."""
+        return bad_images.all_ranks(self.accelerator, self.bad)
 
     # ------------------------------------------------------------------------------------------
     def save(self) -> Path:

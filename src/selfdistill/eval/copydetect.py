@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from selfdistill.data.folder import IMAGE_EXTENSIONS
+from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
 from selfdistill.eval.retrieval import average_precision, crop_to_multiple, embed_images, patch_multiple
 
@@ -66,7 +67,7 @@ class ImageList(Dataset):
         return {"image": self.transform(decode_rgb(self.paths[i])), "label": -1, "index": i, "bad": []}
 
 
-def square_transform(size: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+def square_transform(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     from torchvision.transforms import InterpolationMode, v2
 
     from selfdistill.data import to_normalized_tensor

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from selfdistill.configkit import read_recipe
 from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from selfdistill.engine.checkpoint import CONFIG, checkpoint_step, list_checkpoints
-from selfdistill.engine.logger import interactive
+from selfdistill.console import interactive
+from selfdistill.rundir import CONFIG, LOG, PICTURES, checkpoint_step, is_run_dir, list_checkpoints
 from selfdistill.eval.knn_eval import KnnSetup
 from selfdistill.eval.pictures import (
     attention_picture,
@@ -144,7 +144,7 @@ def run_dir_of(weights: str | None) -> Path | None:
         return None
     p = Path(weights)
     for cand in (p, p.parent.parent):
-        if cand.is_dir() and ((cand / "log.jsonl").is_file() or (cand / "checkpoints").is_dir()):
+        if is_run_dir(cand):
             return cand
     return None
 
@@ -154,15 +154,15 @@ def _out_dir(weights: Weights, ctx: EvalContext, run: str = "") -> Path:
         return ctx.out
     run_dir = Path(run) if run else run_dir_of(weights.spec)
     if run_dir is not None:
-        return run_dir / "pictures"
-    return weights.directory() / "pictures" if weights.spec else Path("pictures")
+        return run_dir / PICTURES
+    return weights.directory() / PICTURES if weights.spec else Path(PICTURES)
 
 
 def _normalisation(weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean / std of the run the weights come from (ImageNet's otherwise)."""
     run = run_dir_of(weights)
-    if run is not None and (run / "config.yaml").is_file():
-        data = read_recipe(run / "config.yaml").get("data") or {}
+    if run is not None and (run / CONFIG).is_file():
+        data = read_recipe(run / CONFIG).get("data") or {}
         return tuple(data.get("mean", IMAGENET_MEAN)), tuple(data.get("std", IMAGENET_STD))
     return IMAGENET_MEAN, IMAGENET_STD
 
@@ -302,7 +302,7 @@ def _checkpoint_knn(o: CurvesOptions, run: Path, out: Path, ctx: EvalContext) ->
 def _curves(o: CurvesOptions, run: Path, out: Path, ctx: EvalContext) -> list[Path]:
     if not run.is_dir():
         raise FileNotFoundError(f"--run {run}: no such run directory")
-    series = curve_series(read_log(run / "log.jsonl"))
+    series = curve_series(read_log(run / LOG))
     if o.knn_each_checkpoint:
         series.update(_checkpoint_knn(o, run, out, ctx))
     if not ctx.is_main:
@@ -313,13 +313,13 @@ def _curves(o: CurvesOptions, run: Path, out: Path, ctx: EvalContext) -> list[Pa
         register_picture(out, png, "Top-1 accuracy against optimizer step: online kNN / linear rows of log.jsonl"
                                    + (" and kNN of every checkpoint" if o.knn_each_checkpoint else ""), "curves")
         written.append(png)
-    train = plot_all_curves(run / "log.jsonl", out / "training_curves.png")
+    train = plot_all_curves(run / LOG, out / "training_curves.png")
     if train is not None:  # the run's loss_curve.png has loss, collapse signals and kNN; this has every column
         register_picture(out, train, "Every number of log.jsonl (loss, learning rate, gradient norm, teacher "
                                      "statistics, throughput, evaluations) against optimizer step", "curves")
         written.append(train)
     if not written:
-        log.warning("%s: no log rows to plot", run / "log.jsonl")
+        log.warning("%s: no log rows to plot", run / LOG)
     return written
 
 

@@ -18,7 +18,7 @@ which only matter in corner cases and never change a non-degenerate result:
 * votes are computed relative to the nearest neighbour, ``exp((s - s_1) / T)``, which leaves the
   ranking unchanged but cannot overflow for small temperatures.
 
-Features come from :func:`selfdistill.engine.inference.extract_features` (every image once over
+Features come from :func:`selfdistill.eval.inference.extract_features` (every image once over
 all ranks, gathered in dataset order).
 """
 

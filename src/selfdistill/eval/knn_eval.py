@@ -1,5 +1,6 @@
 """kNN evaluation of a backbone on labelled images: the ``knn`` protocol (``run_eval.py knn``),
-the online kNN of pretraining (a hook of the loop), and the demo's comparison.
+the set-up the online kNN of pretraining scores with (its hook: :mod:`selfdistill.training.knn_hook`),
+and the demo's comparison.
 
 Images come through the data door (:func:`selfdistill.data.open_images`: folders, shards, HF
 directories); under several processes each embeds its share once and the features are gathered.
@@ -13,15 +14,12 @@ from typing import Any, Callable
 import torch
 
 from selfdistill.data import EvalTransform, ImageSet, open_images
-from selfdistill.engine.task import Hook
-from selfdistill.engine.inference import extract_features
+from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from selfdistill.eval.inference import extract_features
 from selfdistill.eval.knn import KNN_METHOD, knn_classify
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol, settings_from_run
 
-__all__ = ["KnnOptions", "KnnSetup", "OnlineKnn", "flatten_results", "knn_protocol", "pixel_features"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["KnnOptions", "KnnSetup", "flatten_results", "knn_protocol", "pixel_features"]
 
 
 @dataclass
@@ -102,24 +100,6 @@ def flatten_results(results: dict[int, dict[str, float]]) -> dict[str, float]:
 def pixel_features(images: torch.Tensor) -> torch.Tensor:
     """Raw pixels as features: the floor every learned representation should beat."""
     return images.flatten(1)
-
-
-class OnlineKnn(Hook):
-    """kNN of the evaluated backbone every ``knn.every_epochs`` epochs of pretraining, logged as
-    ``knn/top1_k20``... rows of ``log.jsonl`` (and the trackers)."""
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-        self.setup: KnnSetup | None = None
-
-    def on_train_start(self, loop: Any) -> None:
-        self.setup = KnnSetup.from_config(self.config, loop.accelerator)
-
-    def on_epoch_end(self, loop: Any) -> None:
-        if self.setup is not None and loop.state.epoch % self.config.knn.every_epochs == 0:
-            results = self.setup.evaluate(loop.task.eval_backbone())
-            # the epochs done, as the training row of the same step counts them (1.0 after the first)
-            loop.logger.log_eval("knn", results, loop.state.step, loop.state.step / loop.steps_per_epoch)
 
 
 # -- the kNN protocol: run_eval.py knn and summary ------------------------------------------------

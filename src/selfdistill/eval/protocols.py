@@ -25,8 +25,9 @@ output options (:func:`add_weights_arguments`); what ``--out`` names is the prot
 ``file``       the file it writes (export)
 ``run``        the run directory of a training task (fine-tuning)
 
-Every module of ``selfdistill.eval`` is imported before the registry is read, so a new protocol
-needs no edits elsewhere. Protocols run split over the processes of ``accelerate launch``: each
+Every module of ``selfdistill.eval`` and of the training wing ``selfdistill.training`` (the
+protocols that train: ``finetune``, ``linear``) is imported before the registry is read, so a new
+protocol needs no edits elsewhere. Protocols run split over the processes of ``accelerate launch``: each
 embeds its share of the images once.
 """
 
@@ -49,6 +50,7 @@ import torch
 
 from selfdistill.configkit import build_dataclass
 from selfdistill.registry import Registry
+from selfdistill.rundir import CONFIG, EXPORT_DIR
 
 __all__ = [
     "EvalContext", "OUTPUTS", "Protocol", "Weights", "add_options_arguments", "add_weights_arguments",
@@ -100,14 +102,20 @@ def register_protocol(name: str, options: type, help: str = "", *, output: str =
     return wrap
 
 
+# the packages whose modules register protocols: evaluation, and the training wing (by name: the
+# wing imports this registry, never the reverse)
+PROTOCOL_PACKAGES = (__package__, "selfdistill.training")
+
+
 def _scan() -> None:
-    """Import every module of ``selfdistill.eval`` once, so each registers its protocols."""
+    """Import every module of the :data:`PROTOCOL_PACKAGES` once, so each registers its protocols."""
     global _SCANNED
     if _SCANNED:
         return
-    package = Path(__file__).parent
-    for mod in pkgutil.iter_modules([str(package)]):
-        importlib.import_module(f"{__package__}.{mod.name}")
+    for name in PROTOCOL_PACKAGES:
+        package = importlib.import_module(name)
+        for mod in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{name}.{mod.name}")
     _SCANNED = True
 
 
@@ -174,8 +182,7 @@ class Weights:
         if not self.spec or not Path(self.spec).exists():
             return None, {}
         p = Path(self.spec)
-        candidates = [p / "config.yaml"] if p.is_dir() else [p.parent.parent / "config.yaml"] \
-            if p.parent.name == "export" else []
+        candidates = [p / CONFIG] if p.is_dir() else [p.parent.parent / CONFIG] if p.parent.name == EXPORT_DIR else []
         for path in candidates:
             if path.is_file():
                 tree = yaml.safe_load(path.read_text()) or {}

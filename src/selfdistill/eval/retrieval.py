@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
 
 SETTINGS = ("easy", "medium", "hard")
@@ -202,7 +203,7 @@ class ThumbnailImages(Dataset):
     to a box first; samples look like the project's eval samples (label -1)."""
 
     def __init__(self, paths: Sequence[str | Path], size: int, boxes: Sequence[Sequence[float] | None] | None = None,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> None:
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         from selfdistill.data import to_normalized_tensor
 
         missing = [str(p) for p in paths if not Path(p).is_file()]
@@ -266,7 +267,7 @@ def embed_images(feature_fn: Callable, dataset: Dataset, ctx: EvalContext, num_w
     """Features of every image of ``dataset`` in order, each process embedding its share."""
     from selfdistill.data import collate_eval
     from selfdistill.data.sampler import ShardedEvalSampler
-    from selfdistill.engine.inference import extract_features
+    from selfdistill.eval.inference import extract_features
 
     acc = ctx.accelerator
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_eval,

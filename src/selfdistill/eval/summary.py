@@ -38,6 +38,7 @@ from selfdistill.eval.protocols import (
     register_protocol,
     run_protocol,
 )
+from selfdistill.rundir import SUMMARY, eval_summary
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def run_summary(weights: Weights, plan: dict[str, Any], ctx: EvalContext, out: P
     summary = {**weights.describe(), "protocols": results,
                "failed": [n for n, r in results.items() if "error" in r]}
     if ctx.is_main:
-        out = out or ctx.out_dir / "summary.json"
+        out = out or ctx.out_dir / SUMMARY
         write_json_atomic(out, summary)
         write_text_atomic(out.with_suffix(".md"), format_markdown(summary))
     return summary
@@ -198,7 +199,7 @@ def summary_protocol(weights: Weights, options: SummaryOptions, ctx: EvalContext
     if weights.format == "timm":
         weights.format = tree.get("weights_format", "timm")
     plan = build_plan(names, sections, data)
-    ctx.out = ctx.out or weights.directory() / "eval_summary" / "summary.json"
+    ctx.out = ctx.out or eval_summary(weights.directory())
     ctx.out_dir = ctx.out_dir or ctx.out.parent
     summary = run_summary(weights, plan, ctx, ctx.out)
     if ctx.is_main:

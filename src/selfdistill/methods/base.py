@@ -19,15 +19,16 @@ from torch import nn
 
 from selfdistill.config import Config, MethodConfig
 from selfdistill.configkit import ConfigError, check_kwargs_have_values, fail
-from selfdistill.data import augment_on_device, open_images
+from selfdistill.data import open_images
 from selfdistill.engine.distributed import uses_deepspeed
 from selfdistill.engine.optim import create_optimizer
 from selfdistill.engine.task import Export, ParamGroup, Progress, StepOutput, Task
 from selfdistill.models import Backbone
 from selfdistill.models.frozen import FrozenTeacher
 from selfdistill.models.networks import check_timm_name, is_convnet
-from selfdistill.models.weights import EXPORTS, load_teacher, weight_formats
+from selfdistill.models.weights import load_teacher, weight_formats
 from selfdistill.registry import Registry
+from selfdistill.rundir import EXPORTS
 from selfdistill.schedules import GroupCosineScheduler
 
 __all__ = ["Method", "ParamGroup", "Progress", "StepOutput", "TeacherConfig", "build_method",
@@ -77,10 +78,9 @@ class Method(Task):
         return Backbone(m.name, m.img_size, m.patch_size, 0.0, False, channels_last=channels_last, **m.kwargs)
 
     def train_data(self) -> Any:
-        transform = self.train_transform()
-        if hasattr(transform, "on_device"):  # data.augment_on: workers cut, the training device finishes
-            transform.on_device = augment_on_device(self.config.data.augment_on, self.config.train.cpu)
-        return open_images(self.config.data, transform, seed=self.config.train.seed)
+        """The training images; the data door decides where the augmentation runs (``data.augment_on``)."""
+        return open_images(self.config.data, self.train_transform(), seed=self.config.train.seed,
+                           cpu=self.config.train.cpu)
 
     def build_optimizer(self, global_batch: int, device: torch.device) -> torch.optim.Optimizer:
         groups = [{"name": g.name, "params": g.params, "lr": 0.0, "weight_decay": 0.0, "apply_wd": g.weight_decay,

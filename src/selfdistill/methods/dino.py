@@ -20,7 +20,9 @@ from selfdistill.data import MultiCropAugmentation, collate_multicrop
 from selfdistill.losses import dino_loss, ema_center
 from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, register_method
 from selfdistill.models import Backbone, DINOHead
-from selfdistill.models.weights import TrainingCheckpoint, is_hub_name, load_strict, read_training_checkpoint
+from selfdistill.models.hub import is_hub_name
+from selfdistill.models.training_checkpoint import TrainingCheckpoint, read_training_checkpoint
+from selfdistill.models.weights import load_strict
 from selfdistill.params import ema_update
 from selfdistill.schedules import cosine_schedule, linear_warmup_then_constant
 

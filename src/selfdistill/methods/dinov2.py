@@ -38,8 +38,9 @@ from selfdistill.methods.base import ParamGroup, Progress, StepOutput, register_
 from selfdistill.methods.dino import Dino, DinoConfig, same_size_runs
 from selfdistill.models import Backbone, DINOHead
 from selfdistill.models.frozen import FrozenTeacher
+from selfdistill.models.hub import is_hub_name
 from selfdistill.models.networks import check_timm_name
-from selfdistill.models.weights import is_hub_name, resolve_weights, weight_formats
+from selfdistill.models.weights import resolve_weights, weight_formats
 
 log = logging.getLogger("selfdistill")
 

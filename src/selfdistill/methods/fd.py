@@ -18,12 +18,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchvision.transforms import InterpolationMode, v2
 
 from selfdistill.config import Config
 from selfdistill.configkit import fail, positive
-from selfdistill.data import collate_eval, to_normalized_tensor
-from selfdistill.data.device_augment import normalize
+from selfdistill.data import SingleViewAugmentation, collate_eval
 from selfdistill.losses import fd_loss
 from selfdistill.methods.base import Method, ParamGroup, Progress, StepOutput, TeacherConfig, load_frozen_teacher, register_method
 from selfdistill.models import Backbone, create_timm_model
@@ -56,34 +54,6 @@ class FdConfig(TeacherConfig):
         if self.teacher_std is not None and any(s <= 0 for s in self.teacher_std):
             fail(f"{prefix}.teacher_std", f"must be positive, got {self.teacher_std}")
         positive(self, prefix, "smooth_l1_beta")
-
-
-class FDTransform:
-    """FD's single view: RandomResizedCrop (bilinear, torchvision's default, as FD) + horizontal
-    flip + normalise. Teacher and student see this same tensor."""
-
-    def __init__(self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225)) -> None:
-        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
-        self.cut = v2.Compose([
-            v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
-                                 interpolation=InterpolationMode.BILINEAR, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ])
-        self.to_tensor = to_normalized_tensor(mean, std)
-        self.on_device = False  # data.augment_on=device: uint8 views, normalised where they train
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        view = self.cut(img.convert("RGB"))
-        return v2.functional.pil_to_tensor(view) if self.on_device else self.to_tensor(view)
-
-    def finish(self, batch: dict) -> dict:
-        batch["image"] = normalize(batch["image"], self.mean, self.std)
-        return batch
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, {self.cut.transforms[0]})"
 
 
 @dataclass(frozen=True)
@@ -227,7 +197,7 @@ class Fd(Method):
 
     def train_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         d = self.config.data
-        return FDTransform(d.global_crop_size, d.global_crop_scale, mean=d.mean, std=d.std)
+        return SingleViewAugmentation(d.global_crop_size, d.global_crop_scale, mean=d.mean, std=d.std)
 
     def collate_fn(self):
         return collate_eval

@@ -14,8 +14,9 @@ from timm.models import split_model_name_tag
 
 from selfdistill.configkit import check_kwargs_have_values, fail, positive
 from selfdistill.models.networks import check_timm_name, create_timm_model, feature_tokens, is_convnet, pooled_width
-from selfdistill.models.weights import (LoadReport, hub_weights_file, is_hub_name, load_file_into, read_meta,
-                                        resolve_weights, save_weights, weight_formats)
+from selfdistill.models.hub import HUB_PREFIX, hub_weights_file, is_hub_name
+from selfdistill.models.weights import (LoadReport, load_file_into, read_meta, resolve_weights, save_weights,
+                                        weight_formats)
 
 __all__ = ["Backbone", "BackboneOutput", "ModelConfig", "export_backbone", "load_backbone", "load_pretrained"]
 
@@ -46,7 +47,7 @@ class ModelConfig:
         if self.pretrained_format not in weight_formats():
             fail(f"{prefix}.pretrained_format", f"unknown format {self.pretrained_format!r} "
                                                 f"(available: {', '.join(weight_formats())})")
-        if self.pretrained and not self.pretrained.startswith("hf-hub:") and is_hub_name(self.pretrained):
+        if self.pretrained and not self.pretrained.startswith(HUB_PREFIX) and is_hub_name(self.pretrained):
             arch = split_model_name_tag(self.pretrained)[0]
             if arch != split_model_name_tag(self.name)[0]:
                 fail(f"{prefix}.pretrained", f"{self.pretrained!r} holds weights of timm's {arch!r}, not of "

@@ -1,7 +1,8 @@
 """Inference passes over evaluation images: every image of a loader embedded once over all ranks
 (each reads a disjoint shard, :class:`~selfdistill.data.sampler.ShardedEvalSampler`), then gathered
-in dataset order, or summed over all ranks. The training loop's sibling: evaluation protocols and
-validation hooks iterate batches only through here."""
+in dataset order, or summed over all ranks, without gradients. The training loop's sibling, on the
+evaluation side (it reads frozen weights, so it imports nothing of the engine): evaluation protocols
+and the training tasks' validation hooks iterate batches only through here."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from selfdistill.engine.logger import interactive
+from selfdistill.console import interactive
 
 __all__ = ["extract_features", "sum_over_batches"]
 

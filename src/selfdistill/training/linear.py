@@ -14,8 +14,9 @@ epochs, cosine per epoch to 0; ``smd`` = LARS (LARC with trust 0.001, no clippin
 ``timm.optim.Lars(always_adapt=True)``) over SGD momentum 0.9, wd 0, lr 0.1·batch/256, batch 4096,
 90 epochs, cosine per epoch.
 
-The training is a task of the one loop (:mod:`selfdistill.eval.linear_task`); a killed probe
-resumes exactly from the loop's checkpoints.
+The training is a task of the one loop (:mod:`selfdistill.training.linear_probe`); a killed probe
+resumes exactly from the loop's checkpoints. The protocol sits in the training wing because it
+trains the head; evaluation proper only reads frozen weights.
 
 One difference from DINO: with ``avgpool_patchtokens`` DINO interleaves the CLS and average
 vectors element by element (and so only works with ``n_last_blocks=1``); here they are
@@ -33,9 +34,8 @@ from torch import nn
 
 from selfdistill.data import SourceConfig, open_images
 from selfdistill.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
-from selfdistill.eval.linear_task import (RECIPES, Recipe, build_optimizer, evaluate_head, linear_head,
-                                          train_linear_classifier)
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol, settings_from_run
+from selfdistill.training.linear_probe import RECIPES, train_linear_classifier
 
 
 # option -> (the run's config keys, the default without a run): a run is probed as it was evaluated
@@ -204,5 +204,4 @@ def linear_protocol(weights: Weights, options: LinearOptions, ctx: EvalContext) 
             "classes": classes}
 
 
-__all__ = ["LinearFeatures", "LinearOptions", "RECIPES", "Recipe", "build_optimizer", "evaluate_head", "linear_head",
-           "linear_protocol", "linear_transforms", "train_linear_classifier"]
+__all__ = ["LinearFeatures", "LinearOptions", "linear_protocol", "linear_transforms"]

@@ -4,7 +4,7 @@ The recipes (DINO's SGD, SMD's LARS), the head, its optimizer (from the one fact
 :mod:`selfdistill.engine.optim`), the per-epoch cosine, :class:`LinearTask` (the head is the student;
 the frozen features are computed inside the step, since the crops change every epoch) and
 :class:`LinearEpochEnd` (each epoch's loss, lr and validation; the head written at the end). A
-killed probe resumes exactly from the loop's checkpoints. :mod:`selfdistill.eval.linear` is the
+killed probe resumes exactly from the loop's checkpoints. :mod:`selfdistill.training.linear` is the
 protocol around it (images, features, options).
 """
 
@@ -25,10 +25,10 @@ from selfdistill.atomic import write_safetensors_atomic
 from selfdistill.config import TrainConfig
 from selfdistill.configkit import Root
 from selfdistill.data import collate_eval
-from selfdistill.engine.inference import sum_over_batches
 from selfdistill.engine.optim import create_optimizer
 from selfdistill.engine.task import Hook, Progress, StepOutput, Task
 from selfdistill.engine.trainer import Trainer
+from selfdistill.eval.inference import sum_over_batches
 
 log = logging.getLogger(__name__)
 
