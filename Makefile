@@ -18,7 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt $(TORCH_PINS)
 	$(PIP) install --quiet -c constraints.txt -e '.[dev,deepspeed,hf]'
+	@PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -c '$(DS_CPU_OPS)' || echo "note: DeepSpeed's CPU ops did not build here; the first DeepSpeed run will try again"
 	@touch $(STAMP)
+
+# DeepSpeed compiles its CPU ops with gcc the first time a run needs them (cpu_adam for ZeRO offload, shm_comm for
+# its collectives): about 2 minutes on 2 cores, once per machine (~/.cache/torch_extensions). On a machine without a
+# GPU they are built at install, so the first DeepSpeed run (and the suite) does not wait for the compiler; a GPU
+# machine builds its own ops when it first needs them. With the venv's `ninja` first on PATH, as in the runs: Debian's
+# older ninja hashes its build log differently, and a run using the other one would build the op again.
+DS_CPU_OPS := from deepspeed.accelerator import get_accelerator; a = get_accelerator(); \
+	[a.create_op_builder(n).load(verbose=False) for n in ("CPUAdamBuilder", "ShareMemCommBuilder") if a.device_name() == "cpu"]
 
 # The demo needs less than the tests (no DeepSpeed, HF datasets, trackers or S3 tools): a shorter first run.
 $(DEMO_STAMP): pyproject.toml constraints.txt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,14 @@ from PIL import Image
 # fixtures are built once and the SLURM cluster of test_slurm_cluster.py has one owner) each worker
 # takes one core's threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+
+# Every process the tests start finds this environment's tools first, as in an activated venv. DeepSpeed
+# JIT-builds its CPU ops with whichever `ninja` is on PATH; the venv's (pip, 1.13) and Debian's (1.11) hash
+# their build logs differently, so processes that alternated between them rebuilt the same op again and
+# again (seen: eight rebuilds of shm_comm in one suite, about a minute each).
+_VENV_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = os.pathsep.join([_VENV_BIN, os.environ.get("PATH", "")])
 
 
 def make_image_folder(root: Path, n_per_class: int = 16, classes=("a", "b"), size: int = 24, seed: int = 0) -> Path:
@@ -110,6 +119,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DDP_2PROC = ["--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml")]
 
 
+# Accelerate's own `accelerate-launch` entry point: the code of `accelerate launch` without the `accelerate`
+# CLI's other sub-commands, whose imports (timm, W&B) cost about 4 s a launch. The documented lines run
+# `accelerate launch` as written (test_docs_commands.py, test_distributed.py, test_cluster.py).
+ACCELERATE_LAUNCH = str(Path(sys.executable).with_name("accelerate-launch"))
+
+
 def zero_launcher(stage: int | str) -> list[str]:
     """`accelerate launch` arguments for 2 ranks under ``ds_configs/zero{stage}.json`` (or a named config)."""
     name = f"zero{stage}" if isinstance(stage, int) else stage
@@ -120,12 +135,10 @@ def accelerate_launch(launcher: list[str], data: Path, out: Path, *extra: str, s
                       check: bool = True):
     """Run ``run_pretrain.py`` (or ``script``) on the tiny recipe under ``accelerate launch``."""
     import subprocess
-    import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    r = subprocess.run([accelerate, "launch", *launcher, str(script or ROOT / "run_pretrain.py"),
+    r = subprocess.run([ACCELERATE_LAUNCH, *launcher, str(script or ROOT / "run_pretrain.py"),
                         *merged(tiny_overrides(data, out), *extra)],
                        capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
     if check:

@@ -139,3 +139,15 @@ def test_a_launcher_precision_that_disagrees_with_the_recipe_is_refused(monkeypa
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(ValueError, match=r"mixed precision bf16 .* train.precision=fp32; .*train.precision=bf16"):
         make_accelerator("fp32", 1, True, [], None)
+
+
+def test_both_accelerate_launch_entry_points_are_recognised():
+    """`accelerate launch` and Accelerate's `accelerate-launch` start the same launcher: the CPU re-launch
+    and the launcher-death signal see either as the process that started the run."""
+    from selfdistill.engine.distributed import _accelerate_launch_args as launch_args
+
+    assert launch_args(["/v/bin/python", "/v/bin/accelerate", "launch", "--num_processes", "2", "x.py"]) == [
+        "--num_processes", "2", "x.py"]
+    assert launch_args(["/v/bin/python", "/v/bin/accelerate-launch", "--cpu", "x.py", "launch=1"]) == [
+        "--cpu", "x.py", "launch=1"]
+    assert launch_args(["/v/bin/python", "-m", "torch.distributed.run", "x.py"]) is None

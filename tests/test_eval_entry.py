@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image_folder
+from conftest import ACCELERATE_LAUNCH, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"--weights", "--weights-format", "--model.name", "--model.img_size", "--model.patch_size", "--model.kwargs",
@@ -75,8 +75,7 @@ def test_knn_on_two_processes_equals_one_and_splits_the_images(tmp_path):
     one = subprocess.run([sys.executable, *knn, "--out", str(tmp_path / "one.json")], capture_output=True, text=True,
                          env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    two = subprocess.run([accelerate, "launch", "--num_processes", "2", *knn, "--out", str(tmp_path / "two.json")],
+    two = subprocess.run([ACCELERATE_LAUNCH, "--num_processes", "2", *knn, "--out", str(tmp_path / "two.json")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     r1, r2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))

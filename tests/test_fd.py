@@ -9,12 +9,11 @@ import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged_losses, make_image_folder, merged
+from conftest import ACCELERATE_LAUNCH, logged_losses, make_image_folder, merged
 from safetensors.torch import load_file, save_file
 
 from selfdistill.recipe import load_config
@@ -419,7 +418,7 @@ def test_fd_vit_student_has_one_zero_shared_relative_position_bias():
 def _launch(launcher: list[str], files, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", *launcher, str(ROOT / "run_pretrain.py"),
+    cmd = [ACCELERATE_LAUNCH, *launcher, str(ROOT / "run_pretrain.py"),
            *fd_overrides(files["data"], out, files["vit"], *REPEATED, "train.epochs=3", *extra)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
     assert r.returncode == 0, r.stderr[-4000:]

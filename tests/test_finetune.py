@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_image_folder, merged, run_training
+from conftest import ACCELERATE_LAUNCH, make_image_folder, merged, run_training
 from selfdistill.configkit import ConfigError
 from selfdistill.training.finetune import finetuning
 from selfdistill.training.finetune_config import FinetuneModelConfig, FinetuneOptimConfig, load_finetune_config
@@ -274,10 +273,9 @@ def test_cli_refuses_weights_that_do_not_fit(folders, tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 def launch(launcher: list[str], train: Path, val: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    cmd = [accelerate, "launch", *launcher, str(ROOT / "run_eval.py"), "finetune",
+    cmd = [ACCELERATE_LAUNCH, *launcher, str(ROOT / "run_eval.py"), "finetune",
            *overrides(train, val, out, *TINY_VIT, "model.weights=random", "train.epochs=1", *extra)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
     assert r.returncode == 0, r.stderr[-3000:]

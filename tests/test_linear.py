@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import make_image_folder
+from conftest import ACCELERATE_LAUNCH, make_image_folder
 from selfdistill.engine.task import Hook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,8 +199,7 @@ def test_two_processes_train_the_same_head_as_one(tmp_path):
     one = subprocess.run([sys.executable, *_linear_cmd(weights, train, val, tmp_path / "one" / "r.json")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    two = subprocess.run([accelerate, "launch", "--num_processes", "2",
+    two = subprocess.run([ACCELERATE_LAUNCH, "--num_processes", "2",
                           *_linear_cmd(weights, train, val, tmp_path / "two" / "r.json")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -146,10 +146,12 @@ def tiny(recipes) -> dict:
 
 
 @pytest.mark.slow
+# Every strategy once in fp32 on the ViT; bf16 (2-byte weights beside fp32 masters) and buffers (Swin's
+# relative-position tables) on the Swin, under the two ZeRO stages that treat them differently.
 @pytest.mark.parametrize("recipe,strategy,precision", [
     ("vit", "ddp", "fp32"), ("vit", "zero1", "fp32"), ("vit", "zero2", "fp32"), ("vit", "zero3", "fp32"),
-    ("vit", "zero2_offload", "fp32"), ("vit", "zero3_offload", "fp32"), ("vit", "zero2", "bf16"), ("vit", "zero3", "bf16"),
-    ("glsd_swin", "ddp", "fp32"), ("glsd_swin", "zero2", "bf16"), ("glsd_swin", "zero3", "bf16")])
+    ("vit", "zero2_offload", "fp32"), ("vit", "zero3_offload", "fp32"),
+    ("glsd_swin", "zero2", "bf16"), ("glsd_swin", "zero3", "bf16")])
 def test_state_accounting_equals_the_tensors_of_a_real_two_rank_run(recipes, recipe, strategy, precision):
     """The launch files for one row, started with --measure-memory: every rank's student state,
     counted tensor by tensor after a step, is what state_bytes says (DeepSpeed's buffers included)."""

@@ -7,12 +7,11 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged_losses, make_image_folder, merged, tiny_overrides
+from conftest import ACCELERATE_LAUNCH, logged_losses, make_image_folder, merged, tiny_overrides
 from safetensors.torch import load_file
 
 from selfdistill.recipe import load_config
@@ -42,10 +41,9 @@ def train(data: Path, out: Path, *extra: str, resume: str | None = None):
 
 def launch_two_ranks(data: Path, out: Path, *extra: str, launcher: list[str] | None = None
                      ) -> subprocess.CompletedProcess:
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    cmd = [accelerate, "launch", *(launcher or ["--num_processes", "2"]), str(ROOT / "run_pretrain.py"),
+    cmd = [ACCELERATE_LAUNCH, *(launcher or ["--num_processes", "2"]), str(ROOT / "run_pretrain.py"),
            *resnet_overrides(data, out, *extra)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
 

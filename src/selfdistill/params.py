@@ -7,10 +7,29 @@ that touches student weights outside forward (the EMA teacher, exports) goes thr
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import sys
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+
+
+def unwrap(accelerator: Any, model: nn.Module) -> nn.Module:
+    """``model`` without its DDP or DeepSpeed wrapper (Accelerate's ``unwrap_model``; ``accelerator``
+    may be None).
+
+    Accelerate's ``unwrap_model`` imports DeepSpeed whenever it is installed, only to recognise its
+    engine: about 2 s a process (MLflow and pandas come with it) for runs that never use it. An
+    engine exists only once DeepSpeed is imported, so until then a DDP wrapper is all there is."""
+    from accelerate.utils import is_compiled_module
+
+    if accelerator is None:
+        return model
+    if "deepspeed" in sys.modules or is_compiled_module(model):
+        return accelerator.unwrap_model(model)
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def is_zero3_partitioned(params: Sequence[torch.Tensor]) -> bool:

@@ -51,12 +51,20 @@ def process_argv(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def _accelerate_launch_args(argv: list[str]) -> list[str] | None:
+    """The arguments after ``accelerate launch`` (or Accelerate's ``accelerate-launch``, the same
+    launcher without the other sub-commands' imports) in ``argv``; None for another program."""
+    if "launch" in argv and any("accelerate" in a for a in argv[: argv.index("launch") + 1]):
+        return argv[argv.index("launch") + 1:]
+    at = next((i for i, a in enumerate(argv[:2]) if Path(a).name == "accelerate-launch"), None)
+    return None if at is None else argv[at + 1:]
+
+
 def _parent_accelerate_num_processes() -> int:
     """``--num_processes`` of an ``accelerate launch`` that started this process, else 0."""
-    argv = process_argv(os.getppid())
-    if "launch" not in argv or not any("accelerate" in a for a in argv[: argv.index("launch") + 1]):
+    rest = _accelerate_launch_args(process_argv(os.getppid()))
+    if rest is None:
         return 0
-    rest = argv[argv.index("launch") + 1:]
     try:
         from accelerate.commands.launch import launch_command_parser
 
@@ -77,8 +85,7 @@ def _parent_accelerate_num_processes() -> int:
 def _started_by_a_launcher() -> bool:
     if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
         return True
-    argv = process_argv(os.getppid())
-    return "launch" in argv and any("accelerate" in a for a in argv[: argv.index("launch") + 1])
+    return _accelerate_launch_args(process_argv(os.getppid())) is not None
 
 
 def stop_with_launcher() -> None:
@@ -167,7 +174,7 @@ def make_accelerator(precision: str, grad_accum_steps: int, cpu: bool, log_with:
     if uses_deepspeed():
         check_deepspeed_launch(cpu)
     elif not torch.cuda.is_available():
-        # Accelerate imports DeepSpeed when it is installed (unwrap_model), and DeepSpeed then warns
+        # Accelerate may import DeepSpeed when it is installed, and DeepSpeed then warns
         # "Setting accelerator to CPU" on every launch: name the only accelerator a machine without
         # a GPU has (what DeepSpeed would pick), so the warning shows only in runs that use DeepSpeed.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -8,7 +8,7 @@ from typing import Any
 
 from selfdistill.atomic import write_json_atomic
 from selfdistill.engine.task import Hook
-from selfdistill.params import full_parameters
+from selfdistill.params import full_parameters, unwrap
 from selfdistill.plots import plot_training_curves
 from selfdistill.rundir import LOG, LOSS_CURVE, rank_summary
 
@@ -30,7 +30,7 @@ class RankSummary(Hook):
 
     def on_final_checkpoint(self, loop: Any, path: Any) -> None:
         acc = loop.accelerator
-        unwrapped = acc.unwrap_model(loop.student)
+        unwrapped = unwrap(acc, loop.student)
         names = [n for n, _ in unwrapped.named_parameters()]
         digest, per_tensor = hashlib.sha256(), {}
         for name, p in zip(names, full_parameters(unwrapped)):  # gathered under ZeRO-3 (collective)

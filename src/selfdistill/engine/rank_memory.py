@@ -24,6 +24,7 @@ from selfdistill.engine.task import Task
 from selfdistill.engine.throughput import SyntheticImages, benchmark_config, count_flops
 from selfdistill.engine.trainer import Trainer
 from selfdistill.models.frozen import FrozenTeacher
+from selfdistill.params import unwrap
 
 __all__ = ["RankMemory", "count_state", "held_tensors", "measure_run", "module_tensors", "storages", "teacher_bytes",
            "teacher_modules"]
@@ -43,7 +44,7 @@ class RankMemory(StepMemory):
         by tensor, the teacher and task tensors, and the student's shapes the accounting needs."""
         acc, task = loop.accelerator, loop.task
         counted = count_state(loop)
-        student = acc.unwrap_model(loop.student)
+        student = unwrap(acc, loop.student)
         teachers = teacher_modules(task)
         groups = None if loop.deepspeed else [[p.numel() for p in g["params"]] for g in loop.optimizer.param_groups]
         return {

@@ -22,6 +22,7 @@ from PIL import Image
 from selfdistill.data import finish_on_device
 from selfdistill.engine.task import Hook, Task
 from selfdistill.engine.trainer import Trainer
+from selfdistill.params import unwrap
 
 PHASES = ("data", "forward", "backward", "optimizer", "ema", "other")
 
@@ -317,7 +318,7 @@ def run_benchmark(config: Any, make_task: Callable[[Any], Task], steps: int, war
         timer.stop()
         trainer.hooks.remove(timer)
         peak = peak_memory_gib(device)
-        n_params = sum(p.numel() for p in trainer.accelerator.unwrap_model(trainer.student).parameters())
+        n_params = sum(p.numel() for p in unwrap(trainer.accelerator, trainer.student).parameters())
         flops_per_step = count_flops(lambda: trainer.run_until(warmup + steps + 1))[1] if flops else 0
         report = make_report(
             impl="selfdistill", config=config, summary=timer.summary(), peak_gib=peak,

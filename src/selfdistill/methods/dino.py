@@ -23,7 +23,7 @@ from selfdistill.models import Backbone, DINOHead
 from selfdistill.models.hub import is_hub_name
 from selfdistill.models.training_checkpoint import TrainingCheckpoint, read_training_checkpoint
 from selfdistill.models.weights import load_strict
-from selfdistill.params import ema_update
+from selfdistill.params import ema_update, unwrap
 from selfdistill.schedules import cosine_schedule, linear_warmup_then_constant
 
 log = logging.getLogger("selfdistill")
@@ -313,7 +313,7 @@ class Dino(Method):
         return {"teacher_entropy": entropy, "teacher_kl_to_center": kl_center, "embedding_std": emb_std}
 
     def after_optimizer_step(self, student: nn.Module, progress: Progress) -> None:
-        unwrapped = self._accelerator.unwrap_model(student) if self._accelerator else student
+        unwrapped = unwrap(self._accelerator, student)
         ema_update(self.teacher, unwrapped, self.teacher_momentum(progress))
         self.centers.update(self._accelerator)
 

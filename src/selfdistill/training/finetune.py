@@ -33,6 +33,7 @@ from selfdistill.data import collate_eval, open_images, sample_seed
 from selfdistill.engine.task import Export, Hook, Progress, StepOutput, Task
 from selfdistill.engine.trainer import Trainer
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
+from selfdistill.params import unwrap
 from selfdistill.rundir import FINETUNED, FINETUNED_EMA, eval_results
 from selfdistill.training.finetune_config import FinetuneConfig, load_finetune_config
 from selfdistill.training.finetune_model import (build_model, build_optimizer, build_scheduler, eval_transform,
@@ -162,7 +163,7 @@ class FinetuneTask(Task):
         if self.ema is None:
             return
         step = progress.step + 1
-        unwrapped = self._accelerator.unwrap_model(student) if self._accelerator else student
+        unwrapped = unwrap(self._accelerator, student)
         if self._deepspeed:  # the module may hold bf16 copies: read DeepSpeed's fp32 masters
             from selfdistill.params import ema_update
 
@@ -219,7 +220,7 @@ class FinetuneValidation(Hook):
                                                num_workers=min(cfg.data.num_workers, 4))
 
         row: dict[str, Any] = {"step": loop.state.step, "epoch": epoch}
-        res = evaluate(acc.unwrap_model(loop.student), loader(), acc, "val", show, loop.autocast)
+        res = evaluate(unwrap(acc, loop.student), loader(), acc, "val", show, loop.autocast)
         row.update({f"val/{k}": v for k, v in res.items()})
         if task.ema is not None:
             res = evaluate(task.ema.module, loader(), acc, "val (EMA)", show, loop.autocast)

@@ -29,6 +29,7 @@ from selfdistill.engine.optim import create_optimizer
 from selfdistill.engine.task import Hook, Progress, StepOutput, Task
 from selfdistill.engine.trainer import Trainer
 from selfdistill.eval.inference import sum_over_batches
+from selfdistill.params import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class LinearEpochEnd(Hook):
         task.loss_sum.zero_()
         task.n_steps = 0
         if epoch % p.val_every == 0 or epoch == task.config.train.epochs:
-            row.update(evaluate_head(acc.unwrap_model(loop.student), task.features, task.val_batches(), p.num_classes,
+            row.update(evaluate_head(unwrap(acc, loop.student), task.features, task.val_batches(), p.num_classes,
                                      acc, task.show_progress))
             log.info("linear epoch %d: %s", epoch, {k: round(v, 3) for k, v in row.items()})
         task.history.append(row)
@@ -259,7 +260,7 @@ class LinearEpochEnd(Hook):
     def on_final_checkpoint(self, loop: Any, path: Any) -> None:
         acc = loop.accelerator
         if acc.is_main_process:
-            weights = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(loop.student).state_dict().items()}
+            weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(acc, loop.student).state_dict().items()}
             write_safetensors_atomic(loop.run_dir / HEAD_FILE, weights,
                                      {"selfdistill_linear": json.dumps(self.task.config.to_dict()["probe"])})
         acc.wait_for_everyone()
