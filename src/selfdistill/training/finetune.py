@@ -33,7 +33,7 @@ from selfdistill.data import collate_eval, open_images, sample_seed
 from selfdistill.engine.task import Export, Hook, Progress, StepOutput, Task
 from selfdistill.engine.trainer import Trainer
 from selfdistill.eval.protocols import EvalContext, Weights, register_protocol
-from selfdistill.params import unwrap
+from selfdistill.params import ema_update, unwrap
 from selfdistill.rundir import FINETUNED, FINETUNED_EMA, eval_results
 from selfdistill.training.finetune_config import FinetuneConfig, load_finetune_config
 from selfdistill.training.finetune_model import (build_model, build_optimizer, build_scheduler, eval_transform,
@@ -165,8 +165,6 @@ class FinetuneTask(Task):
         step = progress.step + 1
         unwrapped = unwrap(self._accelerator, student)
         if self._deepspeed:  # the module may hold bf16 copies: read DeepSpeed's fp32 masters
-            from selfdistill.params import ema_update
-
             ema_update(self.ema.module, unwrapped, self.ema.get_decay(step))
         else:
             self.ema.update(unwrapped, step=step)
