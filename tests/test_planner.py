@@ -145,9 +145,9 @@ def tiny(recipes) -> dict:
     return recipes("vit")
 
 
-@pytest.mark.slow
 # Every strategy once in fp32 on the ViT; bf16 (2-byte weights beside fp32 masters) and buffers (Swin's
 # relative-position tables) on the Swin, under the two ZeRO stages that treat them differently.
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,strategy,precision", [
     ("vit", "ddp", "fp32"), ("vit", "zero1", "fp32"), ("vit", "zero2", "fp32"), ("vit", "zero3", "fp32"),
     ("vit", "zero2_offload", "fp32"), ("vit", "zero3_offload", "fp32"),

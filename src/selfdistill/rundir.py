@@ -17,10 +17,9 @@ from pathlib import Path
 
 __all__ = [
     "CHECKPOINTS", "CONFIG", "DEEPSPEED_TAG", "EVAL_SUMMARY", "EXPORTS", "EXPORT_DIR", "FINETUNED", "FINETUNED_EMA",
-    "LOG", "LOOP_STATE",
-    "LOSS_CURVE", "OLD_TASK_STATE", "PICTURES", "PREFIX", "PROVENANCE", "SUMMARY", "TASK_STATE", "TENSORBOARD",
-    "TRACKER_IDS", "UNIVERSAL", "checkpoint_dir", "checkpoint_step", "eval_dir", "eval_results", "eval_summary",
-    "is_run_dir", "latest_checkpoint", "list_checkpoints", "rank_summary", "step_dirs",
+    "LOG", "LOOP_STATE", "LOSS_CURVE", "OLD_TASK_STATE", "PICTURES", "PREFIX", "PROVENANCE", "SUMMARY", "TASK_STATE",
+    "TENSORBOARD", "TRACKER_IDS", "UNIVERSAL", "checkpoint_dir", "checkpoint_step", "eval_dir", "eval_results",
+    "eval_summary", "is_run_dir", "latest_checkpoint", "list_checkpoints", "rank_summary", "step_dirs",
 ]
 
 # The run directory's own files
